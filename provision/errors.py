@@ -1,0 +1,55 @@
+"""Exit statuses and the error types that map onto them."""
+from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    FAILED = 1  # a step failed on at least one host
+    BAD_INPUT = 2  # inventory / command line rejected before any host was contacted
+    UNREACHABLE = 3  # a host could not be reached (and nothing else failed)
+    INTERRUPTED = 130
+
+
+class RigError(Exception):
+    """Base class: an error with a one-line, user-facing message."""
+
+    status = ExitStatus.FAILED
+
+    def __str__(self) -> str:  # keep messages on one line
+        return " ".join(super().__str__().split("\n")).strip()
+
+
+class InventoryError(RigError):
+    status = ExitStatus.BAD_INPUT
+
+
+class UsageError(RigError):
+    status = ExitStatus.BAD_INPUT
+
+
+class ConnectError(RigError):
+    status = ExitStatus.UNREACHABLE
+
+
+class CommandError(RigError):
+    """A command on a target exited non-zero."""
+
+    def __init__(self, host: str, command: str, exited: int, stdout: str, stderr: str):
+        self.host = host
+        self.command = command
+        self.exited = exited
+        self.stdout = stdout
+        self.stderr = stderr
+        tail = (stderr.strip() or stdout.strip()).splitlines()[-1:] or [""]
+        super().__init__(f"{host}: command failed (exit {exited}): {_short(command)}: {tail[0]}")
+
+
+class StepError(RigError):
+    """A step decided it cannot go on (message says why)."""
+
+
+def _short(cmd: str, n: int = 120) -> str:
+    cmd = " ".join(cmd.split())
+    return cmd if len(cmd) <= n else cmd[: n - 1] + "…"

@@ -1,0 +1,471 @@
+"""hosts.yaml: load, merge (defaults < group < host < command line) and validate.
+
+Every problem becomes ONE line naming the file, the host (or section) and the key path, and
+raises InventoryError (exit status 2) before any host is contacted.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import InventoryError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class F:
+    """One inventory key: its kind, default and limits."""
+
+    kind: str  # str int num bool list_str list_num dict_str num_or_list str_or_list
+    default: Any = None
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+
+    def check(self, value: Any) -> tuple[Any, str | None]:
+        """Return (normalised value, error text or None)."""
+        if value is None:
+            return None, None
+        k = self.kind
+        if k == "str":
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)
+            if not isinstance(value, str):
+                return value, f"must be a string, got {_tname(value)}"
+            if self.choices and value not in self.choices:
+                return value, f"must be one of {', '.join(self.choices)}, got {value!r}"
+            return value, None
+        if k == "bool":
+            if not isinstance(value, bool):
+                return value, f"must be true or false, got {_tname(value)} {value!r}"
+            return value, None
+        if k in ("int", "num"):
+            return self._number(value, integer=(k == "int"))
+        if k in ("list_str", "str_or_list"):
+            if k == "str_or_list" and isinstance(value, (str, int)) and not isinstance(value, bool):
+                value = [str(value)] if str(value) != "auto" else "auto"
+                if value == "auto":
+                    return value, None
+            if not isinstance(value, list):
+                return value, f"must be a list of strings, got {_tname(value)}"
+            out = []
+            for i, v in enumerate(value):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    v = str(v)
+                if not isinstance(v, str):
+                    return value, f"item {i} must be a string, got {_tname(v)}"
+                out.append(v)
+            return out, None
+        if k in ("list_num", "num_or_list"):
+            if k == "num_or_list" and not isinstance(value, list):
+                return self._number(value, integer=False)
+            if isinstance(value, str) and k == "list_num":
+                try:
+                    value = [float(x) for x in value.split(",")]
+                except ValueError:
+                    return value, f"must be a list of numbers, got {value!r}"
+            if not isinstance(value, list) or not value:
+                return value, f"must be a non-empty list of numbers, got {_tname(value)}"
+            out = []
+            for i, v in enumerate(value):
+                nv, err = self._number(v, integer=False)
+                if err:
+                    return value, f"item {i} {err}"
+                out.append(nv)
+            return out, None
+        if k == "dict_str":
+            if not isinstance(value, dict):
+                return value, f"must be a mapping, got {_tname(value)}"
+            out = {}
+            for kk, vv in value.items():
+                if isinstance(vv, bool):
+                    vv = "ON" if vv else "OFF"
+                if not isinstance(vv, (str, int, float)):
+                    return value, f"value of {kk!r} must be a string or number, got {_tname(vv)}"
+                out[str(kk)] = str(vv)
+            return out, None
+        raise AssertionError(k)
+
+    def _number(self, value: Any, integer: bool) -> tuple[Any, str | None]:
+        what = "an integer" if integer else "a number"
+        rng = ""
+        if self.lo is not None and self.hi is not None:
+            rng = f" between {_fmt(self.lo)} and {_fmt(self.hi)}"
+        elif self.lo is not None:
+            rng = f" of at least {_fmt(self.lo)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"must be {what}{rng}, got {_tname(value)} {value!r}"
+        if integer and isinstance(value, float):
+            if not value.is_integer():
+                return value, f"must be {what}{rng}, got {value!r}"
+            value = int(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return value, f"must be {what}{rng}, got {value!r}"
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            return value, f"must be {what}{rng}, got {_fmt(value)}"
+        return value, None
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _tname(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "nothing"}.get(type(v), type(v).__name__)
+
+
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+DEFAULT_PACKAGES = ["build-essential", "cmake", "git", "ninja-build", "ccache", "libssl-dev",
+                    "pkg-config", "curl", "python3-venv", "ca-certificates"]
+
+SCHEMA: dict[str, dict[str, F]] = {
+    "connection": {
+        "type": F("str", "ssh", choices=("ssh", "local")),
+        "address": F("str", None),
+        "port": F("int", 22, 1, 65535),
+        "user": F("str", "root"),
+        "key": F("str", None),
+        "known_hosts": F("str", "~/.ssh/known_hosts"),
+        "host_key_policy": F("str", "strict", choices=("strict", "accept-new")),
+        "sudo": F("bool", None),
+        "sudo_password_env": F("str", None),
+        "connect_timeout": F("num", 10, 1, 300),
+    },
+    "gpus": {
+        "count": F("int", 0, 0, 64),
+        "model": F("str", None),
+        "power_limit": F("num_or_list", None, 10, 2000),
+        "persistence": F("bool", True),
+    },
+    "system": {
+        "packages": F("list_str", DEFAULT_PACKAGES),
+        "extra_packages": F("list_str", []),
+        "cuda_toolkit": F("str", "cuda-toolkit-12-8"),
+        "kernel_headers": F("bool", None),
+        "apt_proxy": F("str", None),
+    },
+    "llama_cpp": {
+        "repo": F("str", "https://github.com/ggml-org/llama.cpp"),
+        "ref": F("str", "master"),
+        "cuda": F("bool", True),
+        "cuda_architectures": F("str_or_list", "auto"),
+        "fa_all_quants": F("bool", True),
+        "native": F("bool", True),
+        "rpc": F("bool", False),
+        "prebuilt_ui": F("bool", True),
+        "targets": F("list_str", ["llama-server", "llama-bench", "llama-fit-params"]),
+        "cmake_options": F("dict_str", {}),
+        "keep_builds": F("int", 3, 1, 50),
+        "jobs": F("int", None, 1, 1024),
+    },
+    "model": {
+        "repo": F("str", "unsloth/Qwen3.5-122B-A10B-GGUF"),
+        "revision": F("str", "main"),
+        "include": F("str", "UD-Q6_K_XL/*"),
+        "dir": F("str", "/var/lib/llama-rig/models"),
+        "token_env": F("str", "HF_TOKEN"),
+        "token_file": F("str", None),
+        "endpoint": F("str", None),
+        "hub_requirement": F("str", "huggingface-hub>=2.4,<3"),
+        "pip_index_url": F("str", None),
+        "pip_find_links": F("str", None),
+        "free_space_margin_gb": F("num", 5, 0, 100000),
+        "max_attempts": F("int", 3, 1, 20),
+        "hash_workers": F("int", 4, 1, 64),
+    },
+    "server": {
+        "host": F("str", "0.0.0.0"),
+        "port": F("int", 8000, 1, 65535),
+        "n_gpu_layers": F("int", 999, 0, 100000),
+        "ctx_size": F("int", 262144, 0, 16777216),
+        "cache_type_k": F("str", "q8_0", choices=CACHE_TYPES),
+        "cache_type_v": F("str", "q8_0", choices=CACHE_TYPES),
+        "flash_attn": F("str", "auto", choices=("on", "off", "auto")),
+        "parallel": F("int", 1, 1, 1024),
+        "split_mode": F("str", "layer", choices=("none", "layer", "row")),
+        "tensor_split": F("list_num", None, 0, 1000),
+        "warmup": F("bool", False),
+        "temp": F("num", 0.6, 0, 5),
+        "top_p": F("num", 0.95, 0, 1),
+        "top_k": F("int", 20, 0, 100000),
+        "min_p": F("num", 0.0, 0, 1),
+        "jinja": F("bool", True),
+        "alias": F("str", "Qwen3.5-122B-A10B-UD-Q6_K_XL"),
+        "api_key_file": F("str", None),
+        "batch_size": F("int", None, 1, 1048576),
+        "ubatch_size": F("int", None, 1, 1048576),
+        "extra_args": F("list_str", []),
+        "start_timeout": F("int", 1800, 5, 86400),
+    },
+    "paths": {
+        "prefix": F("str", "/opt/llama-rig"),
+        "state_dir": F("str", "/var/lib/llama-rig"),
+        "service_user": F("str", "llama"),
+    },
+    "opencode": {
+        "enabled": F("bool", True),
+        "user": F("str", None),
+        "provider_id": F("str", "llama-cpp"),
+        "base_url": F("str", None),
+        "output_limit": F("int", 32768, 1, 16777216),
+    },
+}
+TOP_LEVEL_HOST_KEYS = {"lock": F("str", None), "description": F("str", None)}
+STEP_SECTIONS = tuple(SCHEMA)
+
+
+def defaults() -> dict[str, Any]:
+    cfg: dict[str, Any] = {sec: {k: copy.deepcopy(f.default) for k, f in fields.items()}
+                           for sec, fields in SCHEMA.items()}
+    for k, f in TOP_LEVEL_HOST_KEYS.items():
+        cfg[k] = f.default
+    return cfg
+
+
+@dataclass
+class Host:
+    """One resolved host: its name, groups and the merged, validated settings."""
+
+    name: str
+    groups: list[str]
+    cfg: dict[str, Any]
+    source: str = "hosts.yaml"
+
+    def __getitem__(self, section: str) -> Any:
+        return self.cfg[section]
+
+    @property
+    def is_local(self) -> bool:
+        return self.cfg["connection"]["type"] == "local"
+
+    @property
+    def address(self) -> str:
+        c = self.cfg["connection"]
+        return "localhost" if self.is_local else (c["address"] or self.name)
+
+
+@dataclass
+class Inventory:
+    path: Path
+    hosts: dict[str, Host]
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def select(self, spec: str | None, all_hosts: bool = False) -> list[Host]:
+        """`rig`, `rig,rig2`, a group name, or all_hosts. Unknown names -> InventoryError."""
+        if all_hosts:
+            return list(self.hosts.values())
+        if not spec:
+            raise InventoryError(f"{self.path.name}: no host given (use --host NAME, a group, or --all)")
+        out: list[Host] = []
+        for name in [s.strip() for s in spec.split(",") if s.strip()]:
+            if name in self.hosts:
+                picked = [name]
+            elif name in self.groups:
+                picked = self.groups[name]
+            else:
+                raise InventoryError(f"{self.path.name}: unknown host or group {name!r}"
+                                     + _did_you_mean(name, [*self.hosts, *self.groups]))
+            for p in picked:
+                if self.hosts[p] not in out:
+                    out.append(self.hosts[p])
+        return out
+
+
+def _did_you_mean(word: str, options) -> str:
+    m = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def _validate_layer(layer: Any, where: str, allow_hosts_key: bool = False) -> dict[str, Any]:
+    """Check one layer (defaults, a group, a host, overrides): keys and types. Returns it normalised."""
+    if layer is None:
+        return {}
+    if not isinstance(layer, dict):
+        raise InventoryError(f"{where}: must be a mapping, got {_tname(layer)}")
+    out: dict[str, Any] = {}
+    for sec, body in layer.items():
+        if allow_hosts_key and sec == "hosts":
+            continue
+        if sec in TOP_LEVEL_HOST_KEYS:
+            v, err = TOP_LEVEL_HOST_KEYS[sec].check(body)
+            if err:
+                raise InventoryError(f"{where}: {sec}: {err}")
+            out[sec] = v
+            continue
+        if sec not in SCHEMA:
+            extra = ["hosts"] if allow_hosts_key else []
+            raise InventoryError(f"{where}: {sec}: unknown key"
+                                 + _did_you_mean(str(sec), [*SCHEMA, *TOP_LEVEL_HOST_KEYS, *extra]))
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise InventoryError(f"{where}: {sec}: must be a mapping, got {_tname(body)}")
+        fields = SCHEMA[sec]
+        norm = {}
+        for key, value in body.items():
+            if key not in fields:
+                raise InventoryError(f"{where}: {sec}.{key}: unknown key"
+                                     + _did_you_mean(str(key), fields))
+            v, err = fields[key].check(value)
+            if err:
+                raise InventoryError(f"{where}: {sec}.{key}: {err}")
+            norm[key] = v
+        out[sec] = norm
+    return out
+
+
+def _merge(base: dict[str, Any], layer: dict[str, Any]) -> None:
+    for sec, body in layer.items():
+        if isinstance(body, dict) and isinstance(base.get(sec), dict):
+            base[sec].update(copy.deepcopy(body))
+        else:
+            base[sec] = copy.deepcopy(body)
+
+
+def _cross_check(cfg: dict[str, Any], where: str) -> None:
+    """Rules that involve more than one key, on the merged settings of a host."""
+    con, gpus, srv = cfg["connection"], cfg["gpus"], cfg["server"]
+    if con["type"] == "ssh" and not con["address"]:
+        raise InventoryError(f"{where}: connection.address: required for an ssh connection")
+    n = gpus["count"]
+    pl = gpus["power_limit"]
+    if isinstance(pl, list):
+        if n and len(pl) != n:
+            raise InventoryError(f"{where}: gpus.power_limit: has {len(pl)} values but gpus.count is {n}")
+        if not n:
+            raise InventoryError(f"{where}: gpus.power_limit: a list needs gpus.count")
+    ts = srv["tensor_split"]
+    if ts is not None:
+        if n and len(ts) > n:
+            raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}")
+        if n and len(ts) != n:
+            raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}"
+                                 f" (a missing GPU must not silently become a {len(ts)}-way split)")
+        if sum(ts) <= 0:
+            raise InventoryError(f"{where}: server.tensor_split: the values must not all be 0")
+    if srv["parallel"] > max(srv["ctx_size"], 1) and srv["ctx_size"]:
+        raise InventoryError(f"{where}: server.parallel: {srv['parallel']} slots exceed server.ctx_size {srv['ctx_size']}")
+    if srv["cache_type_v"] not in ("f16", "f32", "bf16") and srv["flash_attn"] == "off":
+        raise InventoryError(f"{where}: server.flash_attn: a quantized V cache ({srv['cache_type_v']}) needs flash attention (auto or on)")
+    if srv["batch_size"] and srv["ubatch_size"] and srv["ubatch_size"] > srv["batch_size"]:
+        raise InventoryError(f"{where}: server.ubatch_size: {srv['ubatch_size']} is larger than server.batch_size {srv['batch_size']}")
+    inc = cfg["model"]["include"]
+    if not inc.strip():
+        raise InventoryError(f"{where}: model.include: must not be empty")
+    for k in ("prefix", "state_dir"):
+        if not str(cfg["paths"][k]).startswith("/"):
+            raise InventoryError(f"{where}: paths.{k}: must be an absolute path, got {cfg['paths'][k]!r}")
+    if not str(cfg["model"]["dir"]).startswith("/"):
+        raise InventoryError(f"{where}: model.dir: must be an absolute path, got {cfg['model']['dir']!r}")
+    su = cfg["paths"]["service_user"]
+    if not su or su == "root" or not su.replace("-", "").replace("_", "").isalnum():
+        raise InventoryError(f"{where}: paths.service_user: must be an unprivileged user name, got {su!r}")
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`--set server.port=8001` style overrides (values parsed as YAML scalars/lists)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InventoryError(f"command line: --set {item}: expected SECTION.KEY=VALUE")
+        key, raw = item.split("=", 1)
+        if "." not in key:
+            raise InventoryError(f"command line: --set {item}: expected SECTION.KEY=VALUE")
+        sec, k = key.split(".", 1)
+        try:
+            val = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            val = raw
+        out.setdefault(sec, {})[k] = val
+    return out
+
+
+def load(path: str | os.PathLike = "hosts.yaml", overrides: dict[str, Any] | None = None) -> Inventory:
+    path = Path(path)
+    fname = path.name
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InventoryError(f"{fname}: file not found ({path})") from None
+    except OSError as e:
+        raise InventoryError(f"{fname}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InventoryError(f"{fname}: {loc}YAML syntax error: {problem}") from None
+    return from_data(data, fname, path, overrides)
+
+
+def from_data(data: Any, fname: str = "hosts.yaml", path: Path | None = None,
+              overrides: dict[str, Any] | None = None) -> Inventory:
+    path = path or Path(fname)
+    if data is None:
+        raise InventoryError(f"{fname}: empty file (expected 'hosts:')")
+    if not isinstance(data, dict):
+        raise InventoryError(f"{fname}: top level must be a mapping with defaults/groups/hosts, got {_tname(data)}")
+    for k in data:
+        if k not in ("defaults", "groups", "hosts"):
+            raise InventoryError(f"{fname}: {k}: unknown top-level key"
+                                 + _did_you_mean(str(k), ["defaults", "groups", "hosts"]))
+    dflt = _validate_layer(data.get("defaults"), f"{fname}: defaults")
+    hosts_raw = data.get("hosts")
+    if not isinstance(hosts_raw, dict) or not hosts_raw:
+        raise InventoryError(f"{fname}: hosts: must be a non-empty mapping of host names")
+    for hname in hosts_raw:
+        if not isinstance(hname, str) or not hname or any(c.isspace() or c in ",/" for c in hname):
+            raise InventoryError(f"{fname}: hosts: invalid host name {hname!r}")
+    groups_raw = data.get("groups") or {}
+    if not isinstance(groups_raw, dict):
+        raise InventoryError(f"{fname}: groups: must be a mapping of group names")
+    groups: dict[str, list[str]] = {}
+    group_layers: dict[str, dict] = {}
+    for gname, gbody in groups_raw.items():
+        where = f"{fname}: group {gname!r}"
+        if gname in hosts_raw:
+            raise InventoryError(f"{where}: a group cannot have the name of a host")
+        if gbody is None:
+            gbody = {}
+        if not isinstance(gbody, dict):
+            raise InventoryError(f"{where}: must be a mapping, got {_tname(gbody)}")
+        members = gbody.get("hosts", [])
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise InventoryError(f"{where}: hosts: must be a list of host names")
+        for m in members:
+            if m not in hosts_raw:
+                raise InventoryError(f"{where}: hosts: unknown host {m!r}" + _did_you_mean(m, hosts_raw))
+        groups[gname] = list(members)
+        group_layers[gname] = _validate_layer(gbody, where, allow_hosts_key=True)
+    over = _validate_layer(overrides or {}, "command line")
+    hosts: dict[str, Host] = {}
+    for hname, hbody in hosts_raw.items():
+        where = f"{fname}: host {hname!r}"
+        layer = _validate_layer(hbody, where)
+        cfg = defaults()
+        _merge(cfg, dflt)
+        member_of = [g for g, members in groups.items() if hname in members]
+        for g in member_of:
+            _merge(cfg, group_layers[g])
+        _merge(cfg, layer)
+        _merge(cfg, over)
+        _cross_check(cfg, where)
+        hosts[hname] = Host(hname, member_of, cfg, fname)
+    return Inventory(path, hosts, groups)
+
+
+def walk_schema(fn: Callable[[str, str, F], None]) -> None:
+    for sec, fields in SCHEMA.items():
+        for k, f in fields.items():
+            fn(sec, k, f)

@@ -1,0 +1,377 @@
+"""One type over SSH (Fabric) and local execution. Steps talk to a Target, never to Fabric.
+
+It hides the Fabric traps: `sudo` of a compound command runs only its first part, `sudo` inside
+`cd()` fails, `put` can neither sudo nor write atomically, and Fabric silently trusts unknown host
+keys. Here every privileged command is `sudo -n sh -c '<whole command>'`, files are uploaded to a
+private temp file and moved into place with `install` + `mv` (atomic), and host keys are checked
+against a known_hosts file (strict, or accept-new which records a key on first contact).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shlex
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import CommandError, ConnectError
+from .inventory import Host
+from .secrets import redact, register
+
+LineCallback = Callable[[str], None]
+
+
+@dataclass
+class Result:
+    command: str
+    exited: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+
+class _LineWriter(io.TextIOBase):
+    """A file-like that collects text and calls back once per complete line."""
+
+    def __init__(self, cb: LineCallback | None):
+        self.cb = cb
+        self.buf = ""
+
+    def write(self, s: str) -> int:
+        if self.cb is None:
+            return len(s)
+        self.buf += s
+        while True:
+            cut = min((i for i in (self.buf.find("\n"), self.buf.find("\r")) if i >= 0), default=-1)
+            if cut < 0:
+                break
+            line, self.buf = self.buf[:cut], self.buf[cut + 1:]
+            if line.strip():
+                self.cb(line)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def quote(s: str | os.PathLike) -> str:
+    return shlex.quote(str(s))
+
+
+def join(argv: Iterable[str | os.PathLike]) -> str:
+    return " ".join(quote(a) for a in argv)
+
+
+class Target:
+    """Base: everything is built on `_exec(shell_command)`."""
+
+    name: str
+    user: str
+    commands_run: int
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.name = host.name
+        self.commands_run = 0
+        self._sudo_password: str | None = None
+        con = host.cfg["connection"]
+        if con.get("sudo_password_env"):
+            pw = os.environ.get(con["sudo_password_env"])
+            if pw:
+                register(pw)
+                self._sudo_password = pw
+
+    # -- to implement ------------------------------------------------------
+    def _exec(self, command: str, *, timeout: float | None, stdin: str | None,
+              on_stdout: LineCallback | None, on_stderr: LineCallback | None) -> Result:
+        raise NotImplementedError
+
+    def _upload(self, local_path: str, remote_tmp: str) -> None:
+        raise NotImplementedError
+
+    def is_root(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- running -----------------------------------------------------------
+    @property
+    def needs_sudo(self) -> bool:
+        flag = self.host.cfg["connection"].get("sudo")
+        if flag is None:
+            return not self.is_root()
+        return bool(flag) and not self.is_root()
+
+    def wrap(self, command: str, sudo: bool = False, cwd: str | None = None,
+             env: dict[str, str] | None = None, user: str | None = None) -> str:
+        """Build the exact shell line: cd, env and sudo applied to the WHOLE command."""
+        inner = command
+        if env:
+            inner = f"export {' '.join(f'{k}={quote(v)}' for k, v in env.items())}; {command}"
+        if cwd:
+            inner = f"cd {quote(cwd)} && {{ {inner}\n}}"
+        if user:
+            # run as another (unprivileged) user: always through sudo (root can too)
+            return f"sudo -n -H -u {quote(user)} sh -c {quote(inner)}"
+        if sudo and self.needs_sudo:
+            if self._sudo_password is not None:
+                return f"sudo -S -p '' sh -c {quote(inner)}"
+            return f"sudo -n sh -c {quote(inner)}"
+        if cwd or env:
+            return f"sh -c {quote(inner)}"
+        return inner
+
+    def run(self, command: str | list[str], *, sudo: bool = False, check: bool = True,
+            cwd: str | None = None, env: dict[str, str] | None = None, user: str | None = None,
+            timeout: float | None = None, stdin: str | None = None,
+            on_stdout: LineCallback | None = None, on_stderr: LineCallback | None = None) -> Result:
+        if isinstance(command, list):
+            command = join(command)
+        line = self.wrap(command, sudo=sudo, cwd=cwd, env=env, user=user)
+        if self._sudo_password is not None and line.startswith("sudo -S"):
+            stdin = self._sudo_password + "\n" + (stdin or "")
+        self.commands_run += 1
+        res = self._exec(line, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr)
+        res.command = command
+        if check and not res.ok:
+            raise CommandError(self.name, redact(command), res.exited, redact(res.stdout),
+                               redact(res.stderr))
+        return res
+
+    def sudo(self, command: str | list[str], **kw) -> Result:
+        return self.run(command, sudo=True, **kw)
+
+    # -- files -------------------------------------------------------------
+    def exists(self, path: str, sudo: bool = False) -> bool:
+        return self.run(f"test -e {quote(path)}", sudo=sudo, check=False).ok
+
+    def read_file(self, path: str, sudo: bool = False) -> str | None:
+        """Text of a file, or None if it does not exist."""
+        r = self.run(f"if [ -e {quote(path)} ]; then cat {quote(path)}; else exit 44; fi",
+                     sudo=sudo, check=False)
+        if r.exited == 44:
+            return None
+        if not r.ok:
+            raise CommandError(self.name, f"cat {path}", r.exited, r.stdout, r.stderr)
+        return r.stdout
+
+    def sha256(self, path: str, sudo: bool = False) -> str | None:
+        r = self.run(f"sha256sum {quote(path)}", sudo=sudo, check=False)
+        return r.stdout.split()[0] if r.ok and r.stdout.strip() else None
+
+    def write_file(self, path: str, content: str | bytes, *, mode: int = 0o644,
+                   owner: str = "root", group: str | None = None, sudo: bool = True,
+                   make_parents: bool = True) -> None:
+        """Atomically install `content` at `path` with mode and owner.
+
+        The bytes travel to a private temp file (0600, never on a command line), then
+        `install -m MODE -o OWNER -g GROUP tmp path.tmp && mv -f path.tmp path` (rename = atomic).
+        """
+        data = content.encode() if isinstance(content, str) else content
+        fd, local = tempfile.mkstemp(prefix="llama-rig-")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            remote_tmp = self._remote_tmp_path()
+            self._upload(local, remote_tmp)
+        finally:
+            try:
+                os.unlink(local)
+            except FileNotFoundError:
+                pass
+        group = group or owner
+        d = os.path.dirname(path)
+        staged = f"{path}.llama-rig-new"
+        cmd = (
+            (f"mkdir -p {quote(d)} && " if make_parents and d else "")
+            + f"install -m {mode:04o} -o {quote(owner)} -g {quote(group)} {quote(remote_tmp)} {quote(staged)}"
+            + f" && mv -f {quote(staged)} {quote(path)}"
+        )
+        try:
+            self.run(cmd, sudo=sudo)
+        finally:
+            self.run(f"rm -f {quote(remote_tmp)}", check=False)
+
+    def _remote_tmp_path(self) -> str:
+        return f"/tmp/llama-rig-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+
+
+class LocalTarget(Target):
+    """`connection: local` — commands run on this machine through bash."""
+
+    def __init__(self, host: Host):
+        super().__init__(host)
+        import getpass
+        self.user = getpass.getuser()
+
+    def is_root(self) -> bool:
+        return os.geteuid() == 0
+
+    def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
+        proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                errors="replace", start_new_session=False)
+        out_w, err_w = _LineWriter(on_stdout), _LineWriter(on_stderr)
+        chunks: dict[str, list[str]] = {"out": [], "err": []}
+
+        def pump(stream, key, writer):
+            for line in iter(stream.readline, ""):
+                chunks[key].append(line)
+                writer.write(line)
+            stream.close()
+
+        threads = [threading.Thread(target=pump, args=(proc.stdout, "out", out_w), daemon=True),
+                   threading.Thread(target=pump, args=(proc.stderr, "err", err_w), daemon=True)]
+        for t in threads:
+            t.start()
+        if stdin:
+            try:
+                proc.stdin.write(stdin)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+            chunks["err"].append(f"\ntimed out after {timeout}s\n")
+            rc = 124
+        for t in threads:
+            t.join()
+        return Result(command, rc, "".join(chunks["out"]), "".join(chunks["err"]))
+
+    def _upload(self, local_path: str, remote_tmp: str) -> None:
+        import shutil
+        shutil.copyfile(local_path, remote_tmp)
+        os.chmod(remote_tmp, 0o600)
+
+
+class SSHTarget(Target):
+    """`connection: ssh` — Fabric over one persistent SSH session, host keys verified."""
+
+    def __init__(self, host: Host):
+        super().__init__(host)
+        import fabric
+        import paramiko
+
+        con = host.cfg["connection"]
+        self.user = con["user"]
+        self.address = con["address"]
+        self.port = con["port"]
+        self.timeout = float(con["connect_timeout"])
+        self.known_hosts = os.path.expanduser(con["known_hosts"])
+        kw: dict = {"look_for_keys": con["key"] is None, "allow_agent": con["key"] is None,
+                    "banner_timeout": self.timeout, "auth_timeout": self.timeout}
+        if con["key"]:
+            kw["key_filename"] = [os.path.expanduser(con["key"])]
+        self.conn = fabric.Connection(
+            self.address, user=self.user, port=self.port, connect_timeout=self.timeout,
+            config=fabric.Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True}}),
+            connect_kwargs=kw,
+        )
+        client = self.conn.client
+        if os.path.exists(self.known_hosts):
+            client.load_host_keys(self.known_hosts)
+        if con["host_key_policy"] == "accept-new":
+            client.set_missing_host_key_policy(_AcceptNew(self.known_hosts))
+        else:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        self._root: bool | None = None
+
+    def connect(self) -> None:
+        import paramiko
+
+        where = f"{self.name} ({self.user}@{self.address}:{self.port})"
+        try:
+            self.conn.open()
+        except paramiko.BadHostKeyException:
+            raise ConnectError(f"{where}: host key does not match {self.known_hosts} — "
+                               "refusing to connect (possible man-in-the-middle)") from None
+        except paramiko.SSHException as e:
+            msg = str(e)
+            if "not found in known_hosts" in msg or "Server" in msg and "not found" in msg:
+                raise ConnectError(f"{where}: host key unknown: not in {self.known_hosts} "
+                                   "(add it, or set connection.host_key_policy: accept-new)") from None
+            if isinstance(e, paramiko.AuthenticationException):
+                raise ConnectError(f"{where}: authentication failed ({msg})") from None
+            raise ConnectError(f"{where}: SSH error: {msg}") from None
+        except socket.timeout:
+            raise ConnectError(f"{where}: connection timed out after {self.timeout:g}s") from None
+        except socket.gaierror as e:
+            raise ConnectError(f"{where}: cannot resolve address: {e.strerror}") from None
+        except OSError as e:
+            reason = e.strerror or str(e) or type(e).__name__
+            raise ConnectError(f"{where}: {reason}") from None
+
+    def is_root(self) -> bool:
+        if self._root is None:
+            self._root = self.user == "root" or self.run("id -u", check=False).stdout.strip() == "0"
+        return self._root
+
+    def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
+        import paramiko
+        if not self.conn.is_connected:
+            self.connect()
+        try:
+            r = self.conn.run(command, hide=True, warn=True, timeout=timeout,
+                              in_stream=io.StringIO(stdin) if stdin else False,
+                              out_stream=_LineWriter(on_stdout) if on_stdout else None,
+                              err_stream=_LineWriter(on_stderr) if on_stderr else None)
+        except (paramiko.SSHException, EOFError, OSError, socket.error) as e:
+            self.conn.close()
+            raise ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}") from None
+        except Exception as e:  # invoke.CommandTimedOut and friends
+            if type(e).__name__ == "CommandTimedOut":
+                return Result(command, 124, "", f"timed out after {timeout}s")
+            raise
+        return Result(command, r.exited, r.stdout, r.stderr)
+
+    def _upload(self, local_path: str, remote_tmp: str) -> None:
+        if not self.conn.is_connected:
+            self.connect()
+        self.conn.put(local_path, remote_tmp)  # preserves the 0600 mode of the local temp file
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _AcceptNew:
+    """Like OpenSSH's StrictHostKeyChecking=accept-new: record unknown keys, reject changed ones
+    (a changed key raises BadHostKeyException inside paramiko before we are asked)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(line)
+
+
+def connect(host: Host) -> Target:
+    """A connected Target for `host` (raises ConnectError with one clear line)."""
+    if host.is_local:
+        return LocalTarget(host)
+    t = SSHTarget(host)
+    t.connect()
+    return t
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
