@@ -1,3 +1,4 @@
 pytest_plugins = [
     "tests.hub.fixtures",
+    "tests.fixtures.llama_fixtures",
 ]
