@@ -192,7 +192,17 @@ def test_corrupt_same_size_is_accepted_by_client(hub, shards, env, tmp_path):
     assert [r.file for r in hub.requests.downloads()] == [bad]
 
 
-def test_drop_after_once_resumes_in_process(hub, shards, env, tmp_path):
+MiB = 1024 * 1024
+CLIENT_CHUNK = 10 * MiB  # huggingface_hub DOWNLOAD_CHUNK_SIZE: the granularity of in-process resume
+
+
+@pytest.fixture
+def big(hub):
+    """Shards large enough (24 MiB) for the client's 10 MiB resume granularity to show."""
+    return make_gguf_like_shards(hub, n=2, size=24 * MiB + 7, decoys=False)
+
+
+def test_drop_once_below_10mib_restarts_from_zero(hub, shards, env, tmp_path):
     p = shards.shards[0]
     hub.faults.set(p, "drop_after", bytes=1_000_000, count=1)
     dest = tmp_path / "models"
@@ -200,62 +210,77 @@ def test_drop_after_once_resumes_in_process(hub, shards, env, tmp_path):
     assert out["ok"], out
     assert sha256_file(dest / p) == shards.sha256[p]
     gets = hub.requests.downloads(p)
-    # OBSERVED: the client retries in-process with a Range request from where the stream broke
+    # OBSERVED: bytes are handed over in 10 MiB chunks; a break before the first chunk completes
+    # loses everything, so the in-process retry asks again for the whole file (no Range)
     assert [(g.status, g.range, g.bytes_sent) for g in gets] == [
-        (200, None, 1_000_000), (206, "bytes=1000000-", shards.sizes[p] - 1_000_000)]
+        (200, None, 1_000_000), (200, None, shards.sizes[p])]
     assert "Trying to resume download" in out["stderr"]
     assert not list(dest.rglob("*.incomplete"))
 
 
+def test_drop_once_after_10mib_resumes_with_range(hub, big, env, tmp_path):
+    p = big.shards[0]
+    hub.faults.set(p, "drop_after", bytes=15 * MiB, count=1)
+    dest = tmp_path / "models"
+    out = run_hf(snapshot(REPO, big.sha, dest, patterns=[p]), env)
+    assert out["ok"], out
+    assert sha256_file(dest / p) == big.sha256[p]
+    gets = hub.requests.downloads(p)
+    # OBSERVED: resumes in-process from the last complete 10 MiB chunk with a Range request
+    assert [(g.status, g.range, g.bytes_sent) for g in gets] == [
+        (200, None, 15 * MiB), (206, f"bytes={CLIENT_CHUNK}-", big.sizes[p] - CLIENT_CHUNK)]
+
+
 def test_drop_every_time_gives_up_and_cleans_incomplete(hub, shards, env, tmp_path):
     p = shards.shards[0]
-    hub.faults.set(p, "drop_after", bytes=0)  # every GET: headers, then connection closed, no body
+    hub.faults.set(p, "drop_after", bytes=1_000_000)  # every GET breaks after 1 MB (< one client chunk)
     dest = tmp_path / "models"
     out = run_hf(snapshot(REPO, shards.sha, dest, patterns=[p]), env)
-    # OBSERVED: 1 + 5 retries without progress, then the httpx RemoteProtocolError propagates
+    # OBSERVED: 1 + 5 retries without a completed chunk, then httpx's RemoteProtocolError propagates
+    # out of snapshot_download (1 s sleep between tries)
     assert not out["ok"]
     assert out["error_type"] == "RemoteProtocolError", out["error"]
-    assert len(hub.requests.downloads(p)) == 0
-    assert len([r for r in hub.requests if r.server == "cdn"]) == 6
+    assert len([r for r in hub.requests if r.server == "cdn" and r.method == "GET"]) == 6
     # OBSERVED: the process-unique *.incomplete is deleted on error (only SIGKILL leaves one)
     assert not list(dest.rglob("*.incomplete"))
     assert not (dest / p).exists()
 
 
-def test_drop_every_time_after_some_bytes_still_completes(hub, shards, env, tmp_path):
-    p = shards.shards[0]
-    hub.faults.set(p, "drop_after", bytes=1_000_000)  # every GET breaks after 1 MB
+def test_drop_every_time_after_10mib_still_completes(hub, big, env, tmp_path):
+    p = big.shards[0]
+    hub.faults.set(p, "drop_after", bytes=11 * MiB)  # every GET breaks after 11 MiB
     dest = tmp_path / "models"
-    out = run_hf(snapshot(REPO, shards.sha, dest, patterns=[p]), env)
-    # OBSERVED: progress resets the retry budget, so it crawls to the end in 1 MB resumes
+    out = run_hf(snapshot(REPO, big.sha, dest, patterns=[p]), env)
+    # OBSERVED: each completed 10 MiB chunk resets the retry budget, so it crawls to the end
     assert out["ok"], out
-    assert sha256_file(dest / p) == shards.sha256[p]
-    assert len(hub.requests.downloads(p)) == 4  # 3 MiB + 7 bytes in 1 MB slices
+    assert sha256_file(dest / p) == big.sha256[p]
+    assert [g.range for g in hub.requests.downloads(p)] == [None, f"bytes={CLIENT_CHUNK}-", f"bytes={2 * CLIENT_CHUNK}-"]
 
 
-def test_ignore_range_on_resume(hub, shards, env, tmp_path):
-    p = shards.shards[1]
-    hub.faults.set(p, "drop_after", bytes=500_000, count=1)
+def test_ignore_range_on_resume(hub, big, env, tmp_path):
+    p = big.shards[1]
+    hub.faults.set(p, "drop_after", bytes=12 * MiB, count=1)
     hub.faults.set(p, "ignore_range", count=5)
     dest = tmp_path / "models"
-    out = run_hf(snapshot(REPO, shards.sha, dest, patterns=[p]), env)
+    out = run_hf(snapshot(REPO, big.sha, dest, patterns=[p]), env)
     # OBSERVED: a 200 answer to a Range request makes the client rewind and take the whole body
     assert out["ok"], out
-    assert sha256_file(dest / p) == shards.sha256[p]
+    assert sha256_file(dest / p) == big.sha256[p]
     gets = hub.requests.downloads(p)
-    assert [(g.status, g.range) for g in gets] == [(200, None), (200, "bytes=500000-")]
+    assert [(g.status, g.range, g.bytes_sent) for g in gets] == [
+        (200, None, 12 * MiB), (200, f"bytes={CLIENT_CHUNK}-", big.sizes[p])]
 
 
-def test_stall_longer_than_read_timeout_resumes(hub, shards, env, tmp_path):
-    p = shards.shards[3]
-    hub.faults.set(p, "stall", seconds=3, after=600_000, count=1)
+def test_stall_longer_than_read_timeout_resumes(hub, big, env, tmp_path):
+    p = big.shards[1]
+    hub.faults.set(p, "stall", seconds=4, after=12 * MiB, count=1)
     dest = tmp_path / "models"
-    out = run_hf(snapshot(REPO, shards.sha, dest, patterns=[p]), dict(env, HF_HUB_DOWNLOAD_TIMEOUT="1"))
+    out = run_hf(snapshot(REPO, big.sha, dest, patterns=[p]), dict(env, HF_HUB_DOWNLOAD_TIMEOUT="1"))
     # OBSERVED: read timeout -> same in-process resume path as a drop
     assert out["ok"], out
-    assert sha256_file(dest / p) == shards.sha256[p]
+    assert sha256_file(dest / p) == big.sha256[p]
     gets = hub.requests.downloads(p)
-    assert len(gets) == 2 and gets[1].status == 206 and gets[1].range.startswith("bytes=")
+    assert [(g.range, g.faults) for g in gets] == [(None, ["stall"]), (f"bytes={CLIENT_CHUNK}-", [])]
     assert "Trying to resume download" in out["stderr"]
 
 

@@ -361,6 +361,7 @@ class RequestRecord:
     faults: list[str] = field(default_factory=list)
     error: str | None = None
     t: float = 0.0
+    done: bool = False  # the handler has finished with this request
 
 
 class _RequestLog(list):
@@ -577,9 +578,13 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.rec = RequestRecord(self.server.role, self.command, unquote(parts.path), parts.query, 0, 0,
                                  self.headers.get("Authorization") is not None, self.headers.get("Range"),
                                  t=time.time())
+        # logged at once and updated in place: a stalled/in-flight request is visible immediately
+        # (status 0 until the headers go out); control-channel calls are not logged
+        if not parts.path.startswith("/_test"):
+            self.hub._log(self.rec)
 
     def _finish(self):
-        self.hub._log(self.rec)
+        self.rec.done = True
 
     def _send(self, status: int, headers: dict[str, str] | None = None, body: bytes = b"",
               ctype: str = "application/json; charset=utf-8"):
