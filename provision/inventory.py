@@ -34,9 +34,15 @@ class F:
     def check(self, value: Any) -> tuple[Any, str | None]:
         """Return (normalised value, error text or None)."""
         if value is None:
+            if self.default is not None:
+                # `port:` with nothing after it would silently replace the default by None
+                return None, (f"has no value (leave the key out to get the default, "
+                              f"{_show_default(self.default)})")
             return None, None
         k = self.kind
         if k == "str":
+            if isinstance(value, bool) and self.choices and {"on", "off"} <= set(self.choices):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare `off` as false
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = str(value)
             if not isinstance(value, str):
@@ -113,6 +119,16 @@ class F:
         if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
             return value, f"must be {what}{rng}, got {_fmt(value)}"
         return value, None
+
+
+def _show_default(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{}" if not v else str(v)
+    return str(v)
 
 
 def _fmt(x: float) -> str:
@@ -278,6 +294,8 @@ class Inventory:
             for p in picked:
                 if self.hosts[p] not in out:
                     out.append(self.hosts[p])
+        if not out:
+            raise InventoryError(f"{self.path.name}: no host selected by {spec!r}")
         return out
 
 
@@ -390,6 +408,27 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (plain YAML keeps the last one,
+    so a second `rig:` entry would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                except TypeError:
+                    continue
+                if dup:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | os.PathLike = "hosts.yaml", overrides: dict[str, Any] | None = None) -> Inventory:
     path = Path(path)
     fname = path.name
@@ -399,8 +438,10 @@ def load(path: str | os.PathLike = "hosts.yaml", overrides: dict[str, Any] | Non
         raise InventoryError(f"{fname}: file not found ({path})") from None
     except OSError as e:
         raise InventoryError(f"{fname}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InventoryError(f"{fname}: not UTF-8 text (byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
