@@ -284,6 +284,65 @@ def test_stall_longer_than_read_timeout_resumes(hub, big, env, tmp_path):
     assert "Trying to resume download" in out["stderr"]
 
 
+def test_sigkill_leaves_incomplete_and_rerun_restarts_from_zero(hub, big, env, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    p = big.shards[0]
+    hub.faults.set(p, "stall", seconds=30, after=12 * MiB, count=1)
+    dest = tmp_path / "models"
+    code = snapshot(REPO, big.sha, dest, patterns=[p])
+    proc = subprocess.Popen([sys.executable, "-c", "OUT = {}\n" + code], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(r.faults == ["stall"] and r.bytes_sent >= 12 * MiB for r in hub.requests):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)  # let the client write its first 10 MiB chunk
+        proc.kill()
+    finally:
+        proc.wait()
+    left = list((dest / ".cache/huggingface/download").rglob("*.incomplete"))
+    # OBSERVED: SIGKILL leaves <dir>/.cache/huggingface/download/<folder>/<name>.<8 hex>.incomplete
+    assert len(left) == 1 and left[0].stat().st_size == CLIENT_CHUNK, left
+    assert not (dest / p).exists()
+    hub.faults.clear()
+    hub.clear_requests()
+    out = run_hf(code, env)
+    assert out["ok"], out
+    assert sha256_file(dest / p) == big.sha256[p]
+    # OBSERVED: a new process starts that file again from byte 0 and does not clean up the leftover
+    assert [g.range for g in hub.requests.downloads(p)] == [None]
+    assert [x.name for x in (dest / ".cache/huggingface/download").rglob("*.incomplete")] == [left[0].name]
+
+
+def test_gated_files_only(hub, shards, tmp_path):
+    hub.gated(REPO, "hf_tok", files_only=True)
+    env_no = hf_env(hub.endpoint, tmp_path / "h")
+    out = run_hf(f"from huggingface_hub import HfApi\nOUT['sha'] = HfApi().model_info({REPO!r}).sha", env_no)
+    assert out["ok"] and out["sha"] == shards.sha  # metadata public, like the real Hub
+    out = run_hf(snapshot(REPO, shards.sha, tmp_path / "a"), env_no)
+    assert out["error_type"] == "GatedRepoError"
+
+
+def test_file_blob_served_from_disk_with_ranges(hub, tmp_path):
+    f = tmp_path / "disk.gguf"
+    data = os.urandom(3 * MiB + 5)
+    f.write_bytes(data)
+    sha = hub.commit("org/disk", {"m.gguf": f})
+    url = f"{hub.endpoint}/org/disk/resolve/{sha}/m.gguf"
+    with urllib.request.urlopen(url) as r:  # urllib follows the 302 to the CDN
+        assert r.read() == data
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={MiB}-"})) as r:
+        assert r.status == 206 and r.read() == data[MiB:]
+    hub.faults.set("m.gguf", "corrupt", offset=10, count=1)
+    with urllib.request.urlopen(url) as r:
+        got = r.read()
+    assert len(got) == len(data) and got[10] == data[10] ^ 0xFF and got[:10] == data[:10]
+
+
 def test_short_stall_is_just_slow(hub, shards, env, tmp_path):
     p = shards.shards[3]
     hub.faults.set(p, "stall", seconds=1, after=100, count=1)

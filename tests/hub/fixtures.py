@@ -33,6 +33,7 @@ from tests.hub.server import (
     GeneratedBlob,
     RequestRecord,
     StandInHub,
+    _RequestLog,
     blob_spec,
 )
 
@@ -155,8 +156,9 @@ class RemoteHub:
         return self.file_info(repo_id, rev)[path]["sha256"]
 
     @property
-    def requests(self) -> list[RequestRecord]:
-        return [RequestRecord(**r) for r in self._call("GET", "/_test/requests")]
+    def requests(self) -> _RequestLog:
+        """A snapshot of the server's log (same type as ``StandInHub.requests``: has ``.downloads(glob)``)."""
+        return _RequestLog(RequestRecord(**r) for r in self._call("GET", "/_test/requests"))
 
     def clear_requests(self) -> None:
         self._call("DELETE", "/_test/requests")

@@ -106,7 +106,12 @@ class FileBlob(Blob):
 
 
 class GeneratedBlob(Blob):
-    """Deterministic pseudo-random bytes of any size, generated on the fly (no disk, no RAM)."""
+    """Deterministic pseudo-random bytes of any size, generated on the fly (no disk, no RAM).
+
+    Block i (1 MiB) = a per-seed random 1 MiB base block, rotated by a block-dependent amount and
+    stamped with i in its first 8 bytes: every block differs, and generation runs at memcpy speed
+    (GB/s) so multi-GB benchmark files are cheap to serve.
+    """
 
     BLOCK = 1 << 20
 
@@ -114,10 +119,14 @@ class GeneratedBlob(Blob):
         self.size = int(size)
         self.seed = str(seed)
         self._sha256 = sha256
+        self._base = random.Random(f"standin:{self.seed}").randbytes(self.BLOCK)
 
     def _block(self, i: int) -> bytes:
         n = min(self.BLOCK, self.size - i * self.BLOCK)
-        return random.Random(f"{self.seed}:{i}").randbytes(n)
+        off = (i * 7919 + 1) % self.BLOCK
+        b = self._base
+        blk = i.to_bytes(8, "little") + b[off + 8 :] + b[:off] if off + 8 <= self.BLOCK else i.to_bytes(8, "little") + b[8:]
+        return blk[:n]
 
     def iter_range(self, start, end):
         pos = start
@@ -396,7 +405,8 @@ class StandInHub:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, cdn_port: int = 0, public_host: str | None = None,
                  api_delay: float = 0.0):
         self.host = host
-        self.public_host = public_host or host
+        # host written into CDN redirect URLs; a wildcard bind needs a reachable name
+        self.public_host = public_host or ("127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host)
         self.repos: dict[str, HubRepo] = {}
         self.faults = Faults()
         self.requests: _RequestLog = _RequestLog()
@@ -823,6 +833,17 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.rec.status = status
         if self.command == "HEAD":
+            return
+        if isinstance(blob, FileBlob) and not faults and end > start:
+            with open(blob.path, "rb") as f:  # zero-copy fast path for big on-disk files
+                self.wfile.flush()
+                sent = 0
+                while sent < end - start:
+                    n = self.connection.sendfile(f, start + sent, end - start - sent)
+                    if not n:
+                        raise _Drop()
+                    sent += n
+                    self.rec.bytes_sent = sent
             return
         corrupt = kinds.get("corrupt")
         c_off = int(corrupt.params.get("offset", size // 2)) if corrupt else -1
