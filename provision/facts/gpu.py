@@ -69,6 +69,9 @@ def parse_query(output: str) -> tuple[Gpu, ...]:
     for line in output.splitlines():
         if not line.strip():
             continue
+        if not line.lstrip()[:1].isdigit():
+            # not a GPU row: a warning nvidia-smi mixes in ("WARNING: infoROM is corrupted ...")
+            continue
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != len(QUERY_FIELDS):
             raise ValueError(f"unexpected nvidia-smi line ({len(parts)} fields, want "
@@ -112,7 +115,11 @@ def parse_gather(output: str) -> GpuFacts:
     if rc != 0:
         msg = (body.strip().splitlines() or [f"exit {rc}"])[0]
         return GpuFacts(False, f"nvidia-smi failed (exit {rc}): {msg}")
-    return GpuFacts(True, "", parse_query(body), parse_banner_cuda(banner))
+    try:
+        gpus = parse_query(body)
+    except ValueError as e:
+        return GpuFacts(False, f"cannot parse nvidia-smi output: {e}")
+    return GpuFacts(True, "", gpus, parse_banner_cuda(banner))
 
 
 def gather(target) -> GpuFacts:

@@ -98,7 +98,9 @@ def parse(output: str) -> HostFacts:
     pkgs = {}
     for line in s["packages"]:
         parts = line.split("\t")
-        if len(parts) == 3 and parts[1].startswith("ii"):
+        # db:Status-Abbrev: desired (i/h/r/p/u), status (i = installed), error flag. "hi " is a
+        # held package that IS installed; "rc " (config files only) and "iU " are not.
+        if len(parts) == 3 and parts[1][1:2] == "i":
             pkgs[parts[0].split(":")[0]] = parts[2]
     reboot = bool(s["reboot"]) and s["reboot"][0] == "yes"
     return HostFacts(
