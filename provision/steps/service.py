@@ -1,0 +1,613 @@
+"""`service`: llama-server as a systemd system unit run by a dedicated unprivileged user.
+
+Files: the unit `/etc/systemd/system/llama-server.service` and the env file
+`/etc/llama-rig/llama-server.env` (0600, holds LLAMA_API_KEY when server.api_key_file is set),
+both rendered from templates/, plus a readiness helper `<prefix>/bin/llama-rig-health` that the
+unit's ExecStartPost= runs until /health answers 200.
+
+Restarts: only when the unit, the env file, the binary (`current` moved; the llama step notifies
+`llama-server.restart`) or the model changed. The engine persists the notified handler as "owed"
+before a change is applied, so a run that fails before the restart restarts next time. When this
+step (re)starts the server itself it marks the handler paid — one restart per run, never two.
+Before a (re)start the VRAM preflight (llama-fit-params) checks the -ts plan against each GPU's
+free memory; after it, /health must be 200 and one real chat completion must answer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine import Call, Change, Context, Run, Step, WriteFile
+from ..errors import CommandError, StepError
+from ..facts import host as hostfacts
+from ..facts.gpu import GpuFacts
+from ..secrets import register
+from ..target import join, quote
+
+SERVICE = "llama-server.service"
+UNIT_PATH = f"/etc/systemd/system/{SERVICE}"
+ENV_DIR = "/etc/llama-rig"
+ENV_PATH = f"{ENV_DIR}/llama-server.env"
+GPU_UNIT = "llama-rig-gpu.service"
+HANDLER = "llama-server.restart"
+PREFLIGHT_MARGIN_MIB = 1024  # head room left on every GPU (llama.cpp's own --fit target default)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths
+
+
+def binary_path(cfg: dict) -> str:
+    return f"{cfg['paths']['prefix']}/llama.cpp/current/bin/llama-server"
+
+
+def fit_params_path(cfg: dict) -> str:
+    return f"{cfg['paths']['prefix']}/llama.cpp/current/bin/llama-fit-params"
+
+
+def helper_path(cfg: dict) -> str:
+    return f"{cfg['paths']['prefix']}/bin/llama-rig-health"
+
+
+def user_home(cfg: dict) -> str:
+    return f"{cfg['paths']['state_dir']}/home"
+
+
+def health_url(cfg: dict) -> str:
+    return f"http://127.0.0.1:{cfg['server']['port']}/health"
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line (pure)
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) >= 1:
+        return str(int(x))
+    return str(x)
+
+
+def _ts(values: list[float]) -> str:
+    return ",".join(str(int(v)) if float(v).is_integer() else repr(float(v)) for v in values)
+
+
+def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
+    """The rendered llama-server command line: every seed flag mapped from the inventory.
+    Used by the unit's ExecStart= and, without systemd, for GPU proofs."""
+    s = cfg["server"]
+    argv = [binary, "-m", model_path, "--host", s["host"], "--port", str(s["port"]),
+            "-ngl", str(s["n_gpu_layers"]), "-c", str(s["ctx_size"]),
+            "-ctk", s["cache_type_k"], "-ctv", s["cache_type_v"],
+            "--parallel", str(s["parallel"]), "--split-mode", s["split_mode"]]
+    if s["tensor_split"]:
+        argv += ["-ts", _ts(s["tensor_split"])]
+    if not s["warmup"]:
+        argv.append("--no-warmup")
+    argv += ["--temp", _num(s["temp"]), "--top-p", _num(s["top_p"]), "--top-k", str(s["top_k"]),
+             "--min-p", _num(s["min_p"])]
+    argv.append("--jinja" if s["jinja"] else "--no-jinja")
+    if s["alias"]:
+        argv += ["--alias", s["alias"]]
+    if s["flash_attn"] != "auto":
+        argv += ["-fa", s["flash_attn"]]
+    if s["batch_size"]:
+        argv += ["-b", str(s["batch_size"])]
+    if s["ubatch_size"]:
+        argv += ["-ub", str(s["ubatch_size"])]
+    argv += list(s["extra_args"])
+    return argv
+
+
+def fit_params_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
+    """llama-fit-params with the memory-relevant flags of server_argv and `-fitp on`."""
+    s = cfg["server"]
+    argv = [binary, "-m", model_path, "-c", str(s["ctx_size"]), "-ctk", s["cache_type_k"],
+            "-ctv", s["cache_type_v"], "-ngl", str(s["n_gpu_layers"]), "-sm", s["split_mode"]]
+    if s["tensor_split"]:
+        argv += ["-ts", _ts(s["tensor_split"])]
+    if s["flash_attn"] != "auto":
+        argv += ["-fa", s["flash_attn"]]
+    if s["batch_size"]:
+        argv += ["-b", str(s["batch_size"])]
+    if s["ubatch_size"]:
+        argv += ["-ub", str(s["ubatch_size"])]
+    argv += ["-fitp", "on"]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# rendered files (pure)
+
+
+def render_unit(cfg: dict, model_path: str, binary: str | None = None) -> str:
+    from ..templates import render
+    s, p = cfg["server"], cfg["paths"]
+    return render(
+        "llama-server.service.j2", alias=s["alias"] or "llama-server", model_path=model_path,
+        gpu_unit=GPU_UNIT, user=p["service_user"], group=p["service_user"],
+        workdir=user_home(cfg), env_file=ENV_PATH,
+        argv=server_argv(cfg, model_path, binary or binary_path(cfg)),
+        health_argv=[helper_path(cfg), health_url(cfg), str(s["start_timeout"])],
+        start_timeout=s["start_timeout"], restart_sec=10, limit_nofile=65536,
+        start_limit_interval=max(600, s["start_timeout"] * 3), start_limit_burst=5)
+
+
+def render_env(api_key: str | None) -> str:
+    from ..templates import render
+    return render("llama-server.env.j2", api_key=api_key)
+
+
+def render_helper(cfg: dict) -> str:
+    from ..templates import render
+    return render("llama-rig-health.sh.j2", python="/usr/bin/python3",
+                  default_timeout=cfg["server"]["start_timeout"])
+
+
+def read_api_key(cfg: dict) -> str | None:
+    """server.api_key_file lives on the CONTROL machine; the key is registered as a secret."""
+    path = cfg["server"]["api_key_file"]
+    if not path:
+        return None
+    full = os.path.expanduser(path)
+    try:
+        with open(full) as fh:
+            key = fh.read().strip()
+    except OSError as e:
+        raise StepError(f"server.api_key_file: cannot read {path}: {e.strerror}") from None
+    if not key or "\n" in key:
+        raise StepError(f"server.api_key_file: {path} must hold exactly one non-empty line")
+    register(key)
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# VRAM preflight (pure parts)
+
+
+def parse_fit_output(text: str) -> dict[str, tuple[int, int, int]]:
+    """`CUDA0 10 68 297` / `Host 9 0 290` lines -> {device: (model, context, compute) MiB}."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and all(p.lstrip("-").isdigit() for p in parts[1:]):
+            out[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
+    return out
+
+
+@dataclass
+class FitReport:
+    ok: bool
+    rows: list[list[Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    proposed_ts: list[float] | None = None
+
+
+def check_fit(devices: dict[str, tuple[int, int, int]], free_mib: dict[int, int],
+              names: dict[int, str] | None = None, margin: int = PREFLIGHT_MARGIN_MIB) -> FitReport:
+    """Compare llama-fit-params' estimate per CUDA device with the GPU's free memory."""
+    rep = FitReport(ok=True)
+    for dev, (m, c, k) in sorted(devices.items(), key=lambda kv: (not kv[0].startswith("CUDA"), kv[0])):
+        need = m + c + k
+        if dev.startswith("CUDA") and dev[4:].isdigit():
+            idx = int(dev[4:])
+            free = free_mib.get(idx)
+            fits = free is not None and need + margin <= free
+            label = f"GPU {idx}" + (f" ({names[idx]})" if names and idx in names else "")
+            rep.rows.append([dev, m, c, k, need, "?" if free is None else free,
+                             "ok" if fits else "DOES NOT FIT"])
+            if not fits:
+                rep.ok = False
+                rep.problems.append(
+                    f"{label}: needs {need} MiB (model {m} + context {c} + compute {k}) + "
+                    f"{margin} MiB margin but only {free if free is not None else '?'} MiB are free")
+        else:
+            rep.rows.append([dev, m, c, k, need, "-", "host memory"])
+    if not rep.ok:
+        cuda = {int(d[4:]): v for d, v in devices.items() if d.startswith("CUDA") and d[4:].isdigit()}
+        rep.proposed_ts = propose_ts(cuda, free_mib, margin)
+    return rep
+
+
+def propose_ts(cuda: dict[int, tuple[int, int, int]], free_mib: dict[int, int],
+               margin: int = PREFLIGHT_MARGIN_MIB) -> list[float] | None:
+    """A -ts proportional to what each GPU has free for weights + KV (free - compute - margin),
+    scaled so the largest share is 1 (two decimals, like the seed's 0.9,1,1,...)."""
+    idxs = sorted(free_mib)
+    room = {i: max(0, free_mib[i] - (cuda.get(i, (0, 0, 0))[2]) - margin) for i in idxs}
+    top = max(room.values(), default=0)
+    if top <= 0:
+        return None
+    need = sum(m + c for m, c, _ in cuda.values())
+    if need > sum(room.values()):
+        return None  # no split fits: the plan needs less context, a smaller quant or more GPUs
+    return [round(room[i] / top, 2) for i in idxs]
+
+
+# ---------------------------------------------------------------------------------------------
+# what the box has now
+
+
+@dataclass
+class Observed:
+    user_exists: bool = False
+    user_home: str | None = None
+    user_shell: str | None = None
+    unit_now: str | None = None
+    env_now: str | None = None
+    helper_now: str | None = None
+    enabled: bool = False
+    active: bool = False
+    binary_now: str | None = None  # realpath of the `current` llama-server
+    started: dict[str, Any] = field(default_factory=dict)  # state record of the last start
+    owed: bool = False
+    systemd: bool = True
+
+
+def observe(ctx: Context) -> Observed:
+    cfg = ctx.cfg
+    u = cfg["paths"]["service_user"]
+    script = "; ".join([
+        f"echo @@passwd; getent passwd {quote(u)}",
+        f"echo @@enabled; systemctl is-enabled {SERVICE} 2>/dev/null",
+        f"echo @@active; systemctl is-active {SERVICE} 2>/dev/null",
+        f"echo @@binary; readlink -f {quote(binary_path(cfg))} 2>/dev/null",
+        "echo @@init; [ -d /run/systemd/system ] && echo systemd",
+        "true"])
+    r = ctx.target.run(script, check=False)
+    sec: dict[str, list[str]] = {}
+    cur = None
+    for line in r.stdout.splitlines():
+        if line.startswith("@@"):
+            cur = line[2:]
+            sec[cur] = []
+        elif cur:
+            sec[cur].append(line.strip())
+    pw = (sec.get("passwd") or [""])[0].split(":")
+    t = ctx.target
+    return Observed(
+        user_exists=len(pw) >= 7, user_home=pw[5] if len(pw) >= 7 else None,
+        user_shell=pw[6] if len(pw) >= 7 else None,
+        unit_now=t.read_file(UNIT_PATH), env_now=t.read_file(ENV_PATH, sudo=True),
+        helper_now=t.read_file(helper_path(cfg)),
+        enabled=(sec.get("enabled") or [""])[0] == "enabled",
+        active=(sec.get("active") or [""])[0] == "active",
+        binary_now=((sec.get("binary") or [""])[0] or None)
+        if t.exists(binary_path(cfg)) else None,
+        started=dict(ctx.state.get("service", {}) or {}),
+        owed=HANDLER in ctx.state.owed,
+        systemd=bool(sec.get("init")) and sec["init"][0] == "systemd")
+
+
+NOLOGIN = "/usr/sbin/nologin"
+
+
+def plan(cfg: dict, obs: Observed, model_path: str, api_key: str | None,
+         restart_fn=None) -> list[Change]:
+    """Observed state in -> changes out (pure; `restart_fn` is what the restart Call runs)."""
+    if not obs.systemd:
+        raise StepError("this box does not run systemd (no /run/systemd/system): the llama-server "
+                        "unit cannot be installed; use `invoke service.argv` to get the command line")
+    p = cfg["paths"]
+    u = p["service_user"]
+    home = user_home(cfg)
+    changes: list[Change] = []
+    if not obs.user_exists:
+        changes.append(Run(f"create system user {u} (no login shell, home {home})", commands=[
+            f"mkdir -p {quote(p['state_dir'])}",
+            f"useradd --system --user-group --home-dir {quote(home)} --create-home "
+            f"--shell {NOLOGIN} --comment 'llama-rig llama-server' {quote(u)}"]))
+    elif obs.user_home != home or obs.user_shell not in (NOLOGIN, "/bin/false", "/usr/bin/false"):
+        changes.append(Run(f"fix user {u}: home {home}, no login shell", commands=[
+            f"mkdir -p {quote(home)} && chown {quote(u)}: {quote(home)}",
+            f"usermod --home {quote(home)} --shell {NOLOGIN} {quote(u)}"]))
+    helper = render_helper(cfg)
+    if helper != obs.helper_now:
+        changes.append(WriteFile(f"readiness helper {helper_path(cfg)}", path=helper_path(cfg),
+                                 content=helper, before=obs.helper_now, mode=0o755))
+    env = render_env(api_key)
+    reasons: list[str] = []
+    if env != obs.env_now:
+        changes.append(WriteFile(f"env file {ENV_PATH}" + (" (with LLAMA_API_KEY)" if api_key else ""),
+                                 path=ENV_PATH, content=env, before=obs.env_now, mode=0o600,
+                                 secret=bool(api_key) or bool(obs.env_now and "LLAMA_API_KEY" in obs.env_now),
+                                 notify=(HANDLER,)))
+        reasons.append("env file changed")
+    unit = render_unit(cfg, model_path)
+    if unit != obs.unit_now:
+        changes.append(WriteFile(f"unit {UNIT_PATH}", path=UNIT_PATH, content=unit,
+                                 before=obs.unit_now, notify=(HANDLER,)))
+        changes.append(Run("systemctl daemon-reload (unit changed)", commands=["systemctl daemon-reload"]))
+        reasons.append("unit changed")
+    if not obs.enabled:
+        changes.append(Run(f"enable {SERVICE}", commands=[f"systemctl enable {SERVICE}"]))
+    if obs.owed:
+        reasons.append("restart owed (binary, model or config changed earlier)")
+    last_bin = obs.started.get("binary")
+    if obs.active and obs.binary_now and last_bin and last_bin != obs.binary_now:
+        reasons.append(f"binary changed ({os.path.basename(os.path.dirname(os.path.dirname(last_bin)))}"
+                       f" -> {os.path.basename(os.path.dirname(os.path.dirname(obs.binary_now)))})")
+    if obs.active and obs.started.get("model") and obs.started["model"] != model_path:
+        reasons.append("model changed")
+    if not obs.active:
+        reasons.append("not running")
+    if reasons:
+        verb = "restart" if obs.active else "start"
+        changes.append(Call(f"{verb} {SERVICE} ({'; '.join(reasons)}), wait for /health, test a completion",
+                            fn=restart_fn, data={"action": verb, "reasons": reasons},
+                            notify=(HANDLER,) if obs.owed or obs.active else ()))
+    return changes
+
+
+# ---------------------------------------------------------------------------------------------
+# acting on the box
+
+
+def unit_installed(ctx: Context) -> bool:
+    """For the llama step's update/rollback: is there a unit to restart?"""
+    return ctx.target.exists(UNIT_PATH)
+
+
+def _model_path(ctx: Context) -> str:
+    from . import model as model_step
+    return str(model_step.shard1_path(ctx))
+
+
+def journal_tail(ctx: Context, n: int = 30) -> str:
+    r = ctx.target.run(f"journalctl -u {SERVICE} -n {int(n)} --no-pager -o cat", sudo=True, check=False)
+    return r.stdout.strip() or r.stderr.strip()
+
+
+_PROBE = r"""
+import json, sys, time, urllib.request, urllib.error
+a = json.loads(sys.stdin.read())
+base, key, out = a["base"], a.get("key"), {}
+def req(path, body=None, auth=True, timeout=30):
+    h = {"Content-Type": "application/json"}
+    if key and auth:
+        h["Authorization"] = "Bearer " + key
+    r = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                               headers=h)
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(r, timeout=timeout) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace"), time.monotonic() - t0
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace"), time.monotonic() - t0
+    except Exception as e:
+        return 0, "%s: %s" % (type(e).__name__, e), time.monotonic() - t0
+for what in a["what"]:
+    if what == "health":
+        out["health"] = req("/health", auth=False)
+    elif what == "props":
+        out["props"] = req("/props")
+    elif what == "models":
+        out["models"] = req("/v1/models")
+    elif what == "chat":
+        out["chat"] = req("/v1/chat/completions", {"model": a["model"], "max_tokens": a["max_tokens"],
+            "messages": [{"role": "user", "content": "Reply with one word: ready"}]}, timeout=a["timeout"])
+print(json.dumps(out))
+"""
+
+
+def probe(ctx: Context, what: list[str], api_key: str | None = None, timeout: float = 300,
+          max_tokens: int = 8) -> dict[str, tuple[int, str, float]]:
+    """HTTP requests to the server from the box itself (127.0.0.1); the key travels on stdin."""
+    s = ctx.cfg["server"]
+    args = {"base": f"http://127.0.0.1:{s['port']}", "key": api_key, "what": what,
+            "model": s["alias"] or "default", "max_tokens": max_tokens, "timeout": timeout}
+    r = ctx.target.run("python3 -c " + quote(_PROBE), stdin=json.dumps(args), check=False,
+                       timeout=timeout + 60)
+    try:
+        return {k: tuple(v) for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+    except (ValueError, IndexError):
+        raise StepError(f"cannot probe llama-server on the box: {(r.stderr or r.stdout).strip()[-300:]}")
+
+
+def check_serving(ctx: Context, api_key: str | None) -> dict[str, float]:
+    """/health 200 and one real chat completion, else StepError with the journal tail."""
+    res = probe(ctx, ["health", "chat"], api_key, timeout=min(600, ctx.cfg["server"]["start_timeout"]))
+    hc, hbody, hs = res["health"]
+    if hc != 200:
+        raise StepError(f"/health answered {hc or 'nothing'} ({hbody.strip()[:200]}); journal:\n"
+                        + journal_tail(ctx))
+    cc, cbody, cs = res["chat"]
+    try:
+        reply = json.loads(cbody)["choices"][0]["message"]
+        text = (reply.get("content") or reply.get("reasoning_content") or "").strip()
+    except (ValueError, KeyError, IndexError, TypeError):
+        text = None
+    if cc != 200 or text is None:
+        raise StepError(f"chat completion failed ({cc or 'no answer'}: {cbody.strip()[:300]}); journal:\n"
+                        + journal_tail(ctx))
+    ctx.say(f"service: /health 200 in {hs * 1000:.0f} ms; chat completion in {cs * 1000:.0f} ms: {text[:60]!r}")
+    return {"health_s": hs, "chat_s": cs}
+
+
+def restart_and_wait(ctx: Context, api_key: str | None = None, model_path: str | None = None) -> dict:
+    """(Re)start llama-server through systemd (ExecStartPost gates on /health), then check
+    /health and a real completion. Marks the `llama-server.restart` handler paid."""
+    if api_key is None:
+        api_key = read_api_key(ctx.cfg)
+    timeout = ctx.cfg["server"]["start_timeout"] + 60
+    t0 = time.monotonic()
+    r = ctx.target.run(f"systemctl reset-failed {SERVICE} 2>/dev/null; systemctl restart {SERVICE}",
+                       sudo=True, check=False, timeout=timeout)
+    start_s = time.monotonic() - t0
+    if not r.ok:
+        raise StepError(f"systemctl restart {SERVICE} failed (exit {r.exited}) after {start_s:.1f}s: "
+                        f"{(r.stderr or r.stdout).strip()[-200:]}; journal:\n" + journal_tail(ctx))
+    ctx.say(f"service: {SERVICE} started and ready in {start_s:.1f}s")
+    res = check_serving(ctx, api_key)
+    binary = ctx.target.run(f"readlink -f {quote(binary_path(ctx.cfg))}", check=False).stdout.strip()
+    rec = {"binary": binary or None, "model": model_path, "start_s": round(start_s, 2),
+           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if model_path is None:
+        rec["model"] = (ctx.state.get("service") or {}).get("model")
+    if not ctx.check:
+        ctx.state.data["service"] = rec
+        ctx.state.paid(HANDLER)
+        ctx.state.save()
+    return {"start_s": start_s, **res}
+
+
+# ---------------------------------------------------------------------------------------------
+# VRAM preflight on the box
+
+
+def free_memory(ctx: Context, gf: GpuFacts) -> dict[int, int]:
+    """Free MiB per GPU index, counting what our running llama-server holds as free (a restart
+    releases it)."""
+    free = {g.index: (g.memory_total_mib or 0) - (g.memory_used_mib or 0) for g in gf.gpus}
+    pid = ctx.target.run(f"systemctl show -p MainPID --value {SERVICE} 2>/dev/null", check=False).stdout.strip()
+    if pid.isdigit() and pid != "0":
+        r = ctx.target.run("nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory "
+                           "--format=csv,noheader,nounits", check=False)
+        by_uuid = {g.uuid: g.index for g in gf.gpus}
+        for line in r.stdout.splitlines():
+            parts = [x.strip() for x in line.split(",")]
+            if len(parts) == 3 and parts[1] == pid and parts[2].isdigit() and parts[0] in by_uuid:
+                free[by_uuid[parts[0]]] += int(parts[2])
+    return free
+
+
+def preflight(ctx: Context, model_path: str) -> FitReport | None:
+    """Run llama-fit-params with the server's flags; refuse a plan that does not fit. Returns
+    None (after a visible warning) where it cannot run."""
+    def skipped(reason: str) -> None:
+        ctx.warn(f"VRAM preflight: skipped — {reason}")
+
+    gf = hostfacts.gpu(ctx)
+    if not gf.available or not gf.gpus:
+        skipped(f"no GPU ({gf.reason or 'nvidia-smi lists none'})")
+        return None
+    if ctx.cfg["server"]["n_gpu_layers"] == 0:
+        skipped("server.n_gpu_layers is 0 (nothing is offloaded)")
+        return None
+    fit = fit_params_path(ctx.cfg)
+    if not ctx.target.exists(fit):
+        skipped(f"{fit} not found (add llama-fit-params to llama_cpp.targets)")
+        return None
+    argv = fit_params_argv(ctx.cfg, model_path, fit)
+    r = ctx.target.run(join(argv), env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, check=False, timeout=600)
+    devices = parse_fit_output(r.stdout)
+    if r.exited != 0 or not devices:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        skipped(f"llama-fit-params failed (exit {r.exited}): {tail}")
+        return None
+    if not any(d.startswith("CUDA") for d in devices):
+        skipped("CPU build: llama-fit-params reports no CUDA device ("
+                + ", ".join(f"{d} {sum(v)} MiB" for d, v in devices.items()) + ")")
+        return None
+    rep = check_fit(devices, free_memory(ctx, gf), {g.index: g.name for g in gf.gpus})
+    ctx.console.table(f"VRAM preflight: {ctx.host.name} (MiB, margin {PREFLIGHT_MARGIN_MIB})",
+                      ["device", "model", "context", "compute", "total", "free", "fit"], rep.rows)
+    if not rep.ok:
+        hint = (f"; try server.tensor_split: [{', '.join(_num(x) for x in rep.proposed_ts)}]"
+                if rep.proposed_ts else "; no tensor split fits: lower server.ctx_size, use a "
+                "smaller quant or more GPUs")
+        raise StepError("VRAM preflight: the plan does not fit — " + "; ".join(rep.problems) + hint
+                        + " (llama-server was not restarted)")
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+
+
+class ServiceStep(Step):
+    name = "service"
+    title = "llama-server systemd unit, env file, readiness, restarts"
+
+    def plan(self, ctx: Context) -> list[Change]:
+        model_path = _model_path(ctx)
+        if not ctx.target.exists(binary_path(ctx.cfg)):
+            raise StepError(f"{binary_path(ctx.cfg)} not found: run the llama step first")
+        api_key = read_api_key(ctx.cfg)
+        obs = observe(ctx)
+
+        def do_restart(c: Context) -> None:
+            preflight(c, model_path)
+            restart_and_wait(c, api_key, model_path)
+
+        return plan(ctx.cfg, obs, model_path, api_key, do_restart)
+
+    def handlers(self):
+        return {HANDLER: _handler}
+
+
+def _handler(ctx: Context) -> None:
+    """Owed restart when the service step itself did not run (e.g. `--only llama`)."""
+    if not unit_installed(ctx):
+        ctx.say(f"handler: {SERVICE} is not installed yet — nothing to restart")
+        return
+    try:
+        model_path = _model_path(ctx)
+    except Exception:  # noqa: BLE001 - the preflight is best effort here
+        model_path = None
+    if model_path:
+        preflight(ctx, model_path)
+    restart_and_wait(ctx, model_path=model_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks: status, logs, restart, argv
+
+
+def status(ctx: Context) -> bool:
+    r = ctx.target.run(f"systemctl show {SERVICE} -p ActiveState -p SubState -p MainPID -p NRestarts "
+                       "-p ActiveEnterTimestamp -p UnitFileState", check=False)
+    props = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    api_key = read_api_key(ctx.cfg)
+    res = probe(ctx, ["health", "props", "models"], api_key, timeout=10)
+    rows = [["unit", f"{props.get('ActiveState', '?')} ({props.get('SubState', '?')}), "
+                     f"{props.get('UnitFileState', '?')}"],
+            ["since", props.get("ActiveEnterTimestamp") or "-"],
+            ["pid / restarts", f"{props.get('MainPID', '?')} / {props.get('NRestarts', '?')}"]]
+    hc, hb, hs = res["health"]
+    rows.append(["/health", f"{hc or 'no answer'} in {hs * 1000:.0f} ms {hb.strip()[:80]}"])
+    pc, pb, _ = res["props"]
+    try:
+        build = json.loads(pb).get("build_info", "?") if pc == 200 else f"HTTP {pc or '-'}"
+    except ValueError:
+        build = "?"
+    rows.append(["build_info", build])
+    mc, mb, _ = res["models"]
+    try:
+        ids = ", ".join(m["id"] for m in json.loads(mb)["data"]) if mc == 200 else f"HTTP {mc or '-'}"
+    except (ValueError, KeyError, TypeError):
+        ids = "?"
+    rows.append(["/v1/models", ids])
+    ctx.console.table(f"service: {ctx.host.name}", ["what", "value"], rows)
+    if props.get("ActiveState") != "active" or hc != 200:
+        raise StepError(f"{SERVICE} is not serving ({props.get('ActiveState', '?')}, /health {hc or 'no answer'})")
+    return False
+
+
+def logs(ctx: Context, lines: int = 50) -> bool:
+    r = ctx.target.run(f"journalctl -u {SERVICE} -n {int(lines)} --no-pager", sudo=True, check=False)
+    for line in r.stdout.splitlines():
+        ctx.console.line(line)
+    return False
+
+
+def restart(ctx: Context) -> bool:
+    if not unit_installed(ctx):
+        raise StepError(f"{UNIT_PATH} is not installed: run `invoke provision` first")
+    if ctx.check:
+        ctx.say(f"service: would restart {SERVICE}")
+        return True
+    restart_and_wait(ctx)
+    return True
+
+
+def argv_text(ctx: Context, model: str | None = None) -> str:
+    model_path = model or _model_path(ctx)
+    return join(server_argv(ctx.cfg, model_path, binary_path(ctx.cfg)))
+
+
+def print_argv(ctx: Context, model: str | None = None) -> bool:
+    ctx.console.line(argv_text(ctx, model))
+    return False
