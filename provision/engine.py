@@ -158,6 +158,7 @@ class Context:
     show_diff: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
     _state: HostState | None = None
+    notified: list[str] = field(default_factory=list)  # handlers notified by changes this run
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -270,10 +271,11 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
     failed = False
     try:
         for step in steps:
-            handlers.update(step.handlers())
             if step not in active:
                 report.results.append(StepResult(step.name, "skipped", message="not selected"))
                 continue
+            # only the handlers of steps that run: `--only facts` must not restart anything
+            handlers.update(step.handlers())
             if failed:
                 report.results.append(StepResult(step.name, "skipped", message="an earlier step failed"))
                 continue
@@ -282,7 +284,7 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
             if res.status == "failed":
                 failed = True
         if not failed:
-            _run_handlers(ctx, handlers, active)
+            report.results.extend(_run_handlers(ctx, handlers, active))
     except ConnectError as e:
         report.unreachable = str(e)
         console.error(f"[{host.name}] UNREACHABLE: {e}")
@@ -309,6 +311,9 @@ def _run_step(ctx: Context, step: Step) -> StepResult:
                 d = ch.diff()
                 if d:
                     ctx.console.diff(d)
+            for h in ch.notify:
+                if h not in ctx.notified:
+                    ctx.notified.append(h)
             if not ctx.check:
                 if ch.notify:
                     ctx.state.owe(ch.notify)
@@ -328,22 +333,36 @@ def _run_step(ctx: Context, step: Step) -> StepResult:
 
 
 def _run_handlers(ctx: Context, handlers: dict[str, Callable[[Context], None]],
-                  active: Sequence[Step]) -> None:
+                  active: Sequence[Step]) -> list[StepResult]:
+    """Run the owed handlers (persisted, so a restart owed by an earlier failed run is not
+    lost). A handler that fails stays owed and counts as a failed result."""
     owed = ctx.state.owed
-    if not owed:
-        return
     if ctx.check:
-        for h in owed:
-            ctx.console.host_line(ctx.host.name, f"handler: would run {h} (owed)")
-        return
+        for h in owed + [h for h in ctx.notified if h not in owed]:
+            why = "owed" if h in owed else "notified"
+            ctx.console.host_line(ctx.host.name, f"handler: would run {h} ({why})")
+        return []
+    results: list[StepResult] = []
     for h in owed:
         fn = handlers.get(h)
         if fn is None:
             ctx.console.host_line(ctx.host.name, f"handler: {h} stays owed (its step did not run)")
             continue
         ctx.console.host_line(ctx.host.name, f"handler: running {h}")
-        fn(ctx)
+        t0 = time.monotonic()
+        try:
+            fn(ctx)
+        except ConnectError:
+            raise
+        except RigError as e:
+            ctx.console.error(f"[{ctx.host.name}] handler {h}: FAILED: {e}")
+            results.append(StepResult(f"handler {h}", "failed", message=str(e),
+                                      seconds=time.monotonic() - t0))
+            continue
         ctx.state.paid(h)
+        results.append(StepResult(f"handler {h}", "changed", [f"ran {h}"],
+                                  seconds=time.monotonic() - t0))
+    return results
 
 
 def run(hosts: Sequence[Host], steps: Sequence[Step], console: Console, opts: RunOptions,
