@@ -504,3 +504,35 @@ def test_large_generated_file_streams_without_ram(hub, env, tmp_path):
     out = run_hf(snapshot("org/big", hub.sha("org/big"), tmp_path / "d", patterns=["*"]), env)
     assert out["ok"], out
     assert sha256_file(tmp_path / "d" / "big.gguf") == hub.file_sha256("org/big", "big.gguf")
+
+
+def test_hf_cli_download_and_cache_verify(hub, shards, env, tmp_path):
+    import shutil
+    import subprocess
+
+    hf = shutil.which("hf")
+    if hf is None:
+        pytest.skip("hf CLI not on PATH")
+    bad = shards.shards[2]
+    hub.faults.set(bad, "corrupt")
+    dest = tmp_path / "cli"
+    p = subprocess.run([hf, "download", REPO, "--include", "UD-Q6_K_XL/*", "--local-dir", str(dest),
+                        "--revision", shards.sha, "--format", "json"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"path": str(dest)}
+    assert sorted(str(x.relative_to(dest)) for x in dest.rglob("*.gguf")) == shards.shards
+    # OBSERVED: `hf cache verify` (and HfApi.verify_repo_checksums) do catch it, exit 1
+    p = subprocess.run([hf, "cache", "verify", REPO, "--local-dir", str(dest), "--revision", shards.sha],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and bad in p.stdout + p.stderr
+
+
+def test_tree_pagination(hub, env):
+    hub.commit("org/many", {f"d/f{i:04d}.txt": f"{i}" for i in range(1203)})
+    out = run_hf("""
+from huggingface_hub import HfApi
+OUT["n"] = len(list(HfApi().list_repo_tree("org/many", path_in_repo="d", recursive=True)))
+""", env)
+    assert out["ok"] and out["n"] == 1203, out
+    assert len([r for r in hub.requests if "/tree/" in r.path]) == 2  # Link: rel="next" followed
