@@ -1,4 +1,5 @@
 pytest_plugins = [
+    "tests.rigs.fixtures",
     "tests.hub.fixtures",
     "tests.fixtures.llama_fixtures",
 ]

@@ -213,7 +213,8 @@ def parse_format(fmt):
 def render_csv(names, rows, noheader, nounits, units):
     out = []
     if not noheader:
-        out.append(", ".join(n + (" [%s]" % units[i] if units[i] and not nounits else "")
+        # the real tool keeps "[unit]" in the header even with nounits
+        out.append(", ".join(n + (" [%s]" % units[i] if units[i] else "")
                              for i, n in enumerate(names)))
     for r in rows:
         cells = []

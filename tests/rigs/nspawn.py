@@ -396,11 +396,20 @@ class NspawnRig:
         self.leader = None
         self._spawn(boot_timeout)
 
-    def stop(self) -> None:
+    def stop(self, fast: bool = True) -> None:
+        """Tear the box down: container, netns/veth, propagate dir, overlay dir, locks."""
         if self.stopped:
             return
         self.stopped = True
         if self.popen is not None:
+            if fast and self.leader and self.popen.poll() is None:
+                # The disk is thrown away anyway: SIGKILL to the container's init takes the
+                # whole pid namespace down at once, and nspawn exits right after.
+                try:
+                    os.kill(self.leader, signal.SIGKILL)
+                    self.popen.wait(10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
             _terminate_nspawn(self.popen.pid, self.leader, self.popen)
         shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.name}", ignore_errors=True)
         _remove_network(self.name)
