@@ -2,4 +2,5 @@ pytest_plugins = [
     "tests.rigs.fixtures",
     "tests.hub.fixtures",
     "tests.fixtures.llama_fixtures",
+    "tests.fixtures.llama_rig",
 ]

@@ -44,4 +44,43 @@ def facts(c, host=None, all=False, inventory="hosts.yaml", set=None):
     _exit(_app(inventory, set).facts(host, all))
 
 
+
+# -- llama.cpp: build / update / rollback / status --------------------------------------------
+
+
+def _llama(inventory, set, host, all, fn_name: str, title: str) -> None:
+    from provision.steps import llama as llama_step
+    _exit(_app(inventory, set).each_host(host, getattr(llama_step, fn_name), title=title,
+                                         all_hosts=all))
+
+
+@task(name="build", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
+def llama_build(c, host=None, all=False, inventory="hosts.yaml", set=None):
+    """Build llama.cpp at llama_cpp.ref with the inventory's flags unless that build exists; switch."""
+    _llama(inventory, set, host, all, "task_build", "llama.build")
+
+
+@task(name="update", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
+def llama_update(c, host=None, all=False, inventory="hosts.yaml", set=None):
+    """Fetch upstream, show new commits, build, switch, restart; roll back if unhealthy."""
+    _llama(inventory, set, host, all, "task_update", "llama.update")
+
+
+@task(name="rollback", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
+def llama_rollback(c, host=None, all=False, inventory="hosts.yaml", set=None):
+    """Switch llama.cpp back to the previous kept build (and restart llama-server)."""
+    _llama(inventory, set, host, all, "task_rollback", "llama.rollback")
+
+
+@task(name="status", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
+def llama_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
+    """Show the current llama.cpp build, commit, fingerprint, kept builds, disk and ccache."""
+    _llama(inventory, set, host, all, "task_status", "llama.status")
+
+
+llama = Collection("llama")
+for _t in (llama_build, llama_update, llama_rollback, llama_status):
+    llama.add_task(_t)
+
 ns = Collection(provision, facts)
+ns.add_collection(llama)

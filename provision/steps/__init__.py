@@ -9,9 +9,10 @@ from ..engine import Step
 
 def all_steps() -> list[Step]:
     from .facts import FactsStep
+    from .llama import LlamaStep
     from .system import SystemStep
 
-    steps: list[Step] = [FactsStep(), SystemStep()]
+    steps: list[Step] = [FactsStep(), SystemStep(), LlamaStep()]
     return steps
 
 

@@ -1,0 +1,24 @@
+"""Self-contained scripts uploaded to a rig and run there (stdlib, plus huggingface_hub for hf_pull).
+
+`source(name)` gives a script's text; `sha(name)` its sha256 (to upload only when it changed).
+They talk back in JSON lines on stdout and take their input (including any token) on stdin.
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("hf_pull.py", "sha256_files.py")
+
+
+@lru_cache(maxsize=None)
+def source(name: str) -> str:
+    if name not in SCRIPTS:
+        raise KeyError(name)
+    return (HERE / name).read_text()
+
+
+def sha(name: str) -> str:
+    return hashlib.sha256(source(name).encode()).hexdigest()
