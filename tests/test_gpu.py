@@ -201,7 +201,7 @@ def test_power_limits_on_rig(rig_factory, tmp_path):
         assert _limits(rig) == {0: (280.0, "Enabled"), 1: (280.0, "Enabled"), 2: (250.0, "Enabled"),
                                 3: (250.0, "Enabled")}
         assert "power limit 280 W on GPU 0,1 (now 350 W)" in out.getvalue()
-        assert "power limit 250 W on GPU 2 (now 350 W)" in out.getvalue()
+        assert "power limit 250 W on GPU 2,3 (now 300, 350 W)" in out.getvalue()
         assert rig.sh("systemctl is-enabled llama-rig-gpu.service").stdout.strip() == "enabled"
         verify = rig.sh("systemd-analyze verify /etc/systemd/system/llama-rig-gpu.service", check=False)
         assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
@@ -220,7 +220,9 @@ def test_power_limits_on_rig(rig_factory, tmp_path):
 
         # a real reboot of the box: /run is tmpfs, the enabled unit runs at boot
         rig_factory.reboot(rig)
-        assert rig.sh("systemctl is-active llama-rig-gpu.service", check=False).stdout.strip() == "active"
+        state = rig.sh("for i in $(seq 200); do s=$(systemctl is-active llama-rig-gpu.service); "
+                       "[ \"$s\" = activating ] || break; sleep 0.1; done; echo $s", check=False)
+        assert state.stdout.strip() == "active"
         assert _limits(rig)[3] == (250.0, "Enabled")
 
         # gpu.power --watts: all GPUs now, validated, the boot unit keeps the inventory's values

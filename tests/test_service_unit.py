@@ -1,0 +1,207 @@
+"""service step as data: the rendered command line (every seed flag), the unit, the env file,
+restart decisions, the VRAM preflight parser/checker, secrets."""
+from __future__ import annotations
+
+import io
+import json
+import shlex
+
+import pytest
+
+from provision import inventory as inv
+from provision import secrets
+from provision.engine import Call, Run, WriteFile
+from provision.errors import StepError
+from provision.steps import service as s
+
+MODEL = "/var/lib/llama-rig/models/Qwen3.5-122B-A10B-UD-Q6_K_XL-00001-of-00004.gguf"
+BIN = "/opt/llama-rig/llama.cpp/current/bin/llama-server"
+
+SEED_ARGS = (f"-m {MODEL} --host 0.0.0.0 --port 8000 -ngl 999 -c 262144 -ctk q8_0 -ctv q8_0 "
+             "--parallel 1 --split-mode layer -ts 0.9,1,1,1,1,1 --no-warmup --temp 0.6 --top-p 0.95 "
+             "--top-k 20 --min-p 0.0 --jinja")
+
+
+def seed_cfg(**server) -> dict:
+    c = inv.defaults()
+    c["gpus"]["count"] = 6
+    c["server"]["tensor_split"] = [0.9, 1, 1, 1, 1, 1]
+    c["server"].update(server)
+    return c
+
+
+def test_server_argv_is_the_seed_command_line():
+    argv = s.server_argv(seed_cfg(), MODEL, BIN)
+    assert argv[0] == BIN
+    assert " ".join(argv[1:]) == SEED_ARGS + " --alias Qwen3.5-122B-A10B-UD-Q6_K_XL"
+
+
+def test_server_argv_optional_flags():
+    c = seed_cfg(flash_attn="on", batch_size=4096, ubatch_size=4096, warmup=True, jinja=False,
+                 extra_args=["--mlock", "--metrics"], tensor_split=None, temp=1.0)
+    argv = s.server_argv(c, MODEL, BIN)
+    line = " ".join(argv)
+    assert "--no-warmup" not in argv and "-ts" not in argv
+    assert "--no-jinja" in argv and "--temp 1 " in line
+    assert line.endswith("-fa on -b 4096 -ub 4096 --mlock --metrics")
+
+
+def test_fit_params_argv_same_memory_flags():
+    argv = s.fit_params_argv(seed_cfg(), MODEL, "/x/llama-fit-params")
+    assert " ".join(argv) == (f"/x/llama-fit-params -m {MODEL} -c 262144 -ctk q8_0 -ctv q8_0 -ngl 999 "
+                              "-sm layer -ts 0.9,1,1,1,1,1 -fitp on")
+
+
+def test_unit_has_everything():
+    unit = s.render_unit(seed_cfg(start_timeout=1800), MODEL)
+    sections = unit.split("[Service]")
+    head, svc = sections[0], sections[1]
+    for needle in ("After=network-online.target llama-rig-gpu.service",
+                   "Wants=network-online.target llama-rig-gpu.service", "StartLimitIntervalSec=",
+                   "StartLimitBurst="):
+        assert needle in head
+    for needle in ("Type=exec", "User=llama", "Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID",
+                   "EnvironmentFile=/etc/llama-rig/llama-server.env", "Restart=on-failure",
+                   "RestartSec=10", "LimitMEMLOCK=infinity", "LimitNOFILE=65536",
+                   "TimeoutStartSec=1800",
+                   "ExecStartPost=/opt/llama-rig/bin/llama-rig-health http://127.0.0.1:8000/health 1800"):
+        assert needle in svc, needle
+    exec_line = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")][0]
+    assert exec_line == f"ExecStart={BIN} {SEED_ARGS} --alias Qwen3.5-122B-A10B-UD-Q6_K_XL"
+    assert "WantedBy=multi-user.target" in unit.split("[Install]")[1]
+
+
+def test_unit_quotes_args_for_systemd():
+    unit = s.render_unit(seed_cfg(alias="my model", extra_args=["--chat-template-kwargs",
+                                                                '{"enable_thinking": false}']), MODEL)
+    exec_line = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")][0]
+    assert '--alias "my model"' in exec_line
+    assert r'"{\"enable_thinking\": false}"' in exec_line
+
+
+def test_env_file_holds_key_only_when_set():
+    assert "LLAMA_API_KEY" not in s.render_env(None)
+    assert "LLAMA_API_KEY=sk-abc123\n" in s.render_env("sk-abc123")
+
+
+def test_api_key_read_on_control_machine_and_registered(tmp_path):
+    kf = tmp_path / "key"
+    kf.write_text("sk-very-secret-123\n")
+    c = seed_cfg(api_key_file=str(kf))
+    assert s.read_api_key(c) == "sk-very-secret-123"
+    assert secrets.redact("x sk-very-secret-123 y") == f"x {secrets.MASK} y"
+    kf.write_text("")
+    with pytest.raises(StepError, match="exactly one non-empty line"):
+        s.read_api_key(c)
+    with pytest.raises(StepError, match="cannot read"):
+        s.read_api_key(seed_cfg(api_key_file=str(tmp_path / "nope")))
+
+
+def _steady(c, key=None) -> s.Observed:
+    return s.Observed(user_exists=True, user_home=s.user_home(c), user_shell="/usr/sbin/nologin",
+                      unit_now=s.render_unit(c, MODEL), env_now=s.render_env(key),
+                      helper_now=s.render_helper(c), enabled=True, active=True,
+                      binary_now="/opt/llama-rig/llama.cpp/builds/b1-aaa/bin/llama-server",
+                      started={"binary": "/opt/llama-rig/llama.cpp/builds/b1-aaa/bin/llama-server",
+                               "model": MODEL})
+
+
+def test_steady_state_is_no_change():
+    c = seed_cfg()
+    assert s.plan(c, _steady(c), MODEL, None) == []
+
+
+def test_fresh_box_creates_user_files_enables_and_starts():
+    c = seed_cfg()
+    changes = s.plan(c, s.Observed(), MODEL, None)
+    desc = [ch.description for ch in changes]
+    assert desc[0] == "create system user llama (no login shell, home /var/lib/llama-rig/home)"
+    assert "--shell /usr/sbin/nologin" in changes[0].commands[1] and "--system" in changes[0].commands[1]
+    files = {ch.path: ch for ch in changes if isinstance(ch, WriteFile)}
+    assert set(files) == {"/opt/llama-rig/bin/llama-rig-health", "/etc/llama-rig/llama-server.env",
+                          "/etc/systemd/system/llama-server.service"}
+    assert files["/etc/llama-rig/llama-server.env"].mode == 0o600
+    assert files["/opt/llama-rig/bin/llama-rig-health"].mode == 0o755
+    assert "systemctl enable llama-server.service" in [c for ch in changes if isinstance(ch, Run)
+                                                       for c in ch.commands]
+    last = changes[-1]
+    assert isinstance(last, Call) and last.data["action"] == "start"
+    assert "not running" in last.data["reasons"]
+
+
+def test_one_flag_changed_restarts_once_with_daemon_reload():
+    c = seed_cfg()
+    obs = _steady(c)
+    c2 = seed_cfg(ctx_size=131072)
+    changes = s.plan(c2, obs, MODEL, None)
+    assert [ch.description for ch in changes] == [
+        "unit /etc/systemd/system/llama-server.service",
+        "systemctl daemon-reload (unit changed)",
+        "restart llama-server.service (unit changed), wait for /health, test a completion"]
+    assert changes[0].notify == ("llama-server.restart",)
+    assert "-c 131072" in changes[0].diff()
+
+
+def test_env_change_restarts_and_never_shows_the_key():
+    c = seed_cfg()
+    changes = s.plan(c, _steady(c), MODEL, "sk-new-key-999")
+    env = changes[0]
+    assert isinstance(env, WriteFile) and env.secret and env.notify == ("llama-server.restart",)
+    assert "sk-new-key-999" not in env.diff() and "sk-new-key-999" not in env.description
+    assert changes[-1].data["reasons"] == ["env file changed"]
+
+
+def test_owed_restart_and_binary_change():
+    c = seed_cfg()
+    obs = _steady(c)
+    obs.owed = True
+    ch = s.plan(c, obs, MODEL, None)
+    assert len(ch) == 1 and ch[0].data == {"action": "restart", "reasons": [
+        "restart owed (binary, model or config changed earlier)"]}
+    obs = _steady(c)
+    obs.binary_now = "/opt/llama-rig/llama.cpp/builds/b2-bbb/bin/llama-server"
+    ch = s.plan(c, obs, MODEL, None)
+    assert ch[0].data["reasons"] == ["binary changed (b1-aaa -> b2-bbb)"]
+
+
+def test_not_running_is_started():
+    c = seed_cfg()
+    obs = _steady(c)
+    obs.active = False
+    ch = s.plan(c, obs, MODEL, None)
+    assert [x.data for x in ch] == [{"action": "start", "reasons": ["not running"]}]
+
+
+def test_no_systemd_is_a_clear_error():
+    with pytest.raises(StepError, match="does not run systemd"):
+        s.plan(seed_cfg(), s.Observed(systemd=False), MODEL, None)
+
+
+# -- VRAM preflight --------------------------------------------------------------------------
+
+FIT_OUT = """CUDA0 17900 560 1200
+CUDA1 17900 560 700
+Host 9 0 290
+"""
+
+
+def test_parse_fit_output():
+    assert s.parse_fit_output("llama_fit: printing ...\n" + FIT_OUT) == {
+        "CUDA0": (17900, 560, 1200), "CUDA1": (17900, 560, 700), "Host": (9, 0, 290)}
+
+
+def test_check_fit_ok_and_refused_with_proposal():
+    ok = s.check_fit(s.parse_fit_output(FIT_OUT), {0: 24000, 1: 24000})
+    assert ok.ok and ok.proposed_ts is None
+    assert ok.rows[0] == ["CUDA0", 17900, 560, 1200, 19660, 24000, "ok"]
+    bad = s.check_fit(s.parse_fit_output(FIT_OUT), {0: 20000, 1: 24000},
+                      {0: "NVIDIA GeForce RTX 3090"})
+    assert not bad.ok
+    assert bad.problems == ["GPU 0 (NVIDIA GeForce RTX 3090): needs 19660 MiB (model 17900 + context 560 "
+                            "+ compute 1200) + 1024 MiB margin but only 20000 MiB are free"]
+    # room = free - compute - margin: 20000-1200-1024 = 17776, 24000-700-1024 = 22276
+    assert bad.proposed_ts == [0.8, 1.0]
+
+
+def test_propose_ts_none_when_nothing_fits():
+    assert s.propose_ts({0: (30000, 0, 500), 1: (30000, 0, 500)}, {0: 24000, 1: 24000}) is None
