@@ -1,0 +1,220 @@
+"""Target over real SSH (Tier A sshd on 127.0.0.1, as root and as a sudo user) and LocalTarget."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from provision import inventory as inv
+from provision.errors import CommandError, ConnectError
+from provision.target import LocalTarget, SSHTarget, connect
+from tests.rigs.fixtures import _rig_sudo_user, rig_keys, sshd  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.sshd
+
+
+def host_for(rig, **conn):
+    entry = rig.inventory_entry(connection=conn) if conn else rig.inventory_entry()
+    return inv.from_data({"hosts": {"r": entry}}).hosts["r"]
+
+
+@pytest.fixture
+def root_t(sshd):
+    t = connect(host_for(sshd.root_rig))
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def sudo_t(sshd):
+    t = connect(host_for(sshd.sudo_rig))
+    yield t
+    t.close()
+
+
+def test_run_as_root(root_t, sshd):
+    assert isinstance(root_t, SSHTarget)
+    r = root_t.run("echo hello; echo oops >&2; exit 3", check=False)
+    assert (r.exited, r.stdout, r.stderr, r.ok) == (3, "hello\n", "oops\n", False)
+    assert root_t.is_root() and not root_t.needs_sudo
+    assert root_t.run("id -un").stdout == "root\n"
+    assert root_t.sudo("id -u && id -u").stdout == "0\n0\n"  # sudo is a no-op as root
+
+
+def test_sudo_user_compound_cwd_env(sudo_t, sshd):
+    uid = pwd.getpwnam(sshd.sudo_rig.user).pw_uid
+    assert sudo_t.run("id -u").stdout == f"{uid}\n"
+    assert not sudo_t.is_root() and sudo_t.needs_sudo
+    # the WHOLE compound command runs as root (Fabric's c.sudo("a && b") would not)
+    assert sudo_t.sudo("id -u && id -u").stdout == "0\n0\n"
+    assert sudo_t.sudo("id -u; id -u | cat").stdout == "0\n0\n"
+    # sudo + cwd (Fabric's cd() + sudo fails with "sudo: cd: command not found")
+    d = sshd.root / "work dir"
+    d.mkdir()
+    assert sudo_t.run("pwd && id -u", sudo=True, cwd=str(d)).stdout == f"{d}\n0\n"
+    assert sudo_t.run("echo \"$A:$B\"", sudo=True, env={"A": "x y", "B": "$HOME"}).stdout == "x y:$HOME\n"
+    # run as another user
+    assert root_t_user(sudo_t) == "nobody\n"
+
+
+def root_t_user(t):
+    return t.run("id -un", user="nobody").stdout
+
+
+def test_stdin_streaming_timeout_and_errors(sudo_t):
+    assert sudo_t.run("cat", stdin="secret\nline2\n").stdout == "secret\nline2\n"
+    lines = []
+    sudo_t.run("for i in 1 2 3; do echo line$i; done", on_stdout=lines.append)
+    assert lines == ["line1", "line2", "line3"]
+    t0 = time.monotonic()
+    r = sudo_t.run("sleep 10", check=False, timeout=1)
+    assert r.exited == 124 and time.monotonic() - t0 < 8
+    with pytest.raises(CommandError) as ei:
+        sudo_t.run("echo first >&2; echo 'no such thing' >&2; exit 7")
+    assert str(ei.value) == ("r: command failed (exit 7): echo first >&2; echo 'no such thing' >&2; "
+                             "exit 7: no such thing")
+    # a sudo that fails (command not found) is a CommandError too, not a hang
+    with pytest.raises(CommandError):
+        sudo_t.sudo("definitely-not-a-command-xyz")
+
+
+def test_write_file_atomic_mode_owner_as_sudo_user(sudo_t, sshd):
+    path = sshd.root / "etc" / "llama" / "server.env"
+    sudo_t.write_file(str(path), "A=1\nTOKEN=abc\n", mode=0o640, owner="root")
+    st = path.stat()
+    assert path.read_text() == "A=1\nTOKEN=abc\n"
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o640)
+    # the login user cannot read it back without sudo, but can with it
+    with pytest.raises(CommandError):
+        sudo_t.read_file(str(path))
+    assert sudo_t.read_file(str(path), sudo=True) == "A=1\nTOKEN=abc\n"
+    # replace: same inode? no -- a new file renamed over the old one (atomic)
+    ino = st.st_ino
+    sudo_t.write_file(str(path), "A=2\n", mode=0o600, owner=sshd.sudo_rig.user)
+    st2 = path.stat()
+    assert path.read_text() == "A=2\n" and st2.st_ino != ino
+    assert (st2.st_uid, stat.S_IMODE(st2.st_mode)) == (pwd.getpwnam(sshd.sudo_rig.user).pw_uid, 0o600)
+    # nothing left behind: no staged file next to it, no upload in /tmp
+    assert sorted(p.name for p in path.parent.iterdir()) == ["server.env"]
+    assert not [p for p in Path("/tmp").glob("llama-rig-*") if p.stat().st_uid == st2.st_uid]
+    # binary content round-trips
+    blob = bytes(range(256)) * 3
+    sudo_t.write_file(str(path.with_name("blob")), blob, mode=0o644)
+    assert path.with_name("blob").read_bytes() == blob
+
+
+def test_read_exists_sha256(sudo_t, root_t, sshd):
+    f = sshd.root / "data.txt"
+    f.write_text("x" * 1000 + "\n")
+    for t in (sudo_t, root_t):
+        assert t.read_file(str(sshd.root / "missing")) is None
+        assert t.read_file(str(sshd.root / "missing"), sudo=True) is None
+        assert t.read_file(str(f)) == "x" * 1000 + "\n"
+        assert t.exists(str(f)) and not t.exists(str(sshd.root / "missing"))
+        assert t.sha256(str(f)) == hashlib.sha256(f.read_bytes()).hexdigest()
+        assert t.sha256(str(sshd.root / "missing")) is None
+    secret = sshd.root / "root-only"
+    secret.write_text("s\n")
+    secret.chmod(0o600)
+    assert not sudo_t.exists(str(sshd.root / "rootdir" / "x"))
+    assert sudo_t.sha256(str(secret)) is None and sudo_t.sha256(str(secret), sudo=True) == hashlib.sha256(b"s\n").hexdigest()
+
+
+# ----------------------------------------------------------------------------- host keys
+
+def test_strict_policy_rejects_unknown_key(sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    h = host_for(sshd.root_rig, known_hosts=str(empty), host_key_policy="strict")
+    with pytest.raises(ConnectError) as ei:
+        connect(h)
+    msg = str(ei.value)
+    assert msg == (f"r (root@127.0.0.1:{sshd.port}): host key unknown: not in {empty} "
+                   "(add it, or set connection.host_key_policy: accept-new)")
+    assert empty.read_text() == ""  # nothing recorded
+    # a missing known_hosts file is the same (not a crash)
+    h = host_for(sshd.root_rig, known_hosts=str(tmp_path / "nope"), host_key_policy="strict")
+    with pytest.raises(ConnectError) as ei:
+        connect(h)
+    assert "host key unknown" in str(ei.value) and not (tmp_path / "nope").exists()
+
+
+def test_accept_new_records_key_then_rejects_a_changed_one(sshd, tmp_path):
+    kh = tmp_path / "sub" / "known_hosts"
+    h = host_for(sshd.root_rig, known_hosts=str(kh), host_key_policy="accept-new")
+    t = connect(h)
+    assert t.run("echo ok").stdout == "ok\n"
+    t.close()
+    server_pub = (sshd.dir / "host_key.pub").read_text().split()[:2]
+    assert kh.read_text() == f"[127.0.0.1]:{sshd.port} {server_pub[0]} {server_pub[1]}\n"
+    # second contact: known, nothing appended; strict works now too
+    t = connect(h)
+    t.close()
+    t = connect(host_for(sshd.root_rig, known_hosts=str(kh), host_key_policy="strict"))
+    t.close()
+    assert len(kh.read_text().splitlines()) == 1
+    # the server's key changes (or a man in the middle): rejected, even with accept-new
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")],
+                   check=True)
+    other = (tmp_path / "other.pub").read_text().split()[:2]
+    kh.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    for policy in ("accept-new", "strict"):
+        with pytest.raises(ConnectError) as ei:
+            connect(host_for(sshd.root_rig, known_hosts=str(kh), host_key_policy=policy))
+        assert str(ei.value) == (f"r (root@127.0.0.1:{sshd.port}): host key does not match {kh} — "
+                                 "refusing to connect (possible man-in-the-middle)")
+    assert kh.read_text() == f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n"
+
+
+def test_wrong_client_key_is_one_line(sshd, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    with pytest.raises(ConnectError) as ei:
+        connect(host_for(sshd.root_rig, key=str(tmp_path / "k")))
+    assert str(ei.value).startswith(f"r (root@127.0.0.1:{sshd.port}): authentication failed")
+    assert "\n" not in str(ei.value)
+
+
+def test_connection_refused_closed_port(sshd):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    h = host_for(sshd.root_rig, port=port, connect_timeout=3)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectError) as ei:
+        connect(h)
+    assert time.monotonic() - t0 < 3 + 1
+    msg = str(ei.value)
+    assert msg.startswith(f"r (root@127.0.0.1:{port}): ") and "\n" not in msg
+    assert "Unable to connect" in msg or "refused" in msg.lower()
+
+
+# ----------------------------------------------------------------------------- LocalTarget
+
+def test_local_target_basics(tmp_path):
+    t = LocalTarget(inv.from_data({"hosts": {"me": {"connection": {"type": "local"}}}}).hosts["me"])
+    assert t.run("echo hi; exit 2", check=False).exited == 2
+    assert t.sudo("id -u && id -u").stdout == f"{os.geteuid()}\n{os.geteuid()}\n"
+    assert t.run("pwd", sudo=True, cwd=str(tmp_path)).stdout == f"{tmp_path}\n"
+    assert t.run("cat", stdin="abc").stdout == "abc"
+    f = tmp_path / "a" / "b.conf"
+    t.write_file(str(f), "content\n", mode=0o640, owner="root")
+    assert f.read_text() == "content\n" and stat.S_IMODE(f.stat().st_mode) == 0o640
+    assert f.stat().st_uid == 0
+    assert t.read_file(str(tmp_path / "missing")) is None
+    assert t.read_file(str(f)) == "content\n"
+    assert t.exists(str(f)) and not t.exists(str(tmp_path / "missing"))
+    assert t.sha256(str(f)) == hashlib.sha256(b"content\n").hexdigest()
+    assert sorted(p.name for p in f.parent.iterdir()) == ["b.conf"]
+    r = t.run("sleep 5", check=False, timeout=0.5)
+    assert r.exited == 124
+    with pytest.raises(CommandError):
+        t.run("exit 9")
