@@ -1,0 +1,637 @@
+"""`llama`: clone/fetch llama.cpp, resolve `llama_cpp.ref` to a commit, build it with the flags
+the inventory asks for into a versioned directory, smoke-test it, switch `current` atomically,
+keep the last `keep_builds` builds. Also the logic behind `invoke llama.build|update|rollback|status`.
+
+Layout on the rig (see docs/ARCHITECTURE.md):
+  <prefix>/llama.cpp/src                      git clone (full history: real build numbers)
+  <prefix>/llama.cpp/builds/b<N>-<sha7>-<fp8>/ one build; `llama-rig-build.json` marks it good
+  <prefix>/llama.cpp/current -> builds/...     what the service runs (current/bin/llama-server)
+  <prefix>/ccache                              ccache directory shared by every build
+  <state_dir>/logs/llama-build-*.log           full configure + build logs
+
+`ref` is resolved on every run: a branch (default `master`) that moved means a new build on the
+next `invoke provision`; pin a tag (b6895 / v0.5.0) or a 40-hex commit to freeze the version.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import llama_build as lb
+from ..engine import Call, Change, Context, Step
+from ..errors import CommandError, StepError
+from ..facts import host as hostfacts
+from ..target import join, quote
+
+NOTIFY = ("llama-server.restart",)
+GOOD_MARK = "llama-rig-build.json"
+LOG_TAIL = 20
+GIT = "git -c advice.detachedHead=false"
+
+
+# ---------------------------------------------------------------------------------------------
+# what is on the rig
+
+
+@dataclass
+class RigView:
+    """The llama.cpp side of a rig, read with one command."""
+
+    current: str | None = None  # build name `current` points at
+    src_url: str | None = None  # origin of the clone (None: no clone)
+    builds: dict[str, lb.BuildInfo] = field(default_factory=dict)  # good builds by name
+
+    def with_fingerprint(self, fp: str) -> lb.BuildInfo | None:
+        for b in self.builds.values():
+            if b.fingerprint == fp:
+                return b
+        return None
+
+
+def view_script(base: str) -> str:
+    b = quote(base)
+    return "; ".join([
+        f"echo '@@current'; readlink {b}/current 2>/dev/null",
+        f"echo '@@src'; [ -d {b}/src/.git ] && {{ git -C {b}/src remote get-url origin 2>/dev/null || echo '-'; }}",
+        f"echo '@@builds'; for f in {b}/builds/*/{GOOD_MARK}; do [ -f \"$f\" ] || continue; "
+        "echo \"@@b $(basename \"$(dirname \"$f\")\")\"; cat \"$f\"; echo; done",
+        "true",
+    ])
+
+
+def parse_view(output: str) -> RigView:
+    v = RigView()
+    sec = None
+    cur_build: str | None = None
+    chunks: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        if line in ("@@current", "@@src", "@@builds"):
+            sec = line[2:]
+            continue
+        if sec == "current" and line.strip():
+            v.current = line.strip().rstrip("/").split("/")[-1]
+        elif sec == "src" and line.strip():
+            v.src_url = line.strip()
+        elif sec == "builds":
+            if line.startswith("@@b "):
+                cur_build = line[4:].strip()
+                chunks[cur_build] = []
+            elif cur_build:
+                chunks[cur_build].append(line)
+    for name, lines in chunks.items():
+        try:
+            d = json.loads("\n".join(lines))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(d, dict) or not d.get("fingerprint"):
+            continue
+        v.builds[name] = lb.BuildInfo(name, d["fingerprint"], d.get("commit", ""),
+                                      d.get("build_number"), float(d.get("built_at", 0)), d)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# what the inventory wants
+
+
+@dataclass
+class Want:
+    commit: str
+    tree: lb.TreeFacts
+    build_number: int | None
+    archs: list[str]
+    targets: list[str]
+    missing_targets: list[str]
+    args: list[str]
+    gcc: str | None
+    nvcc: str | None
+    fingerprint: str
+    name: str
+    summary: str  # "CUDA 86, FA all quants"
+
+    def record(self) -> dict[str, Any]:
+        return {"commit": self.commit, "build_number": self.build_number, "archs": self.archs,
+                "targets": self.targets, "cmake_args": self.args, "gcc": self.gcc,
+                "nvcc": self.nvcc, "fingerprint": self.fingerprint, "name": self.name}
+
+
+def want(cfg: dict, commit: str, tree: lb.TreeFacts, compute_caps: list[str | None],
+         gcc: str | None, nvcc: str | None, ref: str | None = None) -> Want:
+    """Pure: the build the inventory asks for, given the tree and the box."""
+    lc = cfg["llama_cpp"]
+    archs = lb.gpu_archs(lc["cuda_architectures"], compute_caps) if lc["cuda"] else []
+    number = tree.commit_count
+    pass_number = pass_commit = None
+    if tree.shallow or number is None:
+        # a shallow clone cannot count commits: take the number from a bNNNN tag if we can
+        if ref and ref.startswith("b") and ref[1:].isdigit():
+            number = int(ref[1:])
+        pass_number = number if number is not None else 0
+        pass_commit = commit[:9]
+    targets, missing = lb.build_targets(cfg, tree)
+    args = lb.cmake_args(cfg, tree, archs, pass_number, pass_commit)
+    nv = nvcc if lc["cuda"] else None
+    fp = lb.fingerprint(commit, args, gcc, nv, archs, targets)
+    return Want(commit, tree, number, archs, targets, missing, args, gcc, nv, fp,
+                lb.build_dir_name(number, commit, fp), lb.describe(cfg, tree, archs))
+
+
+def plan(cfg: dict, view: RigView, w: Want | None, commit: str | None,
+         build: Callable[[Context], None] | None = None,
+         switch: Callable[[Context], None] | None = None) -> list[Change]:
+    """Pure: facts in, changes out. `w` is None when the wanted commit is not in the clone yet
+    (it has to be fetched first, so it cannot have a build)."""
+    base = "builds/"
+    if w is None:
+        what = commit[:7] if commit else cfg["llama_cpp"]["ref"]
+        return [Call(f"fetch and build llama.cpp {cfg['llama_cpp']['ref']} @ {what} → {base}b?-{what}-…",
+                     fn=build, data={"action": "build", "commit": commit, "name": None},
+                     notify=NOTIFY)]
+    have = view.with_fingerprint(w.fingerprint)
+    if have is not None:
+        if view.current == have.name:
+            return []
+        return [Call(f"switch llama.cpp current → {base}{have.name} (already built)", fn=switch,
+                     data={"action": "switch", "commit": w.commit, "name": have.name,
+                           "fingerprint": w.fingerprint}, notify=NOTIFY)]
+    return [Call(f"build llama.cpp b{w.build_number}-{w.commit[:7]} ({w.summary}) → {base}{w.name}",
+                 fn=build, data={"action": "build", "commit": w.commit, "name": w.name,
+                                 "fingerprint": w.fingerprint, "cmake_args": w.args,
+                                 "targets": w.targets}, notify=NOTIFY)]
+
+
+# ---------------------------------------------------------------------------------------------
+# progress on the control machine
+
+
+class Progress:
+    """[n/N] from ninja: a rich bar on a TTY, a plain line every ~10 % otherwise."""
+
+    def __init__(self, ctx: Context, label: str):
+        self.ctx = ctx
+        self.label = label
+        self.compiled = 0
+        self.last_pct = -1
+        self.bar = None
+        self.task = None
+        if ctx.console.fancy:
+            try:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TimeElapsedColumn
+                self.bar = RP("[progress.description]{task.description}", BarColumn(),
+                              MofNCompleteColumn(), TimeElapsedColumn(), console=ctx.console.rich,
+                              transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task(f"[{ctx.host.name}] {label}", total=None)
+            except Exception:  # another live display is active (parallel hosts): plain lines
+                self.bar = None
+
+    def __call__(self, line: str) -> None:
+        p = lb.ninja_progress(line)
+        if p is None:
+            return
+        n, total, desc = p
+        if lb.is_compile(desc):
+            self.compiled += 1
+        if self.bar is not None:
+            self.bar.update(self.task, completed=n, total=total)
+            return
+        pct = n * 100 // max(total, 1)
+        step = pct // 10 * 10
+        if step > self.last_pct:
+            self.last_pct = step
+            self.ctx.say(f"llama: {self.label}: [{n}/{total}] {step}%")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the work on the rig
+
+
+@dataclass
+class Outcome:
+    name: str
+    commit: str
+    built: bool = False
+    switched: bool = False
+    previous: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Llama:
+    """Everything the step and the tasks do on one rig."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.lc = ctx.cfg["llama_cpp"]
+        prefix = ctx.cfg["paths"]["prefix"].rstrip("/")
+        self.base = f"{prefix}/llama.cpp"
+        self.src = f"{self.base}/src"
+        self.builds_dir = f"{self.base}/builds"
+        self.ccache_dir = f"{prefix}/ccache"
+        self.logs = f"{ctx.cfg['paths']['state_dir'].rstrip('/')}/logs"
+
+    # -- helpers ---------------------------------------------------------------------------
+    def sh(self, cmd: str, **kw):
+        return self.ctx.target.run(cmd, sudo=True, **kw)
+
+    def git(self, args: str, **kw):
+        return self.sh(f"{GIT} -C {quote(self.src)} {args}", **kw)
+
+    @property
+    def ccache_env(self) -> dict[str, str]:
+        # basedir = the llama.cpp dir, so paths into src AND into the (new) build dir are relative
+        return {"CCACHE_DIR": self.ccache_dir, "CCACHE_BASEDIR": self.base}
+
+    def view(self) -> RigView:
+        return parse_view(self.sh(view_script(self.base), check=False).stdout)
+
+    # -- source ----------------------------------------------------------------------------
+    def resolve_readonly(self, view: RigView) -> str | None:
+        """The commit `ref` names now, without changing the box (ls-remote / the clone)."""
+        ref = self.lc["ref"]
+        kind = lb.ref_kind(ref)
+        if kind == "commit":
+            return ref
+        r = self.sh(f"git ls-remote {quote(self.lc['repo'])} {quote(ref)} {quote(ref + '^{}')}",
+                    check=False, timeout=120)
+        sha = lb.parse_ls_remote(r.stdout, ref) if r.ok else None
+        if sha:
+            return sha
+        if view.src_url:
+            local = self.resolve_local(ref)
+            if local:
+                return local
+        if not r.ok:
+            raise StepError(f"cannot reach {self.lc['repo']}: "
+                            f"{(r.stderr.strip().splitlines() or ['git ls-remote failed'])[-1]}")
+        raise StepError(f"llama_cpp.ref {ref!r} not found in {self.lc['repo']}")
+
+    def resolve_local(self, ref: str) -> str | None:
+        for rev in lb.local_rev(ref):
+            r = self.git(f"rev-parse -q --verify {quote(rev + '^{commit}')}", check=False)
+            if r.ok and lb.SHA_RE.match(r.stdout.strip()):
+                return r.stdout.strip()
+        return None
+
+    def has_commit(self, sha: str) -> bool:
+        return self.git(f"cat-file -e {quote(sha + '^{commit}')}", check=False).ok
+
+    def sync(self, view: RigView) -> str:
+        """Clone or fetch, resolve ref, check the commit out. Returns the 40-hex commit."""
+        repo = self.lc["repo"]
+        ref = self.lc["ref"]
+        if view.src_url is None:
+            self.ctx.say(f"llama: cloning {repo} (full history, for real build numbers)")
+            self.sh(f"mkdir -p {quote(self.base)} && rm -rf {quote(self.src)} && "
+                    f"git clone -q --no-checkout {quote(repo)} {quote(self.src)}", timeout=7200)
+        else:
+            if view.src_url != repo:
+                self.git(f"remote set-url origin {quote(repo)}")
+            self.git("fetch -q --prune --tags --force origin "
+                     "'+refs/heads/*:refs/remotes/origin/*'", timeout=3600)
+        sha = self.resolve_local(ref)
+        if sha is None and lb.ref_kind(ref) == "commit":
+            self.git(f"fetch -q origin {quote(ref)}", check=False, timeout=3600)
+            sha = self.resolve_local(ref)
+        if sha is None:
+            raise StepError(f"llama_cpp.ref {ref!r} not found in {repo}")
+        self.git(f"checkout -q --detach --force {sha}")
+        self.git("clean -q -ffdx")
+        return sha
+
+    def tree(self, sha: str) -> lb.TreeFacts:
+        return lb.parse_tree(self.sh(lb.tree_script(self.src, sha), check=False).stdout)
+
+    def want(self, sha: str) -> Want:
+        hf = hostfacts.host_facts(self.ctx)
+        caps: list[str | None] = []
+        if self.lc["cuda"] and self.lc["cuda_architectures"] in ("auto", None):
+            gf = hostfacts.gpu(self.ctx)
+            caps = [g.compute_cap for g in gf.gpus]
+        try:
+            return want(self.cfg, sha, self.tree(sha), caps, hf.gcc_version, hf.nvcc_version,
+                        self.lc["ref"])
+        except lb.BuildConfigError as e:
+            raise StepError(str(e)) from None
+
+    # -- build -----------------------------------------------------------------------------
+    def ccache_stats(self) -> dict[str, int]:
+        r = self.sh("command -v ccache >/dev/null && ccache --print-stats", env=self.ccache_env,
+                    check=False)
+        return lb.parse_ccache_stats(r.stdout) if r.ok else {}
+
+    def log_tail(self, log: str, n: int = LOG_TAIL) -> list[str]:
+        r = self.sh(f"tail -n {n} {quote(log)}", check=False)
+        return r.stdout.splitlines()
+
+    def fail(self, what: str, log: str, current: str | None, detail: str = "") -> None:
+        self.ctx.console.line(f"[{self.ctx.host.name}] llama: last lines of {log}:")
+        for ln in self.log_tail(log):
+            self.ctx.console.line(f"[{self.ctx.host.name}]   | {ln}")
+        raise StepError(f"{what}{': ' + detail if detail else ''} — current unchanged "
+                        f"({current or 'none'}); full log on the rig: {log}")
+
+    def build(self, w: Want, current: str | None) -> dict[str, Any]:
+        """Fresh build dir + fresh cache, configure, build, smoke-test, mark good."""
+        d = f"{self.builds_dir}/{w.name}"
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        log = f"{self.logs}/llama-build-{w.name}-{stamp}.log"
+        hf = hostfacts.host_facts(self.ctx)
+        jobs = self.lc["jobs"] or hf.cpus or None
+        if w.missing_targets:
+            self.ctx.warn(f"llama: this tree has no {', '.join(w.missing_targets)}; not building it")
+        self.sh(f"mkdir -p {quote(self.logs)} {quote(self.builds_dir)} {quote(self.ccache_dir)} && "
+                f"rm -rf {quote(d)} && mkdir -p {quote(d)} && : > {quote(log)}")
+        before = self.ccache_stats()
+        t0 = time.monotonic()
+        configure = f"cmake -S {quote(self.src)} -B {quote(d)} {join(w.args)}"
+        self.ctx.say(f"llama: configure {w.name} ({w.summary})")
+        r = self.sh(f"{configure} >> {quote(log)} 2>&1", env=self.ccache_env, check=False,
+                    timeout=3600)
+        if not r.ok:
+            self.sh(f"rm -rf {quote(d)}", check=False)
+            self.fail(f"configure of {w.name} failed (exit {r.exited})", log, current)
+        t_conf = time.monotonic() - t0
+        prog = Progress(self.ctx, f"build {w.name}")
+        build_cmd = (f"cmake --build {quote(d)} --target {join(w.targets)}"
+                     + (f" -j {int(jobs)}" if jobs else ""))
+        script = f"set -o pipefail; {build_cmd} 2>&1 | tee -a {quote(log)}"
+        t1 = time.monotonic()
+        try:
+            r = self.sh(f"bash -c {quote(script)}", env=self.ccache_env, check=False,
+                        on_stdout=prog, timeout=None)
+        finally:
+            prog.close()
+        t_build = time.monotonic() - t1
+        if not r.ok:
+            self.sh(f"rm -rf {quote(d)}", check=False)
+            self.fail(f"build of {w.name} failed (exit {r.exited})", log, current)
+        after = self.ccache_stats()
+        info = self.smoke(w, d, log, current)
+        info.update(w.record())
+        info.update({"built_at": time.time(), "configure_seconds": round(t_conf, 2),
+                     "build_seconds": round(t_build, 2), "compiled": prog.compiled,
+                     "ccache": lb.stats_delta(before, after) if before and after else {},
+                     "log": log, "ref": self.lc["ref"], "repo": self.lc["repo"]})
+        self.ctx.target.write_file(f"{d}/{GOOD_MARK}", json.dumps(info, indent=2, sort_keys=True) + "\n")
+        cc = info["ccache"]
+        self.ctx.say(f"llama: built {w.name} in {t_conf + t_build:.0f}s ({prog.compiled} objects compiled"
+                     + (f", ccache {cc['hits']} hits / {cc['misses']} misses" if cc else "") + ")")
+        return info
+
+    def smoke(self, w: Want, d: str, log: str, current: str | None) -> dict[str, Any]:
+        """`--version` names what we built; every service flag is in `--help`."""
+        exe = quote(f"{d}/bin/llama-server")
+        r = self.sh(f"{exe} --version", check=False, timeout=120)
+        text = r.stderr + "\n" + r.stdout
+        self.sh(f"{{ echo '== smoke test: llama-server --version'; cat; }} >> {quote(log)}",
+                stdin=text, check=False)
+        try:
+            parsed = lb.parse_version(text)
+        except ValueError as e:
+            self.sh(f"rm -rf {quote(d)}", check=False)
+            self.fail(f"smoke test of {w.name} failed", log, current, str(e))
+        if not lb.version_matches(parsed, w.build_number, w.commit):
+            self.sh(f"rm -rf {quote(d)}", check=False)
+            self.fail(f"smoke test of {w.name} failed", log, current,
+                      f"--version says build {parsed[0]}, commit {parsed[1]}; built "
+                      f"b{w.build_number}-{w.commit[:9]}")
+        h = self.sh(f"{exe} --help", check=False, timeout=120)
+        missing = lb.missing_flags(h.stdout + "\n" + h.stderr, lb.server_flags(self.cfg))
+        if missing:
+            self.sh(f"rm -rf {quote(d)}", check=False)
+            self.fail(f"smoke test of {w.name} failed", log, current,
+                      f"llama-server --help lacks {' '.join(missing)} (used by the service)")
+        version_line = next((ln.strip() for ln in text.splitlines() if "version:" in ln), "")
+        return {"version": version_line, "version_build": parsed[0], "version_commit": parsed[1]}
+
+    # -- switch / prune / state ------------------------------------------------------------
+    def switch(self, name: str) -> None:
+        tmp = f".current.llama-rig-{int(time.time() * 1000)}"
+        self.sh(f"cd {quote(self.base)} && test -f {quote(f'builds/{name}/{GOOD_MARK}')} && "
+                f"ln -sfn {quote('builds/' + name)} {quote(tmp)} && mv -T {quote(tmp)} current")
+        self.ctx.say(f"llama: current → builds/{name}")
+
+    def prune(self, current: str, previous: str | None) -> list[str]:
+        v = self.view()
+        gone = lb.prune(list(v.builds.values()), self.lc["keep_builds"], current, previous)
+        if gone:
+            self.sh("rm -rf " + " ".join(quote(f"{self.builds_dir}/{n}") for n in gone))
+            self.ctx.say(f"llama: removed old builds: {', '.join(gone)}")
+        return gone
+
+    def record(self, current: str, previous: str | None) -> None:
+        v = self.view()
+        b = v.builds.get(current)
+        d = b.extra if b else {}
+        self.ctx.state.set("llama", {
+            "current": current, "build_dir": f"{self.builds_dir}/{current}",
+            "commit": d.get("commit"), "build_number": d.get("build_number"),
+            "fingerprint": d.get("fingerprint"), "cmake_args": d.get("cmake_args"),
+            "gcc": d.get("gcc"), "nvcc": d.get("nvcc"), "archs": d.get("archs"),
+            "targets": d.get("targets"), "ref": self.lc["ref"], "repo": self.lc["repo"],
+            "previous": previous if previous in v.builds else None,
+            "builds": sorted(v.builds, key=lambda n: v.builds[n].built_at),
+        })
+
+    # -- the whole thing -------------------------------------------------------------------
+    def ensure(self, view: RigView | None = None, sha: str | None = None) -> Outcome:
+        """Sync, and build + switch unless a good build with the wanted fingerprint is current."""
+        view = view or self.view()
+        if sha is None:
+            sha = self.sync(view)
+        w = self.want(sha)
+        have = view.with_fingerprint(w.fingerprint)
+        previous = view.current
+        if have is not None:
+            out = Outcome(have.name, sha, previous=previous, info=have.extra)
+            if view.current != have.name:
+                self.switch(have.name)
+                out.switched = True
+                self.record(have.name, previous)
+            elif self.ctx.state.get("llama", {}).get("current") != have.name:
+                self.record(have.name, self.ctx.state.get("llama", {}).get("previous"))
+            return out
+        info = self.build(w, view.current)
+        self.switch(w.name)
+        self.prune(w.name, previous)
+        self.record(w.name, previous)
+        return Outcome(w.name, sha, built=True, switched=True, previous=previous, info=info)
+
+
+# ---------------------------------------------------------------------------------------------
+# the service step's hooks (another module owns them; used only when present)
+
+
+def _service_fn(name: str):
+    try:
+        from . import service  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(service, name, None)
+
+
+def unit_installed(ctx: Context) -> bool:
+    fn = _service_fn("unit_installed")
+    if fn is None:
+        return False
+    try:
+        return bool(fn(ctx))
+    except CommandError:
+        return False
+
+
+def restart_and_wait(ctx: Context) -> None:
+    fn = _service_fn("restart_and_wait")
+    if fn is None:
+        raise StepError("no service step to restart llama-server with")
+    fn(ctx)
+    ctx.state.paid("llama-server.restart")
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+
+
+class LlamaStep(Step):
+    name = "llama"
+    title = "llama.cpp source, build, current link"
+
+    def plan(self, ctx: Context) -> list[Change]:
+        ll = Llama(ctx)
+        view = ll.view()
+        sha = ll.resolve_readonly(view)
+        w = None
+        if sha and view.src_url is not None and ll.has_commit(sha):
+            w = ll.want(sha)
+
+        def do_build(c: Context) -> None:
+            Llama(c).ensure()
+
+        def do_switch(c: Context) -> None:
+            Llama(c).ensure()
+
+        return plan(ctx.cfg, view, w, sha, build=do_build, switch=do_switch)
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks: llama.build / update / rollback / status (called through App.each_host)
+
+
+def task_build(ctx: Context) -> bool:
+    out = Llama(ctx).ensure()
+    if not out.switched:
+        ctx.say(f"llama: ok — {out.name} is current (same fingerprint, nothing to build)")
+        return False
+    if unit_installed(ctx):
+        ctx.state.owe(NOTIFY)
+        ctx.say("llama: llama-server still runs the old build; `invoke llama.update` or "
+                "`invoke provision` restarts it")
+    return True
+
+
+def task_update(ctx: Context, max_log: int = 30) -> bool:
+    ll = Llama(ctx)
+    view = ll.view()
+    old = view.builds.get(view.current) if view.current else None
+    sha = ll.sync(view)
+    if old and old.commit and old.commit != sha:
+        r = ll.git(f"rev-list --count {old.commit}..{sha}", check=False)
+        n = r.stdout.strip() if r.ok else "?"
+        lg = ll.git(f"log --oneline --no-decorate -n {max_log} {old.commit}..{sha}", check=False)
+        ctx.say(f"llama: {n} new commit(s) {old.commit[:9]}..{sha[:9]}:")
+        for ln in lg.stdout.splitlines():
+            ctx.say(f"llama:   {ln}")
+        if n.isdigit() and int(n) > max_log:
+            ctx.say(f"llama:   … and {int(n) - max_log} more")
+    elif old:
+        ctx.say(f"llama: upstream {ll.lc['ref']} is still {sha[:9]}")
+    out = ll.ensure(view, sha)
+    if not out.switched:
+        ctx.say(f"llama: ok — {out.name} is current (same fingerprint, nothing to build)")
+        return False
+    if unit_installed(ctx):
+        try:
+            restart_and_wait(ctx)
+        except StepError as e:
+            prev = out.previous
+            if not prev or prev not in ll.view().builds:
+                raise StepError(f"new build {out.name} failed its health check ({e}) and there is "
+                                "no previous build to roll back to") from None
+            ctx.console.error(f"[{ctx.host.name}] llama: {out.name} failed its health check: {e}")
+            ll.switch(prev)
+            ll.record(prev, out.name)
+            restart_and_wait(ctx)
+            raise StepError(f"new build {out.name} failed its health check; rolled back to {prev} "
+                            "(restarted, healthy)") from None
+        ctx.say(f"llama: llama-server restarted on {out.name}, healthy")
+    return True
+
+
+def previous_build(view: RigView, state_prev: str | None) -> str | None:
+    """The build to roll back to: the recorded previous one, else the newest other good build."""
+    if state_prev and state_prev in view.builds and state_prev != view.current:
+        return state_prev
+    others = sorted((b for b in view.builds.values() if b.name != view.current),
+                    key=lambda b: b.built_at, reverse=True)
+    return others[0].name if others else None
+
+
+def task_rollback(ctx: Context) -> bool:
+    ll = Llama(ctx)
+    view = ll.view()
+    prev = previous_build(view, (ctx.state.get("llama") or {}).get("previous"))
+    if prev is None:
+        raise StepError("no previous build to roll back to"
+                        + (f" (only {view.current})" if view.current else ""))
+    cur = view.current
+    ll.switch(prev)
+    ll.record(prev, cur)
+    ctx.say(f"llama: rolled back {cur} → {prev}")
+    if unit_installed(ctx):
+        restart_and_wait(ctx)
+        ctx.say(f"llama: llama-server restarted on {prev}, healthy")
+    return True
+
+
+def task_status(ctx: Context) -> bool:
+    ll = Llama(ctx)
+    view = ll.view()
+    st = ctx.state.get("llama") or {}
+    sizes: dict[str, str] = {}
+    r = ll.sh(f"cd {quote(ll.base)} 2>/dev/null && du -sh builds/* src 2>/dev/null; "
+              f"du -sh {quote(ll.ccache_dir)} 2>/dev/null; du -sh {quote(ll.base)} 2>/dev/null",
+              check=False)
+    for line in r.stdout.splitlines():
+        parts = line.split("\t", 1)
+        if len(parts) == 2:
+            sizes[parts[1].strip().rstrip("/")] = parts[0]
+    rows = []
+    for b in sorted(view.builds.values(), key=lambda b: b.built_at, reverse=True):
+        mark = "current" if b.name == view.current else ("previous" if b.name == st.get("previous") else "")
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(b.built_at)) if b.built_at else "-"
+        rows.append([b.name, mark, f"b{b.build_number}", b.commit[:9], b.fingerprint[:12],
+                     sizes.get(f"builds/{b.name}", "?"), when])
+    ctx.console.table(f"llama.cpp builds: {ctx.host.name}",
+                      ["build", "", "number", "commit", "fingerprint", "size", "built (UTC)"], rows)
+    cur = view.builds.get(view.current) if view.current else None
+    ctx.say(f"llama: current {view.current or 'none'}"
+            + (f" — commit {cur.commit}, fingerprint {cur.fingerprint[:16]}, "
+               f"{cur.extra.get('version', '')}" if cur else ""))
+    ctx.say(f"llama: disk used {sizes.get(ll.base, '?')} ({ll.base}; source {sizes.get('src', '?')}), "
+            f"ccache {sizes.get(ll.ccache_dir, '?')}")
+    cs = ll.sh("command -v ccache >/dev/null && ccache -s", env=ll.ccache_env, check=False)
+    if cs.ok:
+        for ln in cs.stdout.splitlines():
+            if ln.strip():
+                ctx.say(f"llama: ccache: {ln.rstrip()}")
+    else:
+        ctx.say("llama: ccache: not installed")
+    return False
