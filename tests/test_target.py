@@ -16,7 +16,6 @@ import pytest
 from provision import inventory as inv
 from provision.errors import CommandError, ConnectError
 from provision.target import LocalTarget, SSHTarget, connect
-from tests.rigs.fixtures import _rig_sudo_user, rig_keys, sshd  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.sshd
 
