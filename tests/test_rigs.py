@@ -17,6 +17,7 @@ import paramiko
 import pytest
 
 from tests.rigs import Rig, tcp_banner
+from tests.rigs.nspawn import sweep_stale
 
 FAKE_SMI = Path(__file__).parent / "rigs" / "fake_nvidia_smi.py"
 
@@ -271,6 +272,10 @@ def test_rig_apt_install_through_proxy(session_rig, apt_proxy):
     elapsed = time.monotonic() - t
     assert r.sh("hello").stdout.strip() == "Hello, world!", res.stdout
     print(f"apt-get install hello: {elapsed:.1f}s")
+    r.sh("apt-get update -q", timeout=300)  # lists refresh through the proxy too
+    # the proxy really served (and cached) it
+    log = (apt_proxy.log_dir / "apt-cacher.log").read_text(errors="replace")
+    assert "/hello_" in log
 
 
 @pytest.mark.rig
@@ -396,3 +401,30 @@ def test_rig_function_fixture_teardown(rig, rig_factory):
     assert not Path(f"/run/systemd/nspawn/propagate/{name}").exists()
     # (the sandbox's network may accept any outbound TCP connect: check for a banner instead)
     assert not tcp_banner(rig.address, 22, timeout=1)
+
+
+@pytest.mark.rig
+def test_stale_rig_of_killed_session_is_swept(rig_factory, rig_keys):
+    """A session killed with SIGKILL leaves a running box behind; the next one cleans it up."""
+    key, pub = rig_keys
+    code = ("import sys, time, pathlib; from tests.rigs.nspawn import boot_rig, build_base_image;"
+            f"nr = boot_rig(build_base_image(), {pub!r}, pathlib.Path('/tmp'),"
+            f" pathlib.Path({str(key)!r}), fake_nvidia_smi=False);"
+            "print(nr.name, nr.popen.pid, flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).parent.parent)
+    try:
+        name, pid = p.stdout.readline().split()
+    finally:
+        p.kill()
+        p.wait()
+    Path(f"/tmp/{name}.known_hosts").unlink(missing_ok=True)
+    assert Path(f"/run/netns/{name}").exists() and os.path.exists(f"/proc/{pid}")
+    assert name in sweep_stale()
+    assert not Path(f"/run/netns/{name}").exists()
+    assert subprocess.run(["ip", "link", "show", f"vh-{name}"],
+                          capture_output=True).returncode != 0
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]:
+        assert time.monotonic() < deadline, "orphaned nspawn still running"
+        time.sleep(0.05)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import threading
@@ -22,7 +23,7 @@ import pytest
 
 from . import Rig
 from .aptproxy import AptProxy
-from .nspawn import NspawnRig, boot_rig, build_base_image
+from .nspawn import NspawnRig, boot_rig, build_base_image, sweep_stale
 from .sshd import ensure_sudo_user, make_client_key, start_sshd
 
 
@@ -106,7 +107,8 @@ class RigFactory:
         self._get(rig).reboot()
 
     def kill_network(self, rig: Rig | str) -> None:
-        """Take the host side of the rig's veth down: SSH sessions stall, new ones time out."""
+        """Cut the rig's network (its veth end goes down): packets are dropped silently, so
+        established SSH sessions hang and new connections time out. Undo with restore_network."""
         self._get(rig).kill_network()
 
     def restore_network(self, rig: Rig | str) -> None:
@@ -131,14 +133,17 @@ class RigFactory:
 @pytest.fixture(scope="session")
 def rig_factory(base_image, apt_proxy, rig_keys):
     key, pub = rig_keys
+    sweep_stale()  # leftovers of a killed session (nspawn, netns, veth, overlay dirs)
     kh_dir = Path(tempfile.mkdtemp(prefix="rig-known-hosts-"))
     factory = RigFactory(base_image, key, pub, kh_dir)
+    atexit.register(factory.close)  # safety net if the session dies without teardown
     try:
         yield factory
     finally:
         try:
             factory.close()
         finally:
+            atexit.unregister(factory.close)
             shutil.rmtree(kh_dir, ignore_errors=True)
 
 

@@ -180,6 +180,22 @@ def _cleanup_stale(name: str) -> None:
     rec_path.unlink(missing_ok=True)
 
 
+def sweep_stale() -> list[str]:
+    """Clean up rigs of crashed sessions: records whose name lock nobody holds any more."""
+    cleaned = []
+    for rec in sorted(_names_dir().glob("*.json")):
+        name = rec.stem
+        fd = try_lock(_names_dir() / f"{name}.lock")
+        if fd is None:
+            continue  # alive, owned by some session
+        try:
+            _cleanup_stale(name)
+            cleaned.append(name)
+        finally:
+            os.close(fd)
+    return cleaned
+
+
 def _alloc_name(name: Optional[str]) -> tuple[str, int]:
     if name is not None:
         if len(name) > NAME_MAX or not name.replace("-", "").isalnum():
@@ -300,6 +316,27 @@ def _write(path: Path, text: str, mode: int = 0o644, uid: int = 0, gid: int = 0)
     os.chown(path, uid, gid)
 
 
+HOST_KEY_TYPES = ("ed25519", "ecdsa")
+
+
+def _host_keys(upper: Path) -> None:
+    """Per-rig host keys (what ``ssh-keygen -A -f UPPER`` makes, minus RSA).
+
+    RSA-3072 generation alone took 1.6 s on the busy 2-core CI box, longer than the whole
+    container boot; ed25519 + ecdsa take milliseconds. sshd is told to load exactly these.
+    """
+    procs = [subprocess.Popen(["ssh-keygen", "-q", "-t", t, "-N", "", "-C", f"root@{upper.parent.name}",
+                               "-f", str(upper / f"etc/ssh/ssh_host_{t}_key")],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for t in HOST_KEY_TYPES]
+    for p in procs:
+        out = p.communicate(timeout=60)[0]
+        if p.returncode != 0:
+            raise RuntimeError(f"ssh-keygen failed: {out!r}")
+    _write(upper / "etc/ssh/sshd_config.d/00-rig-hostkeys.conf",
+           "".join(f"HostKey /etc/ssh/ssh_host_{t}_key\n" for t in HOST_KEY_TYPES))
+
+
 def _passwd_entry(base: Path, user: str) -> tuple[int, int, str]:
     for line in (base / "etc/passwd").read_text().splitlines():
         f = line.split(":")
@@ -376,10 +413,18 @@ class NspawnRig:
         return run_checked(argv, check=check, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def kill_network(self) -> None:
-        sh(["ip", "link", "set", f"vh-{self.name}", "down"])
+        """Cut the cable: the rig's end of the veth goes down.
+
+        Packets in both directions are then silently dropped (the host keeps its route to the
+        rig, so nothing leaks out of the default route): new connections time out and
+        established SSH sessions hang, as with a real network outage.
+        """
+        sh(["ip", "-n", self.name, "link", "set", f"vr-{self.name}", "down"])
 
     def restore_network(self) -> None:
-        sh(["ip", "link", "set", f"vh-{self.name}", "up"])
+        sh(["ip", "-n", self.name, "link", "set", f"vr-{self.name}", "up"])
+        # link down dropped the static route to the apt proxy: put it back
+        sh(["ip", "-n", self.name, "route", "replace", PROXY_NET, "via", f"10.250.{self.n}.1"])
         wait_for(lambda: tcp_banner(self.address, 22, timeout=0.5), 10, interval=0.05,
                  what=f"ssh on {self.name} after network restore")
 
@@ -446,7 +491,7 @@ def boot_rig(base: Path, client_pubkey: str, known_hosts_dir: Path, client_key: 
         nr._record()
 
         # identity
-        sh(["ssh-keygen", "-A", "-f", upper])
+        _host_keys(upper)
         _write(upper / "etc/hostname", f"{name}\n")
         _write(upper / "etc/hosts",
                f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n"
