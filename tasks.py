@@ -84,3 +84,56 @@ for _t in (llama_build, llama_update, llama_rollback, llama_status):
 
 ns = Collection(provision, facts)
 ns.add_collection(llama)
+
+
+# -- bench / tune -------------------------------------------------------------------------------
+
+
+@task(auto_shortflags=False, iterable=["set"], help={
+    **HOST_HELP,
+    "depths": "comma-separated context depths (default 4096,8192,16384,32768,65536,131072,198000)",
+    "reps": "repetitions per point (llama-bench -r, default 3)",
+    "ttft": "measure TTFT through llama-server (--no-ttft: derive it from prefill t/s)",
+    "service": "auto (stop llama-server only if its VRAM is needed), stop, or keep",
+    "baseline": "baseline JSON to compare with (default: the seed's table), or none",
+    "binary": "llama-bench path on the rig (default <prefix>/llama.cpp/current/bin/llama-bench)",
+    "model": "model path on the rig (default: the service's shard 1)",
+    "results": "results folder on this machine (default results/)",
+    "prompt": "prompt tokens per prefill test (-p, default 512)",
+    "gen": "generated tokens per decode test (-n, default 128)",
+})
+def bench(c, host=None, all=False, depths=None, reps=3, ttft=True, service="auto", baseline=None,
+          binary=None, model=None, results="results", prompt=512, gen=128, inventory="hosts.yaml", set=None):
+    """Context sweep with llama-bench: prefill/decode t/s, TTFT, GPU power, tokens/kWh, charts."""
+    from provision import bench as b
+    opts = b.BenchOptions(depths=b.parse_depths(depths), reps=int(reps), ttft=ttft, service=service,
+                          binary=binary, model=model, results_root=results, n_prompt=int(prompt),
+                          n_gen=int(gen), baseline=baseline or str(b.DEFAULT_BASELINE))
+    _exit(_app(inventory, set).each_host(host, lambda ctx: b.run_bench(ctx, opts) and False,
+                                         title="bench", all_hosts=all, parallel=1))
+
+
+@task(auto_shortflags=False, iterable=["set"], help={
+    **HOST_HELP,
+    "depth": "prompt length the batch flags are tuned for (pp<depth> from an empty cache, default 8192)",
+    "reps": "repetitions per flag set (default 3)",
+    "pairs": "ubatch/batch pairs to try, e.g. 512/2048,4096/4096 (default: 8 pairs from 512/2048 up)",
+    "apply": "write the best batch_size/ubatch_size (and tensor_split) into the host's entry in the inventory",
+    "service": "auto (stop llama-server only if its VRAM is needed), stop, or keep",
+    "binary": "llama-bench path on the rig",
+    "model": "model path on the rig (default: the service's shard 1)",
+    "results": "results folder on this machine (default results/)",
+})
+def tune(c, host=None, all=False, depth=8192, reps=3, pairs=None, apply=False, service="auto",
+         binary=None, model=None, results="results", inventory="hosts.yaml", set=None):
+    """Sweep -ub/-b (and -ts) at one depth; report the best vs the seed's flags; --apply writes it."""
+    from provision import tune as t
+    opts = t.TuneOptions(depth=int(depth), reps=int(reps), pairs=t.parse_pairs(pairs), apply=apply,
+                         service=service, binary=binary, model=model, results_root=results,
+                         inventory_path=inventory)
+    _exit(_app(inventory, set).each_host(host, lambda ctx: t.run_tune(ctx, opts) and apply,
+                                         title="tune", all_hosts=all, parallel=1))
+
+
+ns.add_task(bench)
+ns.add_task(tune)
