@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.hub.fixtures",
     "tests.fixtures.llama_fixtures",
     "tests.fixtures.llama_rig",
+    "tests.fixtures.wheelhouse",
 ]
