@@ -183,7 +183,8 @@ class Progress:
                               MofNCompleteColumn(), TimeElapsedColumn(), console=ctx.console.rich,
                               transient=True)
                 self.bar.start()
-                self.task = self.bar.add_task(f"[{ctx.host.name}] {label}", total=None)
+                from rich.markup import escape
+                self.task = self.bar.add_task(escape(f"[{ctx.host.name}] {label}"), total=None)
             except Exception:  # another live display is active (parallel hosts): plain lines
                 self.bar = None
 
