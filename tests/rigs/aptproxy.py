@@ -17,11 +17,9 @@ one out (it can take the exclusive lock) stops the daemon and removes the dummy 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Optional
 

@@ -53,17 +53,17 @@ def sshd(rig_keys, _rig_sudo_user):
 
 
 @pytest.fixture(scope="session")
-def base_image() -> Path:
-    return build_base_image()
-
-
-@pytest.fixture(scope="session")
 def apt_proxy():
     proxy = AptProxy().acquire()
     try:
         yield proxy
     finally:
         proxy.release()
+
+
+@pytest.fixture(scope="session")
+def base_image(apt_proxy) -> Path:
+    return build_base_image(proxy_url=apt_proxy.url)
 
 
 class RigFactory:

@@ -17,7 +17,6 @@ Layout (all as root on the control machine):
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -44,7 +43,7 @@ PACKAGES = [
 ]
 SUDO_USER = "rigadmin"
 # Bump when the build steps below change in a way that matters for the image.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 FAKE_NVIDIA_SMI = Path(__file__).with_name("fake_nvidia_smi.py")
 RIG_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -78,6 +77,9 @@ export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 apt-get update -q
 apt-get install -y -q --no-install-recommends {packages}
 apt-get clean
+# apt-get clean also drops pkgcache.bin: without it every rig's first apt call re-parses the
+# 80 MB of lists (seconds on a busy box)
+apt-cache gencaches >/dev/null
 rm -f /etc/ssh/ssh_host_*
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id
@@ -92,8 +94,12 @@ systemctl mask systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer
 """
 
 
-def build_base_image(force: bool = False) -> Path:
-    """Return the cached base image dir, building it first if needed (lock-protected)."""
+def build_base_image(force: bool = False, proxy_url: Optional[str] = None) -> Path:
+    """Return the cached base image dir, building it first if needed (lock-protected).
+
+    With ``proxy_url`` (the apt-cacher-ng) the build downloads through it, so a rebuild
+    (monthly, or after a recipe change) reuses the cached .debs.
+    """
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     key = recipe_hash()
     final = CACHE_ROOT / f"base-{key}"
@@ -110,14 +116,19 @@ def build_base_image(force: bool = False) -> Path:
         t0 = time.monotonic()
         try:
             _log(f"building base image {final} (debootstrap {SUITE} from {MIRROR}) ...")
-            sh(["debootstrap", "--variant=minbase", SUITE, tmp, MIRROR], timeout=1800)
+            env = dict(os.environ)
+            proxy_env = []
+            if proxy_url:
+                env["http_proxy"] = proxy_url
+                proxy_env = [f"--setenv=http_proxy={proxy_url}"]
+            sh(["debootstrap", "--variant=minbase", SUITE, tmp, MIRROR], timeout=1800, env=env)
             t1 = time.monotonic()
             policy = tmp / "usr/sbin/policy-rc.d"
             policy.write_text("#!/bin/sh\nexit 101\n")
             policy.chmod(0o755)
             script = _BUILD_SCRIPT.format(packages=" ".join(PACKAGES), user=SUDO_USER)
             sh(["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
-                f"--directory={tmp}", "--resolv-conf=copy-host", "--timezone=off",
+                f"--directory={tmp}", "--resolv-conf=copy-host", "--timezone=off", *proxy_env,
                 "/bin/sh", "-c", script], timeout=1800)
             policy.unlink()
             # debootstrap copies the host's resolv.conf/hostname; rigs have no DNS anyway
@@ -173,7 +184,14 @@ def _cleanup_stale(name: str) -> None:
         except OSError:
             is_nspawn = False
         if is_nspawn:
-            _terminate_nspawn(pid, rec.get("leader"))
+            leader = _find_leader(pid)  # re-derived: never trust a recorded pid blindly
+            if leader:
+                try:
+                    os.kill(leader, signal.SIGKILL)
+                    wait_for(lambda: not pid_alive(pid), 10, interval=0.05, what="nspawn exit")
+                except (ProcessLookupError, TimeoutError):
+                    pass
+            _terminate_nspawn(pid, leader)
     _remove_network(name)
     shutil.rmtree(f"/run/systemd/nspawn/propagate/{name}", ignore_errors=True)
     shutil.rmtree(WORK_ROOT / "rigs" / name, ignore_errors=True)

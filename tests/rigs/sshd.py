@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import Rig, pid_alive, run_checked, sh, wait_for
+from . import Rig, run_checked, sh, wait_for
 
 SSHD_BIN = "/usr/sbin/sshd"  # absolute path required by sshd
 SUDO_USER = "rigadmin"
@@ -145,7 +145,12 @@ def start_sshd(key_file: Path, pubkey: str, tmp_base: Optional[Path] = None,
                     return "dead"
                 return None
 
-            st = wait_for(state, 15, interval=0.005, what="sshd to listen")
+            try:
+                st = wait_for(state, 15, interval=0.005, what="sshd to listen")
+            except BaseException:
+                popen.kill()
+                popen.wait()
+                raise
             if st == "up":
                 break
             last_log = (d / "sshd.log").read_text(errors="replace")
