@@ -388,6 +388,19 @@ def test_rig_network_drill_and_reboot(second_rig, rig_factory):
     with connect(r) as c3:  # host key unchanged across reboot
         assert c3.run("cat /proc/1/comm", hide=True).stdout.strip() == "systemd"
 
+    # a reboot asked for inside the box (nspawn exits 133) brings it back, like hardware
+    nr = rig_factory._get(r)
+    old_leader = nr.leader
+    r.sh("touch /run/on-tmpfs && systemctl reboot")
+    deadline = time.monotonic() + 60
+    while nr.leader in (old_leader, None):
+        assert time.monotonic() < deadline and nr.state != "off", nr.state
+        time.sleep(0.05)
+    rig_factory.wait_running(r)
+    assert r.sh("test -e /run/on-tmpfs", check=False).returncode == 1
+    assert r.sh("systemctl is-system-running --wait", check=False).stdout.strip() in (
+        "running", "degraded")
+
 
 @pytest.mark.rig
 def test_rig_function_fixture_teardown(rig, rig_factory):

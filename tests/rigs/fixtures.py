@@ -106,6 +106,15 @@ class RigFactory:
         """Clean poweroff + boot on the same disk: /run (tmpfs) is reset, enabled units rerun."""
         self._get(rig).reboot()
 
+    def wait_running(self, rig: Rig | str, timeout: float = 90) -> None:
+        """Wait for a box that rebooted itself (``systemctl reboot`` inside) to be back.
+
+        ``rig.sh`` already waits on its own once the reboot has begun; this is for the
+        moment right after the request, while the old system is still shutting down.
+        """
+        nr = self._get(rig)
+        nr.wait_running(timeout)
+
     def kill_network(self, rig: Rig | str) -> None:
         """Cut the rig's network (its veth end goes down): packets are dropped silently, so
         established SSH sessions hang and new connections time out. Undo with restore_network."""

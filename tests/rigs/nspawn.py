@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -376,6 +377,48 @@ class NspawnRig:
     boot_s: float = 0.0
     _lock_fds: list = field(default_factory=list, repr=False)
     stopped: bool = False
+    # "booting" | "running" | "rebooting" (asked for it from inside) | "off" (powered off/died)
+    state: str = "booting"
+    _mu: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _changed: threading.Condition = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._changed = threading.Condition(self._mu)
+
+    def _set_state(self, state: str) -> None:
+        with self._mu:
+            self.state = state
+            self._changed.notify_all()
+
+    def _watch(self, popen: subprocess.Popen) -> None:
+        """Follow the box's power state: a reboot requested inside it (``systemctl reboot``,
+        nspawn exits 133) boots it again on the same disk, like real hardware."""
+        rc = popen.wait()
+        with self._mu:
+            if self.stopped or self.popen is not popen:
+                return  # stop() or reboot() did this on purpose
+            self.leader = None
+            if rc != 133:
+                self._set_state("off")
+                return
+            self._set_state("rebooting")
+            try:
+                self._spawn()
+            except Exception as e:  # leave it off; sh() reports it
+                self.boot_error = e
+                self._set_state("off")
+
+    def wait_running(self, timeout: float = 90) -> None:
+        """Block while the box is (re)booting; raise if it is off or stopped."""
+        with self._mu:
+            self._changed.wait_for(lambda: self.state not in ("booting", "rebooting")
+                                   or self.stopped, timeout)
+            if self.stopped:
+                raise RuntimeError(f"rig {self.name} is stopped")
+            if self.state != "running":
+                err = getattr(self, "boot_error", None)
+                raise RuntimeError(f"rig {self.name} is {self.state}"
+                                   + (f" (boot failed: {err})" if err else ""))
 
     @property
     def address(self) -> str:
@@ -405,6 +448,7 @@ class NspawnRig:
             start_new_session=True)
         log.close()
         self.popen, self.leader = popen, None
+        self._set_state("booting")
         self._record()
 
         def ready():
@@ -418,13 +462,19 @@ class NspawnRig:
             self.leader = wait_for(lambda: _find_leader(popen.pid), 10, what="container init pid")
         except BaseException:
             _terminate_nspawn(popen.pid, _find_leader(popen.pid), popen)
+            self._set_state("off")
             raise
         self._record()
         self.boot_s = time.monotonic() - t0
+        self._set_state("running")
+        threading.Thread(target=self._watch, args=(popen,), name=f"rig-watch-{name}",
+                         daemon=True).start()
 
     def sh(self, cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        if self.stopped or self.leader is None:
-            raise RuntimeError(f"rig {self.name} is not running")
+        if self.stopped:
+            raise RuntimeError(f"rig {self.name} is stopped")
+        if self.state != "running" or self.leader is None:
+            self.wait_running()
         argv = ["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "-r", "-w",
                 "--", "/usr/bin/env", "-i", f"PATH={RIG_PATH}", "HOME=/root", "USER=root",
                 "LOGNAME=root", "LANG=C.UTF-8", "TERM=dumb", "/bin/sh", "-c", cmd]
@@ -452,18 +502,23 @@ class NspawnRig:
         Like a real reboot: tmpfs (/run, so also the fake nvidia-smi state) is lost, enabled
         units start again, the host keys stay the same.
         """
-        if self.stopped:
-            raise RuntimeError(f"rig {self.name} is stopped")
-        if self.popen is not None:
-            _terminate_nspawn(self.popen.pid, self.leader, self.popen)
-        self.leader = None
-        self._spawn(boot_timeout)
+        with self._mu:
+            if self.stopped:
+                raise RuntimeError(f"rig {self.name} is stopped")
+            self.wait_running(boot_timeout)
+            old, self.popen = self.popen, None  # the watcher of `old` now stands aside
+            if old is not None:
+                _terminate_nspawn(old.pid, self.leader, old)
+            self.leader = None
+            self._spawn(boot_timeout)
 
     def stop(self, fast: bool = True) -> None:
         """Tear the box down: container, netns/veth, propagate dir, overlay dir, locks."""
-        if self.stopped:
-            return
-        self.stopped = True
+        with self._mu:
+            if self.stopped:
+                return
+            self.stopped = True
+            self._changed.notify_all()
         if self.popen is not None:
             if fast and self.leader and self.popen.poll() is None:
                 # The disk is thrown away anyway: SIGKILL to the container's init takes the
