@@ -8,6 +8,7 @@ from typing import IO, Any
 
 from rich.console import Console as RichConsole
 from rich.table import Table
+from rich.text import Text
 
 from .secrets import redact
 
@@ -34,10 +35,10 @@ class Console:
         self.fancy = bool(self.env.isatty)
         self._lock = threading.Lock()
         self._out = RichConsole(file=self.env.stdout, force_terminal=self.fancy,
-                                no_color=not self.fancy, highlight=False,
+                                no_color=not self.fancy, highlight=False, emoji=False,
                                 width=None if self.fancy else 200, soft_wrap=not self.fancy)
         self._err = RichConsole(file=self.env.stderr, force_terminal=self.fancy,
-                                no_color=not self.fancy, highlight=False,
+                                no_color=not self.fancy, highlight=False, emoji=False,
                                 width=None if self.fancy else 200, soft_wrap=not self.fancy)
 
     # -- plain text -------------------------------------------------------
@@ -68,11 +69,12 @@ class Console:
     # -- tables -----------------------------------------------------------
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.fancy:
-            t = Table(title=title)
+            # cells are plain text, never rich markup ("[/x]" in a value must not crash)
+            t = Table(title=Text(redact(title)))
             for c in columns:
-                t.add_column(c)
+                t.add_column(Text(c))
             for r in rows:
-                t.add_row(*[redact(str(v)) for v in r])
+                t.add_row(*[Text(redact(str(v))) for v in r])
             with self._lock:
                 self._out.print(t)
         else:

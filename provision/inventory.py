@@ -58,9 +58,12 @@ class F:
             return self._number(value, integer=(k == "int"))
         if k in ("list_str", "str_or_list"):
             if k == "str_or_list" and isinstance(value, (str, int)) and not isinstance(value, bool):
-                value = [str(value)] if str(value) != "auto" else "auto"
-                if value == "auto":
-                    return value, None
+                if str(value) == "auto":
+                    return "auto", None
+                # "86,89" (YAML or --set) means two values, not one called "86,89"
+                value = [x.strip() for x in str(value).split(",") if x.strip()]
+                if not value:
+                    return value, "must be auto or a list of strings, got an empty string"
             if not isinstance(value, list):
                 return value, f"must be a list of strings, got {_tname(value)}"
             out = []

@@ -407,3 +407,18 @@ def test_local_target_under_temp_dir(tmp_path):
     assert not [p for p in (tmp_path / "etc").iterdir() if p.name != "app.conf"]  # no temp left
     status, reports = run([h], [Real(), svc], con, RunOptions(), LocalTarget)
     assert reports[0].changed == 0 and svc_calls == ["box"]
+
+
+def test_console_prints_text_literally():
+    """No rich markup or :emoji: codes interpreted in what hosts/commands print."""
+    for tty in (False, True):
+        out, err = io.StringIO(), io.StringIO()
+        c = Console(Environment(out, err, isatty=tty))
+        c.line("apt: [bold]x[/bold] :warning: done")
+        c.error("E: [/etc/apt] :100:")
+        c.table("t [/x]", ["k", "v"], [["path", "[/dev/sda] [red]r[/red] :smile:"]])
+        text = out.getvalue() + err.getvalue()
+        assert "[bold]x[/bold] :warning: done" in text
+        assert "E: [/etc/apt] :100:" in text
+        assert "[/dev/sda] [red]r[/red] :smile:" in text
+    assert out.getvalue().startswith("apt: [bold]x[/bold]")

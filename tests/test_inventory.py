@@ -527,3 +527,17 @@ def test_cli_bad_files_exit_2():
         r = _invoke("facts", "--host", "rig", "--inventory", str(DATA / name))
         assert r.returncode == 2, (name, r)
         assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"{name}: "), r.stderr
+
+
+def test_cuda_architectures_forms(tmp_path):
+    def arch(v):
+        return inv.load(REPO / "hosts.yaml", inv.parse_overrides([f"llama_cpp.cuda_architectures={v}"])
+                        ).hosts["rig"]["llama_cpp"]["cuda_architectures"]
+    assert arch("auto") == "auto"
+    assert arch("86") == ["86"]
+    assert arch("86,89") == ["86", "89"]
+    assert arch("[86, 90a]") == ["86", "90a"]
+    with pytest.raises(InventoryError) as ei:
+        arch("''")
+    assert str(ei.value) == ("command line: llama_cpp.cuda_architectures: must be auto or a list "
+                             "of strings, got an empty string")
