@@ -255,9 +255,11 @@ def test_local_dir_layout_and_venv_commands():
     assert M.local_dir(cfg) == "/models/unsloth__Qwen3.5-122B-A10B-GGUF"
     cmds = M.venv_commands(cfg)
     assert cmds[0].startswith("test -x /opt/llama-rig/hf-venv/bin/python || python3 -m venv /opt/llama-rig/hf-venv")
-    assert "--find-links http://10.250.3.1:8000/ --no-index 'huggingface-hub>=2.4,<3'" in cmds[1]
+    assert "--find-links http://10.250.3.1:8000/ --no-index --trusted-host 10.250.3.1 'huggingface-hub>=2.4,<3'" in cmds[1]
     cfg = cfg_of(pip_index_url="http://mirror/simple")
-    assert "--index-url http://mirror/simple 'huggingface-hub" in M.venv_commands(cfg)[1]
+    assert "--index-url http://mirror/simple --trusted-host mirror 'huggingface-hub" in M.venv_commands(cfg)[1]
+    cfg = cfg_of(pip_index_url="https://mirror/simple")
+    assert "--index-url https://mirror/simple 'huggingface-hub" in M.venv_commands(cfg)[1]
 
 
 def test_load_token_env_file_and_registration(tmp_path):

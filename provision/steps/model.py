@@ -379,13 +379,22 @@ def venv_ok(version: str | None, requirement: str) -> bool:
 
 
 def pip_args(mcfg: dict) -> list[str]:
+    """--index-url / --find-links from the inventory (a rig without PyPI); pip ignores a plain-http
+    location unless told to trust its host, so an http:// one also gets --trusted-host."""
+    from urllib.parse import urlsplit
     args: list[str] = []
-    if mcfg.get("pip_index_url"):
-        args += ["--index-url", mcfg["pip_index_url"]]
-    if mcfg.get("pip_find_links"):
-        args += ["--find-links", mcfg["pip_find_links"]]
-        if not mcfg.get("pip_index_url"):
-            args.append("--no-index")
+    trusted: list[str] = []
+    for opt, key in (("--index-url", "pip_index_url"), ("--find-links", "pip_find_links")):
+        url = mcfg.get(key)
+        if url:
+            args += [opt, url]
+            u = urlsplit(url)
+            if u.scheme == "http" and u.hostname and u.hostname not in trusted:
+                trusted.append(u.hostname)
+    if mcfg.get("pip_find_links") and not mcfg.get("pip_index_url"):
+        args.append("--no-index")
+    for h in trusted:
+        args += ["--trusted-host", h]
     return args
 
 
