@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 import threading
@@ -23,7 +24,7 @@ import pytest
 
 from . import Rig
 from .aptproxy import AptProxy
-from .nspawn import NspawnRig, boot_rig, build_base_image, sweep_stale
+from .nspawn import NspawnRig, boot_rig, build_base_image, sweep_stale, use_base_image
 from .sshd import ensure_sudo_user, make_client_key, start_sshd
 
 
@@ -63,7 +64,12 @@ def apt_proxy():
 
 @pytest.fixture(scope="session")
 def base_image(apt_proxy) -> Path:
-    return build_base_image(proxy_url=apt_proxy.url)
+    base = build_base_image(proxy_url=apt_proxy.url)
+    fd = use_base_image(base)  # keeps other sessions from pruning it while we use it
+    try:
+        yield base
+    finally:
+        os.close(fd)
 
 
 class RigFactory:

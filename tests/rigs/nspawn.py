@@ -17,6 +17,7 @@ Layout (all as root on the control machine):
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -150,7 +151,42 @@ def build_base_image(force: bool = False, proxy_url: Optional[str] = None) -> Pa
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _log(f"base image built in {time.monotonic() - t0:.1f}s")
-        return final
+    prune_base_images(keep=final)
+    return final
+
+
+def use_base_image(base: Path) -> int:
+    """Take a shared "in use" lock on ``base`` (keep the fd open while rigs may boot from it)."""
+    fd = os.open(base.parent / f"{base.name}.users", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def prune_base_images(keep: Path) -> list[str]:
+    """Remove superseded base images (older recipe or month) that no session is using."""
+    removed = []
+    for d in CACHE_ROOT.glob("base-*"):
+        if d == keep or not d.is_dir() or ".tmp-" in d.name:
+            continue
+        fd = try_lock(CACHE_ROOT / f"{d.name}.users")
+        if fd is None:
+            continue  # some session still boots rigs from it
+        try:
+            rigs_on_it = False
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if f"--directory={d}\0".encode() in f.read():
+                            rigs_on_it = True
+                            break
+                except OSError:
+                    continue
+            if not rigs_on_it:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+        finally:
+            os.close(fd)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------
