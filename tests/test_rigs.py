@@ -225,6 +225,10 @@ def test_fake_smi_config_variants(tmp_path):
     assert r.stdout.startswith("NVIDIA-SMI has failed because it couldn't communicate with the "
                                "NVIDIA driver.")
 
+    r = smi(tmp_path, "-q", "-d", "POWER", "-i", "1", config=cfg)
+    assert r.returncode == 0 and "GPU 00000000:02:00.0" in r.stdout
+    assert "Current Power Limit                   : [Not Supported]" in r.stdout
+
     r = smi(tmp_path, config=[{}, {}])
     assert r.returncode == 0
     assert "Driver Version: 570.133.20" in r.stdout and "CUDA Version: 12.8" in r.stdout

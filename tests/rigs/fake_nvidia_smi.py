@@ -426,6 +426,55 @@ def summary(cfg, gpus, state):
     return "".join(lines)
 
 
+def query_text(cfg, gpus, state, display):
+    """A subset of ``nvidia-smi -q`` (labels as in the 570 driver; prefer --query-gpu)."""
+    sections = {d.strip().upper() for d in (display or "").split(",") if d.strip()}
+    want = (lambda name: not sections or name in sections)
+    out = ["", "==============NVSMI LOG==============", "",
+           "%-42s: %s" % ("Timestamp", time.strftime("%a %b %d %H:%M:%S %Y")),
+           "%-42s: %s" % ("Driver Version", cfg["driver_version"]),
+           "%-42s: %s" % ("CUDA Version", cfg["cuda_version"]), "",
+           "%-42s: %d" % ("Attached GPUs", len(cfg["gpus"]))]
+
+    def kv(indent, key, val):
+        out.append("%s%-*s: %s" % (" " * indent, 42 - indent, key, val))
+
+    for g in gpus:
+        st = gpu_state(state, g)
+        out.append("GPU %s" % g["pci_bus_id"])
+        if not sections:
+            kv(4, "Product Name", g["name"])
+            kv(4, "Persistence Mode", "Enabled" if st["persistence"] else "Disabled")
+            kv(4, "GPU UUID", g["uuid"])
+            kv(4, "Minor Number", g["index"])
+            kv(4, "VBIOS Version", "94.02.42.00.A9")
+            out.append("    PCI")
+            kv(8, "Bus Id", g["pci_bus_id"])
+        if want("MEMORY"):
+            out.append("    FB Memory Usage")
+            kv(8, "Total", "%d MiB" % int(g["memory_total"]))
+            kv(8, "Reserved", "%d MiB" % int(g["memory_reserved"]))
+            kv(8, "Used", "%d MiB" % int(g["memory_used"]))
+            kv(8, "Free", "%d MiB" % (int(g["memory_total"]) - int(g["memory_used"])
+                                      - int(g["memory_reserved"])))
+        if want("TEMPERATURE"):
+            out.append("    Temperature")
+            kv(8, "GPU Current Temp", "%d C" % int(g["temperature"]))
+        if want("POWER"):
+            na = "N/A" if g["power_limit_supported"] else "[Not Supported]"
+            out.append("    GPU Power Readings")
+            kv(8, "Power Draw", "%.2f W" % float(g["power_draw"]))
+            kv(8, "Current Power Limit", "%.2f W" % st["power_limit"]
+               if g["power_limit_supported"] else na)
+            kv(8, "Requested Power Limit", "%.2f W" % st["power_limit"]
+               if g["power_limit_supported"] else na)
+            kv(8, "Default Power Limit", "%.2f W" % float(g["power_default"]))
+            kv(8, "Min Power Limit", "%.2f W" % float(g["power_min"]))
+            kv(8, "Max Power Limit", "%.2f W" % float(g["power_max"]))
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def version(cfg):
     drv = cfg["driver_version"]
     return ("NVIDIA-SMI version  : %s\nNVML version        : %s\nDRIVER version      : %s\n"
@@ -436,6 +485,7 @@ USAGE = """NVIDIA System Management Interface -- v{drv} (fake, for tests)
 
 Supported: nvidia-smi [-L] [-i IDS] [--query-gpu=FIELDS --format=csv[,noheader][,nounits]]
            [--query-compute-apps=FIELDS --format=...] [-pm 0|1] [-pl WATTS] [--version]
+           [-q [-d MEMORY,POWER,TEMPERATURE]]
 """
 
 
@@ -444,9 +494,8 @@ Supported: nvidia-smi [-L] [-i IDS] [--query-gpu=FIELDS --format=csv[,noheader][
 # ------------------------------------------------------------------------------------------
 
 _LONG = {"--id": "-i", "--persistence-mode": "-pm", "--power-limit": "-pl",
-         "--list-gpus": "-L", "--help": "-h", "--query": "-q"}
-_WITH_VALUE = {"-i", "-pm", "-pl", "--query-gpu", "--query-compute-apps", "--format", "-f",
-               "-d", "--display"}
+         "--list-gpus": "-L", "--help": "-h", "--query": "-q", "--display": "-d"}
+_WITH_VALUE = {"-i", "-pm", "-pl", "--query-gpu", "--query-compute-apps", "--format", "-d"}
 
 
 def parse_args(argv):
@@ -519,7 +568,7 @@ def run(argv):
         return set_persistence(gpus, opts["-pm"])
     if "-pl" in opts:
         return set_power_limit(gpus, opts["-pl"])
-    fmt = opts.get("--format", opts.get("-f"))
+    fmt = opts.get("--format")
     if "--query-gpu" in opts or "--query-compute-apps" in opts:
         if fmt is None:
             return Exit(INVALID_ARG, err='"--format" option is required with --query-* options.\n'
@@ -530,7 +579,7 @@ def run(argv):
     if "-L" in opts:
         return Exit(OK, out=list_gpus(gpus))
     if "-q" in opts:
-        return Exit(NOT_SUPPORTED, err="fake nvidia-smi: -q is not implemented; use --query-gpu\n")
+        return Exit(OK, out=query_text(cfg, gpus, load_state(), opts.get("-d")))
     return Exit(OK, out=summary(cfg, gpus, load_state()))
 
 
