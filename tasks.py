@@ -137,3 +137,82 @@ def tune(c, host=None, all=False, depth=8192, reps=3, pairs=None, apply=False, s
 
 ns.add_task(bench)
 ns.add_task(tune)
+
+
+# -- gpu / service / opencode -------------------------------------------------------------------
+
+
+def _each(inventory, set, host, all, fn, title: str) -> None:
+    _exit(_app(inventory, set).each_host(host, fn, title=title, all_hosts=all))
+
+
+@task(name="power", auto_shortflags=False, iterable=["set"],
+      help={**HOST_HELP, "watts": "set every GPU to this limit for now (validated; boot unit unchanged)"})
+def gpu_power(c, host=None, all=False, watts=None, inventory="hosts.yaml", set=None):
+    """Apply persistence mode and power limits (inventory, or --watts N for all GPUs now)."""
+    from provision.steps import gpu as g
+    w = float(watts) if watts is not None else None
+    _each(inventory, set, host, all, lambda ctx: g.apply_now(ctx, w), "gpu.power")
+
+
+@task(name="status", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
+def gpu_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
+    """Show each GPU: index, name, power limit and range, draw, memory used/total."""
+    from provision.steps import gpu as g
+    _each(inventory, set, host, all, lambda ctx: bool(g.status_table(ctx)), "gpu.status")
+
+
+@task(name="status", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
+def service_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
+    """Show llama-server: systemd state, /health, /props build_info, /v1/models id."""
+    from provision.steps import service as s
+    _each(inventory, set, host, all, s.status, "service.status")
+
+
+@task(name="logs", auto_shortflags=False, iterable=["set"],
+      help={**HOST_HELP, "lines": "how many journal lines (default 50)"})
+def service_logs(c, host=None, all=False, lines=50, inventory="hosts.yaml", set=None):
+    """Show the last lines of llama-server's journal."""
+    from provision.steps import service as s
+    _each(inventory, set, host, all, lambda ctx: s.logs(ctx, int(lines)), "service.logs")
+
+
+@task(name="restart", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
+def service_restart(c, host=None, all=False, inventory="hosts.yaml", set=None):
+    """Restart llama-server, wait for /health and test one chat completion."""
+    from provision.steps import service as s
+    _each(inventory, set, host, all, s.restart, "service.restart")
+
+
+@task(name="argv", auto_shortflags=False, iterable=["set"],
+      help={**HOST_HELP, "model": "model shard 1 path (default: the model step's verified shard 1)"})
+def service_argv(c, host=None, all=False, model=None, inventory="hosts.yaml", set=None):
+    """Print the rendered llama-server command line (the unit's ExecStart=)."""
+    from provision.steps import service as s
+    _each(inventory, set, host, all, lambda ctx: s.print_argv(ctx, model), "service.argv")
+
+
+@task(name="config", auto_shortflags=False, iterable=["set"],
+      help={**HOST_HELP, "local": "merge into this machine's opencode config instead of the rig's",
+            "check": "show what would change, change nothing"})
+def opencode_config(c, host=None, all=False, local=False, check=False, inventory="hosts.yaml", set=None):
+    """Merge the llama-cpp provider into opencode.json (on the rig, or --local here)."""
+    from provision.steps import opencode as o
+    app = _app(inventory, set)
+    if local:
+        _exit(app.guarded(lambda: o.task_local(app, host, all, check)))
+        return
+    _each(inventory, set, host, all, lambda ctx: o.task_rig(ctx, check), "opencode.config")
+
+
+gpu = Collection("gpu")
+for _t in (gpu_power, gpu_status):
+    gpu.add_task(_t)
+service = Collection("service")
+for _t in (service_status, service_logs, service_restart, service_argv):
+    service.add_task(_t)
+opencode = Collection("opencode")
+opencode.add_task(opencode_config)
+ns.add_collection(gpu)
+ns.add_collection(service)
+ns.add_collection(opencode)

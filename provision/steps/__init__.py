@@ -9,10 +9,15 @@ from ..engine import Step
 
 def all_steps() -> list[Step]:
     from .facts import FactsStep
+    from .gpu import GpuStep
     from .llama import LlamaStep
+    from .opencode import OpencodeStep
+    from .service import ServiceStep
     from .system import SystemStep
 
-    steps: list[Step] = [FactsStep(), SystemStep(), LlamaStep()]
+    # order: facts, system, (gpu), llama, (model, service, opencode)
+    steps: list[Step] = [FactsStep(), SystemStep(), GpuStep(), LlamaStep()]
+    steps += [ServiceStep(), OpencodeStep()]  # after model
     return steps
 
 
