@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shlex
 import socket
@@ -26,6 +27,11 @@ from .inventory import Host
 from .secrets import redact, register
 
 LineCallback = Callable[[str], None]
+
+# paramiko logs failed handshakes (with a traceback) from its transport thread; with no handler
+# configured, Python's last-resort handler would spray that onto stderr next to our one-line
+# ConnectError. A library's logger gets a NullHandler; callers may still configure logging.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 @dataclass

@@ -217,3 +217,32 @@ def test_local_target_basics(tmp_path):
     assert r.exited == 124
     with pytest.raises(CommandError):
         t.run("exit 9")
+
+
+def test_not_an_ssh_server_is_one_line_no_traceback(capfd):
+    """A port that accepts and hangs up (a firewall, not sshd): one line, nothing on stderr."""
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def serve():
+        for _ in range(2):
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.close()
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    h = inv.from_data({"hosts": {"r": {"connection": {"address": "127.0.0.1", "port": port,
+                                                      "connect_timeout": 3}}}}).hosts["r"]
+    try:
+        with pytest.raises(ConnectError) as ei:
+            connect(h)
+    finally:
+        srv.close()
+    assert str(ei.value) == f"r (root@127.0.0.1:{port}): SSH error: Error reading SSH protocol banner"
+    time.sleep(0.2)  # the transport thread logs as it dies
+    assert capfd.readouterr().err == ""
