@@ -222,3 +222,42 @@ def test_service_lifecycle(srig, tmp_path):
     order = srig.sh("systemctl show llama-server.service -p After -p Wants").stdout
     assert "llama-rig-gpu.service" in order
     assert "llama-server.service" in srig.sh(f"systemctl show {gpu_step.UNIT_NAME} -p Before").stdout
+
+
+FAKE_FIT = r"""#!/bin/sh
+# stand-in llama-fit-params: the real output format (log on stderr, one line per device on stdout)
+echo "$CUDA_DEVICE_ORDER $*" > /root/fit-params-args
+echo "llama_fit_params: printing estimated memory in MiB to stdout (device, model, context, compute) ..." >&2
+for i in 0 1 2 3 4 5; do echo "CUDA$i 17000 500 1200"; done
+echo "Host 9 0 290"
+"""
+
+
+def test_vram_preflight_refuses_and_proposes_ts(srig, tmp_path):
+    for b in ("fake-1", "fake-2"):
+        srig.sh(f"cat > {PREFIX}/llama.cpp/builds/{b}/bin/llama-fit-params <<'EOF'\n{FAKE_FIT}EOF\n"
+                f"chmod 0755 {PREFIX}/llama.cpp/builds/{b}/bin/llama-fit-params")
+    env = Env(srig, tmp_path)
+    rc, out = env.provision()  # settle whatever the previous test left
+    assert rc == 0, out
+    # GPU 0 has 6000 MiB taken by something else: 18576 free < 17000 + 500 + 1200 + 1024 margin
+    srig.sh("mkdir -p /etc/fake-nvidia-smi && echo '[{\"memory_used\": 6000}, {}, {}, {}, {}, {}]' "
+            "> /etc/fake-nvidia-smi/gpus.json")
+    n = env.starts()
+    rc, out = env.provision(ctx_size=8192)
+    assert rc == 1, out
+    assert ("VRAM preflight: the plan does not fit — GPU 0 (NVIDIA GeForce RTX 3090): needs 18700 MiB "
+            "(model 17000 + context 500 + compute 1200) + 1024 MiB margin but only 18576 MiB are free") in out, out
+    assert "try server.tensor_split: [0.73, 1, 1, 1, 1, 1]" in out
+    assert "(llama-server was not restarted)" in out
+    assert re.search(r"CUDA0 +17000 +500 +1200 +18700 +18576 +DOES NOT FIT", out), out
+    assert env.starts() == n  # the old server keeps serving
+    assert srig.sh("cat /root/fit-params-args").stdout.strip() == (
+        f"PCI_BUS_ID -m {MODEL} -c 8192 -ctk q8_0 -ctv q8_0 -ngl 999 -sm layer -ts 0.9,1,1,1,1,1 -fitp on")
+    assert env.state()["owed"] == ["llama-server.restart"]  # the new unit is owed a restart
+    # the other process is gone: the plan fits, the owed restart happens once
+    srig.sh("rm -f /etc/fake-nvidia-smi/gpus.json")
+    rc, out = env.provision(ctx_size=8192)
+    assert rc == 0, out
+    assert re.search(r"CUDA0 +17000 +500 +1200 +18700 +24575 +ok", out), out
+    assert env.starts() == n + 1 and env.state()["owed"] == []

@@ -522,8 +522,19 @@ class ServiceStep(Step):
     title = "llama-server systemd unit, env file, readiness, restarts"
 
     def plan(self, ctx: Context) -> list[Change]:
-        model_path = _model_path(ctx)
-        if not ctx.target.exists(binary_path(ctx.cfg)):
+        have_binary = ctx.target.exists(binary_path(ctx.cfg))
+        try:
+            model_path = _model_path(ctx)
+        except StepError as e:
+            if ctx.check:  # a fresh box in --check: the llama/model steps would provide them
+                return [Call(f"install and start {SERVICE} once the model is in place ({e})",
+                             data={"action": "pending", "reason": str(e)})]
+            raise
+        if not have_binary:
+            if ctx.check:
+                return [Call(f"install and start {SERVICE} once llama.cpp is built "
+                             f"({binary_path(ctx.cfg)} not there yet)",
+                             data={"action": "pending", "reason": "binary missing"})]
             raise StepError(f"{binary_path(ctx.cfg)} not found: run the llama step first")
         api_key = read_api_key(ctx.cfg)
         obs = observe(ctx)
