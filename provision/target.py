@@ -301,6 +301,10 @@ class SSHTarget(Target):
         import paramiko
 
         where = f"{self.name} ({self.user}@{self.address}:{self.port})"
+        key = self.host.cfg["connection"]["key"]
+        key = os.path.expanduser(key) if key else None
+        if key and not os.path.isfile(key):
+            raise ConnectError(f"{where}: connection.key: no such file: {key}")
         try:
             self.conn.open()
         except paramiko.BadHostKeyException:
@@ -313,6 +317,8 @@ class SSHTarget(Target):
                                    "(add it, or set connection.host_key_policy: accept-new)") from None
             if isinstance(e, paramiko.AuthenticationException):
                 raise ConnectError(f"{where}: authentication failed ({msg})") from None
+            if key and "private key" in msg:
+                raise ConnectError(f"{where}: connection.key: cannot use {key}: {msg}") from None
             raise ConnectError(f"{where}: SSH error: {msg}") from None
         except socket.timeout:
             raise ConnectError(f"{where}: connection timed out after {self.timeout:g}s") from None

@@ -246,3 +246,15 @@ def test_not_an_ssh_server_is_one_line_no_traceback(capfd):
     assert str(ei.value) == f"r (root@127.0.0.1:{port}): SSH error: Error reading SSH protocol banner"
     time.sleep(0.2)  # the transport thread logs as it dies
     assert capfd.readouterr().err == ""
+
+
+def test_missing_or_bad_key_file_says_so(sshd, tmp_path):
+    with pytest.raises(ConnectError) as ei:
+        connect(host_for(sshd.root_rig, key=str(tmp_path / "nope")))
+    assert str(ei.value) == f"r (root@127.0.0.1:{sshd.port}): connection.key: no such file: {tmp_path / 'nope'}"
+    bad = tmp_path / "bad"
+    bad.write_text("not a key\n")
+    with pytest.raises(ConnectError) as ei:
+        connect(host_for(sshd.root_rig, key=str(bad)))
+    assert str(ei.value) == (f"r (root@127.0.0.1:{sshd.port}): connection.key: cannot use {bad}: "
+                             "not a valid OPENSSH private key file")
