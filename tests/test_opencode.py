@@ -204,3 +204,22 @@ def test_opencode_step_on_rig(rig_factory, tmp_path):
         assert r.returncode == 0 and "llama-cpp/tiny-model" in r.stdout.split(), r.stderr
     finally:
         rig_factory.stop(rig)
+
+
+def test_task_local_merges_into_this_machines_config(tmp_path, monkeypatch):
+    inv_path = tmp_path / "hosts.yaml"
+    inv_path.write_text(yaml.safe_dump({"hosts": {"rig": {
+        "connection": {"address": "192.168.1.50"},
+        "server": {"alias": "tiny-model", "port": 8000, "ctx_size": 65536, "parallel": 2}}}}))
+    xdg = tmp_path / "xdg"
+    monkeypatch.delenv("OPENCODE_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    app, out = _app(str(inv_path))
+    assert oc.task_local(app, "rig", False, check=False) == 0
+    assert "opencode: " + str(xdg / "opencode/opencode.json") + ": changed (provider llama-cpp -> " \
+           "http://192.168.1.50:8000/v1)" in out.getvalue()
+    data = json.loads((xdg / "opencode/opencode.json").read_text())
+    assert data["provider"]["llama-cpp"]["models"]["tiny-model"]["limit"]["context"] == 32768
+    app, out = _app(str(inv_path))
+    oc.task_local(app, "rig", False, check=False)
+    assert "ok (no change)" in out.getvalue()
