@@ -102,3 +102,9 @@ def test_unknown_task_and_unknown_host():
     r = invoke("facts", "--host", "lokal")
     assert r.returncode == 2
     assert r.stderr == "hosts.yaml: unknown host or group 'lokal' (did you mean 'local'?)\n"
+
+
+def test_no_host_given_is_exit_2():
+    r = invoke("provision", "--check")
+    assert r.returncode == 2
+    assert r.stderr == "hosts.yaml: no host given (use --host NAME, a group, or --all)\n"
