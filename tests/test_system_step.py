@@ -14,6 +14,7 @@ from provision.steps import system
 
 ALL_DEFAULT = {p: "1.0" for p in inv.DEFAULT_PACKAGES}
 APT = "DEBIAN_FRONTEND=noninteractive"
+APT_GET = f"{APT} apt-get -o DPkg::Lock::Timeout=600"
 
 
 def cfg(**sections) -> dict:
@@ -48,8 +49,8 @@ def test_some_missing_exactly_one_run():
     pk = {k: v for k, v in ALL_DEFAULT.items() if k not in ("cmake", "ninja-build", "ccache")}
     changes = system.plan(cfg(llama_cpp={"cuda": False}), hf(packages=pk), GF_NONE)
     assert changes == [Run("install packages: cmake ninja-build ccache", commands=[
-        f"{APT} apt-get update -q",
-        f"{APT} apt-get install -y -q --no-install-recommends cmake ninja-build ccache",
+        f"{APT_GET} update -q",
+        f"{APT_GET} install -y -q --no-install-recommends cmake ninja-build ccache",
     ], timeout=3600)]
     assert changes[0].sudo is True and changes[0].notify == ()
 
@@ -75,8 +76,8 @@ def _keyring_run(distro, arch="x86_64"):
 
 def _toolkit_run(toolkit="cuda-toolkit-12-8"):
     return Run(f"install {toolkit} (nvcc missing)", commands=[
-        f"{APT} apt-get update -q",
-        f"{APT} apt-get install -y -q --no-install-recommends {toolkit}",
+        f"{APT_GET} update -q",
+        f"{APT_GET} install -y -q --no-install-recommends {toolkit}",
     ], timeout=7200)
 
 

@@ -12,6 +12,9 @@ from ..target import join
 NVIDIA_REPOS = {"ubuntu2204", "ubuntu2404", "debian12"}
 NVIDIA_ARCH = {"x86_64": "x86_64", "aarch64": "sbsa"}
 APT_ENV = "DEBIAN_FRONTEND=noninteractive"
+# a fresh Ubuntu box runs unattended-upgrades right after boot: wait for the dpkg lock instead
+# of failing with "Could not get lock /var/lib/dpkg/lock-frontend"
+APT_GET = f"{APT_ENV} apt-get -o DPkg::Lock::Timeout=600"
 PROXY_FILE = "/etc/apt/apt.conf.d/01llama-rig-proxy"
 
 
@@ -38,8 +41,8 @@ def plan(cfg: dict, hf: HostFacts, gf: GpuFacts, proxy_now: str | None = None) -
     missing = [p for p in wanted_packages(cfg, hf) if p not in hf.packages]
     if missing:
         changes.append(Run(f"install packages: {' '.join(missing)}", commands=[
-            f"{APT_ENV} apt-get update -q",
-            f"{APT_ENV} apt-get install -y -q --no-install-recommends {join(missing)}",
+            f"{APT_GET} update -q",
+            f"{APT_GET} install -y -q --no-install-recommends {join(missing)}",
         ], timeout=3600))
     if cfg["llama_cpp"]["cuda"] and not hf.nvcc_path:
         toolkit = sysc["cuda_toolkit"]
@@ -61,8 +64,8 @@ def plan(cfg: dict, hf: HostFacts, gf: GpuFacts, proxy_now: str | None = None) -
                 "dpkg -i /tmp/cuda-keyring.deb && rm -f /tmp/cuda-keyring.deb",
             ]))
         changes.append(Run(f"install {toolkit} (nvcc missing)", commands=[
-            f"{APT_ENV} apt-get update -q",
-            f"{APT_ENV} apt-get install -y -q --no-install-recommends {toolkit}",
+            f"{APT_GET} update -q",
+            f"{APT_GET} install -y -q --no-install-recommends {toolkit}",
         ], timeout=7200))
     return changes
 
