@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""GPU proof for the service step (and the gpu step) on a box reached with `connection: local`.
+
+No systemd there: it runs the service's RENDERED command line (provision.steps.service.server_argv,
+the same argv the unit's ExecStart= gets) with the seed's flags (-ngl 999 -c 262144 -ctk q8_0
+-ctv q8_0 --parallel 1 --split-mode layer -ts ... --no-warmup --temp 0.6 --top-p 0.95 --top-k 20
+--min-p 0.0 --jinja --alias ...) against a generated qwen35moe model, and records:
+
+  * llama-fit-params' per-GPU estimate (the service step's VRAM preflight, same argv) vs
+    nvidia-smi's memory.used per GPU after the model is loaded (minus the idle baseline);
+  * time to /health 200, one real chat completion (content, timings);
+  * what the gpu step does with power limits there (set + re-query, or nvidia-smi's message).
+
+    python3 benchmarks/service_gpu.py --prefix /tmp/llama-bench --gpus 0 --json $OUT/svc-1gpu.json
+    python3 benchmarks/service_gpu.py --prefix /tmp/llama-bench --gpus 0,1,2,3 --ts 0.9,1,1,1 ...
+
+`--prefix` is the llama step's `paths.prefix` (the build under <prefix>/llama.cpp/current).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from provision import inventory as inv  # noqa: E402
+from provision.console import Console, Environment  # noqa: E402
+from provision.engine import Context  # noqa: E402
+from provision.facts import gpu as gpu_facts  # noqa: E402
+from provision.steps import gpu as gpu_step  # noqa: E402
+from provision.steps import service  # noqa: E402
+from provision.target import LocalTarget  # noqa: E402
+
+SIZES = {
+    "tiny": dict(n_layer=8, full_attention_interval=4),
+    # ~1.9 B params, f16 (~3.7 GB): enough to spread over several GPUs measurably
+    "medium": dict(n_layer=16, full_attention_interval=4, n_embd=2048, n_head=16, n_head_kv=2,
+                   head_dim=128, n_expert=64, n_expert_used=8, n_ff_exp=256, n_ff_shexp=512,
+                   ssm_d_conv=4, ssm_d_state=128, ssm_n_group=16, ssm_dt_rank=32),
+}
+
+
+def mem_used(gpus: list[int]) -> dict[int, int]:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    vals = {int(a): int(b) for a, b in (ln.split(",") for ln in out.splitlines() if ln.strip())}
+    return {i: vals[g] for i, g in enumerate(gpus)}
+
+
+def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    rq = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(rq, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, str(e)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prefix", default="/tmp/llama-bench")
+    ap.add_argument("--work", default="/tmp/svc-proof")
+    ap.add_argument("--gpus", default="0")
+    ap.add_argument("--ts", default=None, help="tensor split, e.g. 0.9,1,1,1 (default: none / all 1)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="medium")
+    ap.add_argument("--ctx", type=int, default=262144)
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--power", action="store_true", help="also try the gpu step's power limits")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    gpus = [int(x) for x in a.gpus.split(",")]
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rec: dict = {"gpus": gpus, "size": a.size}
+
+    # the model
+    from tests.fixtures.tiny_gguf import write_tiny_qwen35moe
+    name = f"qwen35moe-{a.size}"
+    first = work / "model" / f"{name}-00001-of-00004.gguf"
+    if not first.exists():
+        t0 = time.monotonic()
+        write_tiny_qwen35moe(work / "model", name, 4, **SIZES[a.size])
+        print(f"model: {name} written in {time.monotonic() - t0:.1f}s", flush=True)
+    rec["model_bytes"] = sum(p.stat().st_size for p in (work / "model").glob(f"{name}-*.gguf"))
+
+    # the inventory: the shipped seed rig's server section, GPU count of this run
+    seed = inv.load(ROOT / "hosts.yaml").hosts["rig"].cfg
+    server = dict(seed["server"], ctx_size=a.ctx, port=a.port, host="127.0.0.1")
+    server["tensor_split"] = [float(x) for x in a.ts.split(",")] if a.ts else None
+    data = {"hosts": {"gpu": {"connection": {"type": "local"},
+                              "gpus": {"count": len(gpus)},
+                              "paths": {"prefix": a.prefix, "state_dir": f"{a.work}/state"},
+                              "server": {k: v for k, v in server.items() if v is not None}}}}
+    cfg = inv.from_data(data).hosts["gpu"].cfg
+    binary = service.binary_path(cfg)
+    argv_ = service.server_argv(cfg, str(first), binary)
+    rec["argv"] = argv_
+    print("rendered command line: " + " ".join(argv_), flush=True)
+    unit = service.render_unit(cfg, str(first))
+    rec["unit_execstart"] = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")]
+
+    env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    ver = subprocess.run([binary, "--version"], capture_output=True, text=True, env=env)
+    rec["version"] = (ver.stderr + ver.stdout).strip().splitlines()[-1:]
+
+    # VRAM preflight: llama-fit-params with the same flags
+    fit_argv = service.fit_params_argv(cfg, str(first), service.fit_params_path(cfg))
+    t0 = time.monotonic()
+    fp = subprocess.run(fit_argv, capture_output=True, text=True, env=env, timeout=600)
+    rec["fit_params_s"] = round(time.monotonic() - t0, 2)
+    devices = service.parse_fit_output(fp.stdout)
+    rec["fit_params"] = {d: {"model": v[0], "context": v[1], "compute": v[2], "total": sum(v)}
+                         for d, v in devices.items()}
+    print("llama-fit-params: " + json.dumps(rec["fit_params"]), flush=True)
+
+    # start the server with the rendered argv; baseline memory first
+    base = mem_used(gpus)
+    log = open(work / "server.log", "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv_, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        code = 0
+        while time.monotonic() - t0 < 300:
+            code, _ = http(f"http://127.0.0.1:{a.port}/health", timeout=5)
+            if code == 200 or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        rec["health"] = code
+        rec["health_s"] = round(time.monotonic() - t0, 2)
+        print(f"/health {code} after {rec['health_s']} s", flush=True)
+        loaded = mem_used(gpus)
+        rec["mem_used_after_load"] = loaded
+        rec["mem_used_baseline"] = base
+        rows = []
+        for i in range(len(gpus)):
+            est = rec["fit_params"].get(f"CUDA{i}", {}).get("total")
+            meas = loaded[i] - base[i]
+            err = None if not est else round(100.0 * (est - meas) / meas, 1) if meas else None
+            rows.append({"device": f"CUDA{i}", "gpu": gpus[i], "fit_estimate_mib": est,
+                         "measured_mib": meas, "error_pct": err})
+        rec["per_gpu"] = rows
+        for r in rows:
+            print(f"{r['device']} (GPU {r['gpu']}): fit-params {r['fit_estimate_mib']} MiB, "
+                  f"nvidia-smi +{r['measured_mib']} MiB, error {r['error_pct']} %", flush=True)
+        t1 = time.monotonic()
+        code, body = http(f"http://127.0.0.1:{a.port}/v1/chat/completions",
+                          {"model": cfg["server"]["alias"], "max_tokens": 32,
+                           "messages": [{"role": "user", "content": "Say hello."}]}, timeout=120)
+        rec["completion_status"] = code
+        rec["completion_s"] = round(time.monotonic() - t1, 3)
+        try:
+            j = json.loads(body)
+            rec["completion"] = {"content": j["choices"][0]["message"].get("content", "")[:120],
+                                 "finish_reason": j["choices"][0].get("finish_reason"),
+                                 "timings": j.get("timings")}
+        except (ValueError, KeyError, IndexError):
+            rec["completion"] = body[:300]
+        print(f"chat completion: HTTP {code} in {rec['completion_s']} s: {str(rec['completion'])[:200]}",
+              flush=True)
+        code, body = http(f"http://127.0.0.1:{a.port}/v1/models")
+        rec["models"] = body[:300]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    rec["server_log_tail"] = (work / "server.log").read_text(errors="replace").splitlines()[-15:]
+
+    if a.power:
+        host = inv.from_data({"hosts": {"gpu": {"connection": {"type": "local"}}}}).hosts["gpu"]
+        out = io.StringIO()
+        ctx = Context(host, LocalTarget(host), Console(Environment(out, out, False)))
+        gf = gpu_facts.gather(ctx.target)
+        g0 = gf.gpus[gpus[0]]
+        rec["power_before"] = {"limit": g0.power_limit, "min": g0.power_min, "max": g0.power_max,
+                               "default": g0.power_default}
+        want = g0.power_min if g0.power_min else None
+        res = subprocess.run(["nvidia-smi", "-i", str(gpus[0]), "-pl", str(int(want or 300))],
+                             capture_output=True, text=True)
+        rec["power_set"] = {"rc": res.returncode, "out": (res.stdout + res.stderr).strip()[-400:]}
+        after = gpu_facts.gather(ctx.target).gpus[gpus[0]]
+        rec["power_after"] = after.power_limit
+        if g0.power_default:
+            subprocess.run(["nvidia-smi", "-i", str(gpus[0]), "-pl", str(int(g0.power_default))],
+                           capture_output=True, text=True)
+        try:
+            gpu_step.apply_now(ctx, watts=g0.power_default)
+            rec["gpu_step"] = out.getvalue()[-600:]
+        except Exception as e:  # noqa: BLE001 - record what the step says
+            rec["gpu_step"] = f"{type(e).__name__}: {e}"[:600]
+        print("power: " + json.dumps({k: rec[k] for k in ("power_before", "power_set", "power_after")}),
+              flush=True)
+    text = json.dumps(rec, indent=2)
+    if a.json:
+        Path(a.json).write_text(text)
+    print(text)
+    ok = rec.get("health") == 200 and rec.get("completion_status") == 200
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
