@@ -205,3 +205,24 @@ def test_check_fit_ok_and_refused_with_proposal():
 
 def test_propose_ts_none_when_nothing_fits():
     assert s.propose_ts({0: (30000, 0, 500), 1: (30000, 0, 500)}, {0: 24000, 1: 24000}) is None
+
+
+def test_check_mode_on_a_fresh_box_plans_a_pending_install(tmp_path):
+    """--check before the llama/model steps ran: a visible pending change, not a failure."""
+    from provision.console import Console, Environment
+    from provision.engine import Context
+    from provision.inventory import Host
+    from provision.target import LocalTarget
+
+    c = seed_cfg()
+    c["connection"]["type"] = "local"
+    c["paths"].update({"prefix": str(tmp_path / "opt"), "state_dir": str(tmp_path / "state")})
+    host = Host("box", [], c)
+    out = io.StringIO()
+    ctx = Context(host, LocalTarget(host), Console(Environment(out, out, False)), check=True)
+    changes = s.ServiceStep().plan(ctx)
+    assert len(changes) == 1 and changes[0].data["action"] == "pending"
+    assert changes[0].description.startswith("install and start llama-server.service once the model is in place")
+    ctx.check = False
+    with pytest.raises(StepError, match="no model manifest on this host yet"):
+        s.ServiceStep().plan(ctx)
