@@ -53,6 +53,12 @@ def gpu_arch() -> str:
     return out[0].replace(".", "") if out else "native"
 
 
+def gpu_name() -> str:
+    out = subprocess.run("nvidia-smi --query-gpu=name --format=csv,noheader", shell=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    return out[0].strip() if out else "?"
+
+
 def build(src: Path, work: Path, jobs: int) -> Path:
     bdir = work / "build"
     binary = bdir / "bin" / "llama-bench"
@@ -97,7 +103,7 @@ def inventory(work: Path, n_gpus: int) -> Path:
 
 
 def run(work: Path, binary: Path, model: Path, gpus: list[int], depths: str, reps: int,
-        tune_depth: int, pairs: str | None, results: str, skip_bench: bool) -> dict:
+        tune_depth: int, pairs: str | None, results: str, skip_bench: bool, tune_reps: int = 5) -> dict:
     from provision import bench as B
     from provision import tune as T
     from provision.app import App
@@ -119,7 +125,7 @@ def run(work: Path, binary: Path, model: Path, gpus: list[int], depths: str, rep
         st = app.each_host("gpu", do_bench, title="bench")
         if int(st) != 0:
             raise SystemExit(f"bench failed ({int(st)})")
-    topts = T.TuneOptions(depth=tune_depth, reps=reps, pairs=T.parse_pairs(pairs), service="keep",
+    topts = T.TuneOptions(depth=tune_depth, reps=tune_reps, pairs=T.parse_pairs(pairs), service="keep",
                           binary=str(binary), model=str(model), results_root=results,
                           inventory_path=str(inv))
 
@@ -132,7 +138,7 @@ def run(work: Path, binary: Path, model: Path, gpus: list[int], depths: str, rep
     if int(st) != 0:
         raise SystemExit(f"tune failed ({int(st)})")
     t = out["tune"]
-    line = (f"GPU PROOF {len(gpus)} GPU(s) {gpus}: tune pp{tune_depth}: best {t['best']['label']} "
+    line = (f"GPU PROOF {len(gpus)} GPU(s) {gpus} {gpu_name()}: tune pp{tune_depth}: best {t['best']['label']} "
             f"{t['best']['prefill_ts']:,.1f} t/s vs seed b2048/ub512 "
             f"{(t['seed'] or {}).get('prefill_ts') or 0:,.1f} t/s = prefill ratio "
             f"{(t['speedup_vs_seed'] or 0):.3f}x")
@@ -155,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", default="0,4096,16384")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tune-depth", type=int, default=8192)
+    ap.add_argument("--tune-reps", type=int, default=5)
     ap.add_argument("--pairs", default=None, help="ub/b pairs (default: provision.tune.DEFAULT_PAIRS)")
     ap.add_argument("--results", default=str(ROOT / "results"))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 8)
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
     if a.what in ("run", "all"):
         model = model or make_model(a.work, a.size)
         run(a.work, binary, model, [int(x) for x in a.gpus.split(",")], a.depths, a.reps,
-            a.tune_depth, a.pairs, a.results, a.skip_bench)
+            a.tune_depth, a.pairs, a.results, a.skip_bench, a.tune_reps)
     return 0
 
 

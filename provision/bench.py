@@ -22,6 +22,7 @@ Numbers:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import io
@@ -29,7 +30,9 @@ import json
 import math
 import re
 import secrets as _pysecrets
+import signal
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -597,17 +600,19 @@ class RigBench:
         self.timeout = timeout
         self._live: set[str] = set()
 
-    def run(self, argv: Sequence[str]) -> PointRun:
+    def run(self, argv: Sequence[str], allow_partial: bool = False) -> PointRun:
         wd = _workdir()
         self._live.add(wd)
         try:
             script = point_script(argv, wd, self.sample_power, self.interval, self.env, self.query)
             res = self.ctx.target.run(f"setsid -w sh -c {quote(script)}", sudo=True, check=False,
                                       timeout=self.timeout)
+            if self.interrupted:
+                raise KeyboardInterrupt
             if res.exited == 124:
                 raise StepError(f"llama-bench timed out after {self.timeout:g}s")
             pr = parse_point_output(res.stdout)
-            if pr.rc != 0 or not pr.rows:
+            if (pr.rc != 0 and not (allow_partial and pr.rows)) or not pr.rows:
                 raise StepError(f"llama-bench failed (exit {pr.rc}): "
                                 + (pr.stderr_tail.splitlines()[-1:] or [res.stderr.strip()[-200:]])[0])
             self._live.discard(wd)
@@ -626,6 +631,31 @@ class RigBench:
         except Exception:  # noqa: BLE001 - best effort while unwinding
             pass
         self._live.discard(wd)
+
+    interrupted = False
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Ctrl-C during a sweep: kill llama-bench on the rig at once (over SSH, Fabric would
+        otherwise swallow the first Ctrl-C and wait for the remote command to finish), then raise
+        KeyboardInterrupt so the caller's `finally` restores the service."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            first = not self.interrupted
+            self.interrupted = True
+            if first:
+                for wd in list(self._live):
+                    threading.Thread(target=self.kill, args=(wd,), daemon=True).start()
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,6 +719,30 @@ def start_service(ctx) -> None:
 
 def stop_service(ctx) -> None:
     ctx.target.run(f"systemctl stop {SERVICE}", sudo=True, timeout=120)
+
+
+@contextlib.contextmanager
+def _shielded():
+    """Hold Ctrl-C back while the service is being restored (re-raised afterwards): a second
+    Ctrl-C must not leave the rig without its server."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt
+
+
+def restore_service(ctx, who: str) -> None:
+    ctx.say(f"{who}: restarting {SERVICE} and waiting until it serves again")
+    with _shielded():
+        start_service(ctx)
+    ctx.say(f"{who}: {SERVICE} is back")
 
 
 def decide_stop(policy: str, gpus: int, cuda: bool, n_gpu_layers: int, active: bool) -> tuple[bool, str]:
@@ -861,29 +915,28 @@ def run_bench(ctx, opts: BenchOptions) -> dict[str, Any]:
     stopped = False
     ttft: dict[int, dict[str, Any]] = {}
     try:
-        if stop:
-            stop_service(ctx)
-            stopped = True
-        for d in opts.depths:
-            argv = bench_argv(binary, model, flags, depths=[d], n_prompt=opts.n_prompt,
-                              n_gen=opts.n_gen, reps=opts.reps)
-            t0 = time.monotonic()
-            pr = runner.run(argv)
-            pt = points_from(pr.rows, [d])[d]
-            apply_power(pt, pr.samples, pr.events)
-            points.append(pt)
-            r0 = pr.rows[0]
-            build = {"build_number": r0.build_number, "build_commit": r0.build_commit,
-                     "model_type": r0.model_type, "backends": r0.backends, "gpu_info": r0.gpu_info}
-            _log(ctx, f"d{d}: pp {_f(pt.prefill_ts, ',.1f')} t/s, tg {_f(pt.decode_ts, ',.1f')} t/s, "
-                      f"power {_f(pt.power_w, ',.0f')} W ({time.monotonic() - t0:.1f}s)")
-            if opts.on_point:
-                opts.on_point(pt)
+        with runner.interruptible():
+            if stop:
+                stop_service(ctx)
+                stopped = True
+            for d in opts.depths:
+                argv = bench_argv(binary, model, flags, depths=[d], n_prompt=opts.n_prompt,
+                                  n_gen=opts.n_gen, reps=opts.reps)
+                t0 = time.monotonic()
+                pr = runner.run(argv)
+                pt = points_from(pr.rows, [d])[d]
+                apply_power(pt, pr.samples, pr.events)
+                points.append(pt)
+                r0 = pr.rows[0]
+                build = {"build_number": r0.build_number, "build_commit": r0.build_commit,
+                         "model_type": r0.model_type, "backends": r0.backends, "gpu_info": r0.gpu_info}
+                _log(ctx, f"d{d}: pp {_f(pt.prefill_ts, ',.1f')} t/s, tg {_f(pt.decode_ts, ',.1f')} t/s, "
+                          f"power {_f(pt.power_w, ',.0f')} W ({time.monotonic() - t0:.1f}s)")
+                if opts.on_point:
+                    opts.on_point(pt)
     finally:
         if stopped:
-            _log(ctx, f"restarting {SERVICE} and waiting for /health")
-            start_service(ctx)
-            _log(ctx, f"{SERVICE} is back (healthy)")
+            restore_service(ctx, "bench")
     if opts.ttft and installed and service_active(ctx):
         _log(ctx, "TTFT: one request per depth through llama-server (timings.prompt_ms)")
         ttft = measure_ttft(ctx, opts.depths, opts.n_prompt)

@@ -28,7 +28,10 @@ from .errors import InventoryError, StepError, UsageError
 
 DEFAULT_PAIRS: tuple[tuple[int, int], ...] = (
     (512, 2048),  # the seed (llama.cpp defaults)
-    (1024, 2048), (2048, 2048), (1024, 4096), (2048, 4096), (4096, 4096), (4096, 8192), (8192, 8192))
+    (1024, 2048), (2048, 2048),
+    (1024, 4096), (2048, 4096), (4096, 4096),
+    # b > ub: several ubatches per batch, which a layer split pipelines across its GPUs
+    (512, 8192), (1024, 8192), (2048, 8192), (4096, 8192), (8192, 8192))
 SEED_PAIR = (B.SEED_UBATCH, B.SEED_BATCH)
 
 
@@ -293,13 +296,20 @@ class TuneOptions:
     timeout: float | None = None
 
 
+def robust_ts(row: B.BenchRow) -> float:
+    """Median of the repetitions (llama-bench's samples_ts) — one slow repetition (a clock or
+    power dip) must not decide the pick; llama-bench's own mean when there are no samples."""
+    import statistics
+    return statistics.median(row.samples_ts) if row.samples_ts else row.avg_ts
+
+
 def _trials_from(rows: Sequence[B.BenchRow], batch: int, ts: list[float] | None,
                  ubs: Sequence[int]) -> list[Trial]:
     by_ub = {r.n_ubatch: r for r in rows if r.kind == "pp"}
     out = []
     for ub in ubs:
         r = by_ub.get(ub)
-        out.append(Trial(ub, batch, ts, r.avg_ts if r else None, r.stddev_ts if r else None,
+        out.append(Trial(ub, batch, ts, robust_ts(r) if r else None, r.stddev_ts if r else None,
                          None if r else "no result (llama-bench failed before this test)"))
     return out
 
@@ -317,6 +327,8 @@ def run_tune(ctx, opts: TuneOptions) -> dict[str, Any]:
     model = opts.model or B.find_model(ctx)
     gf = hostfacts.gpu(ctx)
     n_gpus = len(gf.gpus) if gf.available else 0
+    # GPUs the server uses: gpus.count when the inventory says (CUDA_VISIBLE_DEVICES may hide some)
+    n_used = min(n_gpus, cfg["gpus"]["count"]) if cfg["gpus"]["count"] else n_gpus
     installed = B.service_installed(ctx)
     active = installed and B.service_active(ctx)
     stop, why = B.decide_stop(opts.service, n_gpus, bool(cfg["llama_cpp"]["cuda"]), flags.n_gpu_layers, active)
@@ -333,7 +345,7 @@ def run_tune(ctx, opts: TuneOptions) -> dict[str, Any]:
             f = B.BenchFlags(**{**flags.__dict__, "tensor_split": ts})
             argv = tune_argv(binary, model, f, b, ubs, opts.depth, opts.reps)
             try:
-                pr = runner.run(argv)
+                pr = runner.run(argv, allow_partial=True)
                 got = _trials_from(pr.rows, b, ts, ubs)
             except StepError as e:
                 got = [Trial(ub, b, ts, error=str(e)) for ub in ubs]
@@ -342,19 +354,19 @@ def run_tune(ctx, opts: TuneOptions) -> dict[str, Any]:
             trials.extend(got)
 
     try:
-        if stop:
-            B.stop_service(ctx)
-            stopped = True
-        sweep(opts.pairs, flags.tensor_split)
-        ref = next((t for t in trials if (t.ubatch, t.batch) == SEED_PAIR), None)
-        best, _ = pick_best(trials, ref)
-        if opts.tensor_splits and n_gpus > 1 and best is not None:
-            for ts in ts_variants(n_gpus, flags.tensor_split)[1:]:
-                sweep([(best.ubatch, best.batch)], ts)
+        with runner.interruptible():
+            if stop:
+                B.stop_service(ctx)
+                stopped = True
+            sweep(opts.pairs, flags.tensor_split)
+            ref = next((t for t in trials if (t.ubatch, t.batch) == SEED_PAIR), None)
+            best, _ = pick_best(trials, ref)
+            if opts.tensor_splits and n_used > 1 and best is not None:
+                for ts in ts_variants(n_used, flags.tensor_split)[1:]:
+                    sweep([(best.ubatch, best.batch)], ts)
     finally:
         if stopped:
-            ctx.say(f"tune: restarting {B.SERVICE} and waiting for /health")
-            B.start_service(ctx)
+            B.restore_service(ctx, "tune")
     ref = next((t for t in trials if (t.ubatch, t.batch) == SEED_PAIR and t.tensor_split == flags.tensor_split), None)
     best, speedup = pick_best(trials, ref)
     rows = [[t.label, B._f(t.prefill_ts, ",.1f"), B._f(t.stddev, ",.1f"),
@@ -362,7 +374,7 @@ def run_tune(ctx, opts: TuneOptions) -> dict[str, Any]:
              + ("  <- seed" if t is ref else "") + ("  <- best" if t is best else "")]
             for t in trials]
     ctx.console.table(f"tune: {ctx.host.name}, pp{opts.depth} (prefill of one {opts.depth}-token prompt)",
-                      ["flags", "prefill t/s", "± stddev", "vs seed b2048/ub512"], rows)
+                      ["flags", "prefill t/s (median)", "± stddev", "vs seed b2048/ub512"], rows)
     out_dir = B.results_dir(opts.results_root, ctx.host.name)
     doc = {"kind": "llama-rig tune", "host": ctx.host.name,
            "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
