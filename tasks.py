@@ -30,12 +30,13 @@ def _exit(status) -> None:
     "only": "run only these steps (comma-separated)",
     "skip": "skip these steps (comma-separated)",
     "parallel": "hosts handled at once (default 4)",
+    "lock": "reproduce this lock file (llama.cpp commit + flags, model sha + bytes); else each host's lock: key",
 })
 def provision(c, host=None, all=False, check=False, diff=False, only=None, skip=None,
-              inventory="hosts.yaml", set=None, parallel=4):
+              inventory="hosts.yaml", set=None, parallel=4, lock=None):
     """Bring hosts to the state in hosts.yaml (idempotent; --check to preview)."""
     _exit(_app(inventory, set).provision(host, all, check=check, diff=diff, only=only, skip=skip,
-                                         parallel=int(parallel)))
+                                         parallel=int(parallel), lock=lock))
 
 
 @task(auto_shortflags=False, iterable=["set"], help=HOST_HELP)
@@ -216,3 +217,30 @@ opencode.add_task(opencode_config)
 ns.add_collection(gpu)
 ns.add_collection(service)
 ns.add_collection(opencode)
+
+
+# -- lock files ---------------------------------------------------------------------------------
+
+LOCK_HELP = {"inventory": "inventory file (default: hosts.yaml)",
+             "set": "override an inventory key for this run: SECTION.KEY=VALUE (repeatable)"}
+
+
+@task(name="diff", auto_shortflags=False, iterable=["set"], help={
+    **LOCK_HELP, "left": "a host (its lock is read live from the rig) or a lock file",
+    "right": "the other host or lock file"})
+def lock_diff(c, left, right, inventory="hosts.yaml", set=None):
+    """Compare two hosts' locks (read live) or two lock files; exit 1 if they differ."""
+    _exit(_app(inventory, set).lock_diff(left, right))
+
+
+@task(name="show", auto_shortflags=False, iterable=["set"], help={
+    **LOCK_HELP, "host": "a host (its lock is read live from the rig) or a lock file"})
+def lock_show(c, host, inventory="hosts.yaml", set=None):
+    """Print a host's lock as it would be written now (read live), or a lock file."""
+    _exit(_app(inventory, set).lock_show(host))
+
+
+lock = Collection("lock")
+for _t in (lock_diff, lock_show):
+    lock.add_task(_t)
+ns.add_collection(lock)

@@ -5,6 +5,7 @@ Nothing here talks to a host before the whole inventory has been validated.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -57,16 +58,58 @@ class App:
     # -- provisioning ----------------------------------------------------------------------
     def provision(self, host: str | None, all_hosts: bool = False, check: bool = False,
                   diff: bool = False, only: str | None = None, skip: str | None = None,
-                  parallel: int = 4, steps=None) -> ExitStatus:
+                  parallel: int = 4, steps=None, lock: str | None = None) -> ExitStatus:
+        """Run the steps on the hosts. `lock` (a lock file; else each host's `lock:` key) makes
+        them reproduce a locked rig. After a successful non-check run each host's lock is written
+        to <inventory dir>/locks/<host>.lock.yaml."""
         def go() -> ExitStatus:
+            from . import lock as lk
+            from .engine import select_steps
             from .steps import all_steps
             hosts = self.hosts(host, all_hosts)
+            the_steps = steps or all_steps()
             opts = RunOptions(check=check, diff=diff, only=_csv(only), skip=_csv(skip),
                               parallel=parallel)
-            status, self.last_reports = run_steps(hosts, steps or all_steps(), self.console, opts,
+            select_steps(the_steps, opts.only, opts.skip)
+            locks = self.apply_locks(hosts, lock)
+            ran = [s.name for s in the_steps if (not opts.only or s.name in opts.only)
+                   and not (opts.skip and s.name in opts.skip)]
+            opts.before_host = lk.BeforeHost(locks)
+            opts.after_host = lk.AfterHost(locks, ran, self.lock_dir())
+            status, self.last_reports = run_steps(hosts, the_steps, self.console, opts,
                                                   self.target_factory)
             return status
         return self.guarded(go)
+
+    def lock_dir(self) -> Path:
+        """Where lock files are written: `locks/` next to the inventory file."""
+        return Path(self.inventory_path).resolve().parent / "locks"
+
+    def lock_file(self, spec: str) -> Path:
+        """A lock path as given: relative to the current directory, else to the inventory's."""
+        p = Path(spec).expanduser()
+        if p.is_absolute() or p.exists():
+            return p
+        alt = Path(self.inventory_path).resolve().parent / p
+        return alt if alt.exists() else p
+
+    def apply_locks(self, hosts: Sequence[Host], cli_lock: str | None) -> dict[str, tuple[str, dict]]:
+        """Load each host's lock (--lock wins over the host's `lock:` key) and turn it into the
+        host's settings (the command line's --set still wins). Nothing is contacted here."""
+        from . import lock as lk
+        over = inv._validate_layer(inv.parse_overrides(self.overrides), "command line")
+        out: dict[str, tuple[str, dict]] = {}
+        for h in hosts:
+            spec = cli_lock or h.cfg.get("lock")
+            if not spec:
+                continue
+            path = self.lock_file(spec)
+            doc = lk.load(path)
+            lk.apply_to_cfg(h.cfg, doc)
+            inv._merge(h.cfg, over)
+            inv._cross_check(h.cfg, f"{h.source}: host {h.name!r} (with lock {path})")
+            out[h.name] = (str(spec), doc)
+        return out
 
     # -- one action per host (status tasks, builds, ...) -------------------------------------
     def each_host(self, host: str | None, action: Callable[[Context], Any], *, title: str,
@@ -111,6 +154,43 @@ class App:
                 print_recap(self.console, reports, check)
             from .engine import exit_status
             return exit_status(reports)
+        return self.guarded(go)
+
+    # -- lock files ------------------------------------------------------------------------
+    def lock_doc(self, spec: str) -> tuple[str, dict]:
+        """A lock document from a lock file, or built live from a host of the inventory (its
+        state, facts and rendered files; with the host's own `lock:` settings applied)."""
+        from . import lock as lk
+        names = set(self.inventory().hosts) | set(self.inventory().groups)
+        if spec not in names and lk.is_lock_file(spec):
+            path = self.lock_file(spec)
+            return str(spec), lk.load(path)
+        [h] = self.hosts(spec)[:1]
+        if h.cfg.get("lock"):
+            lk.apply_to_cfg(h.cfg, lk.load(self.lock_file(h.cfg["lock"])))
+        target = self.target_factory(h)
+        try:
+            return h.name, lk.from_rig(Context(h, target, self.console))
+        finally:
+            target.close()
+
+    def lock_show(self, spec: str) -> ExitStatus:
+        def go() -> ExitStatus:
+            from . import lock as lk
+            name, doc = self.lock_doc(spec)
+            for ln in lk.dump(doc, self.lock_dir() / f"{doc['host']['name']}.lock.yaml").splitlines():
+                self.console.line(ln)
+            return ExitStatus.OK
+        return self.guarded(go)
+
+    def lock_diff(self, a: str, b: str) -> ExitStatus:
+        """Differences between two hosts' locks (built live) or lock files; 1 if they differ."""
+        def go() -> ExitStatus:
+            from . import lock as lk
+            na, da = self.lock_doc(a)
+            nb, db = self.lock_doc(b)
+            diffs = lk.show_differences(self.console, da, db, na, nb)
+            return ExitStatus.FAILED if diffs else ExitStatus.OK
         return self.guarded(go)
 
     # -- facts -----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -239,6 +241,10 @@ class RunOptions:
     only: list[str] | None = None
     skip: list[str] | None = None
     parallel: int = 4
+    # called with the host's context before the first step / after the steps and handlers all
+    # succeeded (the lockfile uses them); a RigError from one is a failed result named `.name`
+    before_host: Callable[[Context], None] | None = None
+    after_host: Callable[[Context], None] | None = None
 
 
 def select_steps(steps: Sequence[Step], only: list[str] | None, skip: list[str] | None) -> None:
@@ -269,7 +275,10 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
     active = [s for s in steps if (not opts.only or s.name in opts.only)
               and not (opts.skip and s.name in opts.skip)]
     failed = False
+    watch = Watchdog(host, target)
     try:
+        if opts.before_host is not None:
+            failed = not _run_hook(ctx, opts.before_host, report)
         for step in steps:
             if step not in active:
                 report.results.append(StepResult(step.name, "skipped", message="not selected"))
@@ -285,14 +294,91 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
                 failed = True
         if not failed:
             report.results.extend(_run_handlers(ctx, handlers, active))
+            if opts.after_host is not None and not report.count("failed"):
+                _run_hook(ctx, opts.after_host, report)
     except ConnectError as e:
         report.unreachable = str(e)
         console.error(f"[{host.name}] UNREACHABLE: {e}")
     finally:
+        watch.stop()
+        if watch.lost and not report.unreachable:
+            report.unreachable = watch.lost
+            console.error(f"[{host.name}] UNREACHABLE: {watch.lost}")
         report.commands = target.commands_run
         target.close()
     report.seconds = time.monotonic() - t_start
     return report
+
+
+def _run_hook(ctx: Context, fn: Callable[[Context], None], report: HostReport) -> bool:
+    name = getattr(fn, "name", "hook")
+    t0 = time.monotonic()
+    try:
+        fn(ctx)
+    except ConnectError:
+        raise
+    except RigError as e:
+        ctx.console.error(f"[{ctx.host.name}] {name}: FAILED: {e}")
+        report.results.append(StepResult(name, "failed", message=str(e),
+                                         seconds=time.monotonic() - t0))
+        return False
+    return True
+
+
+class Watchdog:
+    """Notices a host that went away in the middle of a run. A dropped network leaves an SSH
+    command waiting forever (no RST ever comes), so while the run lasts a thread opens a TCP
+    connection to the host's SSH port every few seconds; after `misses` failed probes in a row
+    (each waits up to connection.connect_timeout) the session is closed, which ends the waiting
+    command, and the host is reported UNREACHABLE. Local hosts are not watched."""
+
+    def __init__(self, host: Host, target: Target, misses: int = 2):
+        self.lost = ""
+        self._stop = threading.Event()
+        con = host.cfg["connection"]
+        from .target import SSHTarget
+        if not isinstance(target, SSHTarget) or not con.get("address"):
+            self._thread = None  # local hosts and test doubles are not watched
+            return
+        self.addr = (con["address"], int(con["port"]))
+        self.timeout = float(con["connect_timeout"])
+        self.interval = max(1.0, min(5.0, self.timeout / 2))
+        self.misses = misses
+        self.target = target
+        self.name = host.name
+        self._thread = threading.Thread(target=self._loop, name=f"watchdog-{host.name}", daemon=True)
+        self._thread.start()
+
+    def _probe(self) -> bool:
+        try:
+            with socket.create_connection(self.addr, timeout=self.timeout):
+                return True
+        except OSError:
+            return False
+
+    def _loop(self) -> None:
+        missed = 0
+        t_first = 0.0
+        while not self._stop.wait(self.interval):
+            if self._probe():
+                missed = 0
+                continue
+            if self._stop.is_set():
+                return
+            missed += 1
+            t_first = t_first or time.monotonic()
+            if missed >= self.misses:
+                self.lost = (f"{self.name} ({self.addr[0]}:{self.addr[1]}): no answer for "
+                             f"{time.monotonic() - t_first + self.timeout:.0f}s in the middle of the run "
+                             "(network down or host gone); its session was closed")
+                try:
+                    self.target.close()
+                except Exception:  # noqa: BLE001 - closing a dead session may fail any way
+                    pass
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _run_step(ctx: Context, step: Step) -> StepResult:
@@ -372,10 +458,25 @@ def run(hosts: Sequence[Host], steps: Sequence[Step], console: Console, opts: Ru
         reports = [run_host(hosts[0], steps, console, opts, target_factory)]
     else:
         with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
-            futs = [pool.submit(run_host, h, steps, console, opts, target_factory) for h in hosts]
+            futs = [pool.submit(_run_host_safe, h, steps, console, opts, target_factory)
+                    for h in hosts]
             reports = [f.result() for f in futs]
     print_recap(console, reports, opts.check)
     return exit_status(reports), reports
+
+
+def _run_host_safe(host: Host, steps: Sequence[Step], console: Console, opts: RunOptions,
+                   target_factory: Callable[[Host], Target]) -> HostReport:
+    """run_host for one of several hosts: an unexpected exception (a bug) fails THAT host and
+    never hides the other hosts' results."""
+    t0 = time.monotonic()
+    try:
+        return run_host(host, steps, console, opts, target_factory)
+    except Exception as e:  # noqa: BLE001
+        console.error(f"[{host.name}] FAILED: internal error: {type(e).__name__}: {e}")
+        rep = HostReport(host.name, [StepResult("internal", "failed", message=f"{type(e).__name__}: {e}")])
+        rep.seconds = time.monotonic() - t0
+        return rep
 
 
 def exit_status(reports: Sequence[HostReport]) -> ExitStatus:
