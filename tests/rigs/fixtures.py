@@ -5,8 +5,14 @@
 * ``base_image``   (session)  Path of the cached Tier B base image (built on first use)
 * ``apt_proxy``    (session)  the shared apt-cacher-ng (``.url``)
 * ``rig_factory``  (session)  ``rig_factory(name=None, gpus=None, fake_nvidia_smi=True) -> Rig``;
-                              also ``.stop(rig)``, ``.reboot(rig)``, ``.kill_network(rig)``,
-                              ``.restore_network(rig)``, ``.boot_seconds(rig)``
+                              also ``.stop(rig)`` (idempotent), ``.reboot(rig)`` (clean
+                              power cycle on the same disk), ``.wait_running(rig)`` (after a
+                              ``systemctl reboot`` inside the box, which also works),
+                              ``.kill_network(rig)`` / ``.restore_network(rig)`` (packets
+                              dropped silently: sessions hang, connects time out),
+                              ``.boot_seconds(rig)``. Names: [a-z0-9-], at most 12 chars.
+                              Every rig also has user ``rigadmin`` (NOPASSWD sudo, same key):
+                              ``rig.as_user("rigadmin")``.
 * ``rig``          (function) a fresh Tier B rig, torn down right after the test
 * ``session_rig``  (session)  one Tier B rig shared by the whole session (don't break it)
 """

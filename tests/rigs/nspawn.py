@@ -76,8 +76,8 @@ def recipe_hash() -> str:
 _BUILD_SCRIPT = r"""
 set -eu
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
-apt-get update -q
-apt-get install -y -q --no-install-recommends {packages}
+apt-get update -q || {{ sleep 5; apt-get update -q; }}
+apt-get install -y -q --no-install-recommends {packages} || {{ sleep 5; apt-get install -y -q --no-install-recommends {packages}; }}
 apt-get clean
 # apt-get clean also drops pkgcache.bin: without it every rig's first apt call re-parses the
 # 80 MB of lists (seconds on a busy box)
@@ -123,7 +123,17 @@ def build_base_image(force: bool = False, proxy_url: Optional[str] = None) -> Pa
             if proxy_url:
                 env["http_proxy"] = proxy_url
                 proxy_env = [f"--setenv=http_proxy={proxy_url}"]
-            sh(["debootstrap", "--variant=minbase", SUITE, tmp, MIRROR], timeout=1800, env=env)
+            for attempt in (1, 2, 3):  # a mirror hiccup should not fail the whole session
+                try:
+                    sh(["debootstrap", "--variant=minbase", SUITE, tmp, MIRROR], timeout=1800,
+                       env=env)
+                    break
+                except subprocess.CalledProcessError as e:
+                    if attempt == 3:
+                        raise
+                    _log(f"debootstrap failed (attempt {attempt}), retrying: {e}")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    time.sleep(5)
             t1 = time.monotonic()
             policy = tmp / "usr/sbin/policy-rc.d"
             policy.write_text("#!/bin/sh\nexit 101\n")
