@@ -93,7 +93,15 @@ def test_check_then_apply_then_idempotent(box, tmp_path):
     assert recap(r.stdout)["changed"] == "1"
     assert snapshot(box) == before
 
-    # 2. apply: the packages are really installed
+    # 2. apply: the packages are really installed -- while something else (unattended-upgrades
+    # on a fresh Ubuntu box) holds the dpkg lock for a few seconds: apt waits instead of failing
+    box.sh("setsid python3 -c \"import fcntl,time; f=open('/var/lib/dpkg/lock-frontend','w'); "
+           "fcntl.lockf(f, fcntl.LOCK_EX); open('/run/lock-held','w').close(); time.sleep(6)\" "
+           "</dev/null >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 10
+    while box.sh("test -e /run/lock-held", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "lock holder did not start"
+        time.sleep(0.1)
     r = invoke("provision", "--host", HOST, "--only", "facts,system", "--inventory", str(f))
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"[{HOST}] system: changed (1 change)" in r.stdout
