@@ -158,3 +158,33 @@ def test_unreachable_cut_network_fails_within_timeout(box, rig_factory, tmp_path
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(f"[{HOST}] UNREACHABLE: {HOST} (root@{box.address}:22): ")
+
+
+def test_facts_task_on_the_rig(box, tmp_path):
+    f = write_inventory(tmp_path / "hosts.yaml", box)
+    r = invoke("facts", "--host", HOST, "--inventory", str(f), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {ln.split("  ", 1)[0]: ln.split("  ", 1)[1].strip()
+            for ln in r.stdout.splitlines()[2:] if "  " in ln}
+    assert rows["os"] == "Debian GNU/Linux 12 (bookworm)"
+    assert rows["driver / CUDA"] == "570.133.20 / 12.8"
+    assert [k for k in rows if k.startswith("gpu ")] == [f"gpu {i}" for i in range(6)]
+    assert rows["gpu 0"].startswith("NVIDIA GeForce RTX 3090, cc 8.6, 24576 MiB, power 350.0 W")
+
+
+def test_driver_not_answering_fails_the_system_step(box, tmp_path):
+    f = write_inventory(tmp_path / "hosts.yaml", box)
+    box.sh("mkdir -p /etc/fake-nvidia-smi && echo '{\"driver_loaded\": false}' > /etc/fake-nvidia-smi/gpus.json")
+    try:
+        r = invoke("provision", "--host", HOST, "--only", "facts,system", "--inventory", str(f),
+                   timeout=300)
+    finally:
+        box.sh("rm -f /etc/fake-nvidia-smi/gpus.json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        f"[{HOST}] system: FAILED: the NVIDIA driver does not answer: nvidia-smi failed (exit 9): "
+        "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure "
+        "that the latest NVIDIA driver is installed and running. — install the driver (and reboot "
+        "if it was just installed)"]
+    row = recap(r.stdout)
+    assert (row["result"], row["failed"]) == ("FAILED", "1")
