@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import tempfile
@@ -228,7 +229,7 @@ class LocalTarget(Target):
     def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
         proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace", start_new_session=False)
+                                errors="replace", start_new_session=True)
         out_w, err_w = _LineWriter(on_stdout), _LineWriter(on_stderr)
         chunks: dict[str, list[str]] = {"out": [], "err": []}
 
@@ -251,10 +252,26 @@ class LocalTarget(Target):
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            # the whole process group: a child of `a; b` would otherwise keep the pipes open
+            # and the reader threads (and this call) waiting for it
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             rc = proc.wait()
             chunks["err"].append(f"\ntimed out after {timeout}s\n")
             rc = 124
+        except KeyboardInterrupt:
+            # its own session does not get the terminal's Ctrl-C: pass it on, then stop
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            raise
         for t in threads:
             t.join()
         return Result(command, rc, "".join(chunks["out"]), "".join(chunks["err"]))

@@ -215,6 +215,11 @@ def test_local_target_basics(tmp_path):
     assert sorted(p.name for p in f.parent.iterdir()) == ["b.conf"]
     r = t.run("sleep 5", check=False, timeout=0.5)
     assert r.exited == 124
+    # a compound command: its children die with it, the call returns at the timeout
+    t0 = time.monotonic()
+    r = t.run("echo started; sleep 5; echo never", check=False, timeout=0.5)
+    assert (r.exited, r.stdout) == (124, "started\n") and time.monotonic() - t0 < 3
+    assert r.stderr.endswith("timed out after 0.5s\n")
     with pytest.raises(CommandError):
         t.run("exit 9")
 
