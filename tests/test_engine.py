@@ -422,3 +422,49 @@ def test_console_prints_text_literally():
         assert "E: [/etc/apt] :100:" in text
         assert "[/dev/sda] [red]r[/red] :smile:" in text
     assert out.getvalue().startswith("apt: [bold]x[/bold]")
+
+
+@pytest.mark.sshd
+def test_engine_over_ssh_as_sudo_user(sshd):
+    """State and files written through sudo by a non-root login; check mode reads only."""
+    root = sshd.root
+    entry = sshd.sudo_rig.inventory_entry(paths={"state_dir": str(root / "state")})
+    h = inv.from_data({"hosts": {"box": entry}}).hosts["box"]
+    conf = root / "etc" / "svc.conf"
+
+    class Conf(Step):
+        name = "conf"
+
+        def plan(self, ctx):
+            cur = ctx.target.read_file(str(conf), sudo=True)
+            want = "x=1\n"
+            return [] if cur == want else [WriteFile("conf", path=str(conf), content=want,
+                                                     before=cur, mode=0o600,
+                                                     notify=("svc.restart",))]
+
+    class Boom(Step):
+        name = "boom"
+
+        def plan(self, ctx):
+            if ctx.target.exists(str(root / "broken")):
+                return [Run("broken", commands=["false"])]
+            return []
+    (root / "broken").write_text("")
+    con, out, err = console()
+    from provision.target import connect
+    status, _ = run([h], [Conf(), Boom(), SvcStep()], con, RunOptions(check=True), connect)
+    assert status == ExitStatus.OK and not conf.exists() and not (root / "state").exists()
+    status, reps = run([h], [Conf(), Boom(), SvcStep()], con, RunOptions(), connect)
+    assert status == ExitStatus.FAILED
+    st = root / "state" / "state.json"
+    assert json.loads(st.read_text()) == {"owed": ["svc.restart"]}
+    assert (st.stat().st_uid, stat.S_IMODE(st.stat().st_mode)) == (0, 0o600)
+    assert (conf.stat().st_uid, stat.S_IMODE(conf.stat().st_mode)) == (0, 0o600)
+    (root / "broken").unlink()
+    svc = SvcStep()
+    calls = []
+    svc.handlers = lambda: {"svc.restart": lambda ctx: calls.append(ctx.target.run("id -u", sudo=True).stdout)}
+    status, reps = run([h], [Conf(), Boom(), svc], con, RunOptions(), connect)
+    assert status == ExitStatus.OK and calls == ["0\n"]
+    assert json.loads(st.read_text()) == {"owed": []}
+    assert [r.status for r in reps[0].results] == ["ok", "ok", "ok", "changed"]
