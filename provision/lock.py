@@ -3,7 +3,7 @@
 After a successful provision `locks/<host>.lock.yaml` is written on the control machine (see
 `AfterHost`): llama.cpp repo + commit + build number + every cmake argument + the gcc/nvcc the
 build saw; the model repo + commit sha + every file with size and sha256; sha256 of the rendered
-units, env file and opencode config (read on the rig with `Target.sha256`); power limits; the
+units, env file and opencode config (read on the rig with one `sha256sum`); power limits; the
 GPU model/count and driver; the llama-rig version. Plain YAML, fixed key order, no timestamps: a
 re-run that changes nothing rewrites nothing, and `git diff locks/` reads well.
 
@@ -184,11 +184,26 @@ def rendered_paths(ctx: Context) -> dict[str, str]:
     return paths
 
 
+def sha256_many(ctx: Context, paths: dict[str, str]) -> dict[str, str | None]:
+    """Role -> sha256 of each file on the rig (None: absent), in ONE remote command (what
+    `Target.sha256` does, for all of them at once: a no-op provision stays cheap)."""
+    if not paths:
+        return {}
+    r = ctx.target.run("sha256sum -- " + " ".join(quote(p) for p in paths.values()) + " 2>/dev/null; true",
+                       sudo=True, check=False)
+    got: dict[str, str] = {}
+    for ln in r.stdout.splitlines():
+        digest, _, name = ln.partition("  ")
+        if len(digest) == 64:
+            got[name.strip()] = digest
+    return {role: got.get(path) for role, path in paths.items()}
+
+
 def from_rig(ctx: Context) -> dict[str, Any]:
     """Build the lock of the rig behind `ctx` (reads state, facts, the rendered files' sha256)."""
     hf = hostfacts.host_facts(ctx)
     gf = hostfacts.gpu(ctx)
-    hashes = {role: ctx.target.sha256(path, sudo=True) for role, path in rendered_paths(ctx).items()}
+    hashes = sha256_many(ctx, rendered_paths(ctx))
     return build(name=ctx.host.name, address=ctx.host.address, groups=ctx.host.groups,
                  cfg=ctx.cfg, state=dict(ctx.state.data), hf=hf, gf=gf, hashes=hashes)
 

@@ -376,3 +376,46 @@ def test_a_bug_on_one_host_never_hides_the_others(tmp_path):
     assert "2 of 3 hosts failed" in text
     for name in ("bad", "good", "failing"):
         assert any(ln.startswith(name + " ") for ln in text.splitlines()), text
+
+
+def test_sha256_many_is_one_command_and_absent_is_none():
+    class T:
+        def __init__(self):
+            self.cmds = []
+
+        def run(self, cmd, **kw):
+            self.cmds.append(cmd)
+            return Result(cmd, 1, f"{'1' * 64}  /etc/a.service\n{'2' * 64}  /etc/b env\n", "")
+
+    class C:
+        target = T()
+    got = L.sha256_many(C, {"a": "/etc/a.service", "b": "/etc/b env", "c": "/nope"})
+    assert got == {"a": "1" * 64, "b": "2" * 64, "c": None}
+    assert len(C.target.cmds) == 1 and "'/etc/b env'" in C.target.cmds[0]
+
+
+def test_watchdog_closes_the_session_of_a_host_that_went_away():
+    import socket
+    import time as _t
+
+    from provision.engine import Watchdog
+    from provision.target import SSHTarget
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    c = inv.defaults()
+    c["connection"].update(address="127.0.0.1", port=port, connect_timeout=1, key=None)
+    host = inv.Host("gone", [], c)
+    t = SSHTarget(host)
+    closed = []
+    t.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    w = Watchdog(host, t)
+    _t.sleep(1.5)
+    assert not w.lost and not closed  # answering: nothing happens
+    srv.close()  # the host goes away
+    deadline = _t.monotonic() + 10
+    while not w.lost and _t.monotonic() < deadline:
+        _t.sleep(0.1)
+    w.stop()
+    assert closed and "gone (127.0.0.1:" in w.lost and "in the middle of the run" in w.lost
