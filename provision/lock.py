@@ -401,6 +401,16 @@ def pin_model(ctx: Context, md: dict[str, Any], path: str) -> None:
             raise StepError(f"model {md['repo']}@{md['commit'][:12]}: the files pinned on this rig for "
                             f"that commit differ from the lock {path} ({', '.join(bad[:4])}): "
                             "refusing to reproduce other bytes")
+    else:
+        # not pinned here yet: ask the hub (on this machine, no download) what that commit holds
+        hub = M.resolve(ctx.cfg, M.load_token(ctx.cfg["model"]))
+        have = {f["path"]: (int(f["size"]), f.get("sha256")) for f in hub["files"]}
+        want = {f["path"]: (int(f["size"]), f.get("sha256")) for f in md["files"]}
+        if have != want:
+            bad = sorted(p for p in set(have) | set(want) if have.get(p) != want.get(p))
+            raise StepError(f"model {md['repo']}@{md['commit'][:12]}: the hub's files for that commit "
+                            f"differ from the lock {path} ({', '.join(bad[:4])}): refusing to "
+                            "download other bytes")
     entries = [M.RepoEntry(f["path"], int(f["size"]), f["sha256"]) for f in md["files"]]
     ctx.facts["model.manifest"] = M.make_manifest(ctx.cfg, md["commit"], entries)
     ctx.facts["lock.model"] = md

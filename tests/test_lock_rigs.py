@@ -202,7 +202,7 @@ def test_b_from_a_lock_gets_a_commit_after_upstream_moved(pair):
     out = r.stdout
     assert "[rig2] lock: reproducing rig from locks/rig.lock.yaml: llama.cpp " + old[:12] in out
     assert "[rig2] lock: matches locks/rig.lock.yaml" in out
-    assert "warning:" not in out  # same image, same fake GPUs: nothing that cannot match
+    assert "cannot match" not in out  # same image, same fake GPUs: nothing that cannot match
     st = pair.state(pair.b)
     assert st["llama"]["commit"] == old
     assert st["llama"]["cmake_args"] == lock_a["lock"]["llama_cpp"]["cmake_args"]
@@ -317,7 +317,7 @@ def test_one_host_unreachable_mid_run_other_completes(pair, rig_factory):
     print(out, f"\n({secs:.1f}s)")
     import re
     assert killed.is_set(), out
-    assert rc == 1, out
+    assert rc in (1, 3), out  # 1: a step failed when the session died, 3: only unreachable
     assert re.search(r"^rig\s+ok\s+\d+\s+0\s+0\s+", out, re.M), out
     assert re.search(r"^rig2\s+UNREACHABLE\s", out, re.M), out
     assert "1 of 2 hosts failed" in out

@@ -327,7 +327,9 @@ def test_provision_writes_lock_after_success_only(tmp_path):
 def test_lock_warnings_come_before_the_steps_and_mismatch_fails(tmp_path):
     MemTarget.boxes.clear()
     p = tmp_path / "x.lock.yaml"
-    L.write(doc(), p)  # a 6-GPU CUDA rig; the MemTarget box has no GPU
+    d = doc()
+    d["lock"]["model"] = None  # (the model pin is tested below)
+    L.write(d, p)  # a 6-GPU CUDA rig; the MemTarget box has no GPU
     out = io.StringIO()
     app = App(str(_inv(tmp_path, "good")), env=Environment(out, out, False), target_factory=MemTarget)
 
@@ -419,3 +421,32 @@ def test_watchdog_closes_the_session_of_a_host_that_went_away():
         _t.sleep(0.1)
     w.stop()
     assert closed and "gone (127.0.0.1:" in w.lost and "in the middle of the run" in w.lost
+
+
+def test_model_pin_checks_the_hub_then_hands_the_lock_manifest_to_the_model_step(tmp_path, monkeypatch):
+    from provision.engine import Context
+    from provision.steps import model as M
+    MemTarget.boxes.clear()
+    host = inv.load(_inv(tmp_path, "fresh")).hosts["fresh"]
+    lk = doc()["lock"]
+    L.apply_to_cfg(host.cfg, {"lock": lk})
+    ctx = Context(host, MemTarget(host), Console(Environment(io.StringIO(), io.StringIO(), False)))
+    hub_files = [dict(f) for f in lk["model"]["files"]]
+    monkeypatch.setattr(M, "resolve", lambda cfg, token, api=None: {"files": hub_files})
+    L.pin_model(ctx, lk["model"], "x.lock.yaml")
+    man = ctx.facts["model.manifest"]
+    assert man["commit"] == MODEL_SHA and man["revision"] == MODEL_SHA
+    assert {f["path"]: f["sha256"] for f in man["files"]} == {f["path"]: f["sha256"] for f in lk["model"]["files"]}
+    # the hub has other bytes for that commit: refused before any download
+    hub_files[0]["sha256"] = "e" * 64
+    with pytest.raises(StepError, match="the hub's files for that commit differ from the lock x.lock.yaml"):
+        L.pin_model(ctx, lk["model"], "x.lock.yaml")
+    # pinned on the rig already (state): no hub call, compared with the pin
+    monkeypatch.setattr(M, "resolve", lambda *a, **k: pytest.fail("the hub was asked"))
+    ctx.state.set("model", dict(state()["model"]))
+    L.pin_model(ctx, lk["model"], "x.lock.yaml")
+    other = dict(state()["model"])
+    other["files"] = [dict(f, sha256="f" * 64) for f in other["files"]]
+    ctx.state.set("model", other)
+    with pytest.raises(StepError, match="the files pinned on this rig for that commit differ"):
+        L.pin_model(ctx, lk["model"], "x.lock.yaml")
