@@ -42,8 +42,9 @@ class CommandError(RigError):
         self.exited = exited
         self.stdout = stdout
         self.stderr = stderr
-        tail = (stderr.strip() or stdout.strip()).splitlines()[-1:] or [""]
-        super().__init__(f"{host}: command failed (exit {exited}): {_short(command)}: {tail[0]}")
+        tail = [ln.strip() for ln in (stderr.strip() or stdout.strip()).splitlines() if ln.strip()][-1:]
+        msg = f"{host}: command failed (exit {exited}): {_short(command)}"
+        super().__init__(f"{msg}: {_short(tail[0], 300)}" if tail else msg)
 
 
 class StepError(RigError):

@@ -468,3 +468,13 @@ def test_engine_over_ssh_as_sudo_user(sshd):
     assert status == ExitStatus.OK and calls == ["0\n"]
     assert json.loads(st.read_text()) == {"owed": []}
     assert [r.status for r in reps[0].results] == ["ok", "ok", "ok", "changed"]
+
+
+def test_command_error_one_line():
+    from provision.errors import CommandError
+    assert str(CommandError("h", "false", 1, "", "")) == "h: command failed (exit 1): false"
+    assert str(CommandError("h", "make\n  -j4", 2, "out\n", "a\nE: last line  \n\n")) == (
+        "h: command failed (exit 2): make -j4: E: last line")
+    assert str(CommandError("h", "x", 3, "only stdout\n", " \n")) == "h: command failed (exit 3): x: only stdout"
+    long = "y" * 500
+    assert len(str(CommandError("h", long, 1, "", long))) < 450
