@@ -671,6 +671,8 @@ class ModelStep(Step):
     def _pin(self, ctx: Context) -> None:
         man = self.manifest(ctx)
         st = self._state(ctx)
+        if st.get("local_dir") != man["local_dir"]:
+            st["verified"] = {}  # another repo or dir: its markers say nothing about these files
         st.update(man)  # markers of other content stay: they mark a file as stale, never as good
         ctx.state.set(STATE_KEY, st)
 
