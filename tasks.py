@@ -244,3 +244,35 @@ lock = Collection("lock")
 for _t in (lock_diff, lock_show):
     lock.add_task(_t)
 ns.add_collection(lock)
+
+
+# -- model: pull / verify / status --------------------------------------------------------------
+
+
+@task(name="pull", auto_shortflags=False, iterable=["set"],
+      help={**HOST_HELP, "check": "show what would be downloaded/verified, change nothing"})
+def model_pull(c, host=None, all=False, check=False, inventory="hosts.yaml", set=None):
+    """Resolve the pinned revision, download missing shards on the rig, verify every sha256."""
+    _exit(_app(inventory, set).provision(host, all, check=check, only="model"))
+
+
+@task(name="verify", auto_shortflags=False, iterable=["set"],
+      help={**HOST_HELP, "full": "re-hash every shard, even those verified and unchanged since"})
+def model_verify(c, host=None, all=False, full=False, inventory="hosts.yaml", set=None):
+    """Hash the shards on the rig against lfs.sha256 (only changed ones unless --full)."""
+    from provision.steps import model as m
+    _exit(_app(inventory, set).each_host(host, lambda ctx: m.verify_action(ctx, full),
+                                         title="model.verify", all_hosts=all))
+
+
+@task(name="status", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
+def model_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
+    """Show the model repo, pinned sha, files with size and verified state, disk free."""
+    from provision.steps import model as m
+    _exit(_app(inventory, set).each_host(host, m.status_action, title="model.status", all_hosts=all))
+
+
+model = Collection("model")
+for _t in (model_pull, model_verify, model_status):
+    model.add_task(_t)
+ns.add_collection(model)

@@ -11,12 +11,14 @@ def all_steps() -> list[Step]:
     from .facts import FactsStep
     from .gpu import GpuStep
     from .llama import LlamaStep
+    from .model import ModelStep
     from .opencode import OpencodeStep
     from .service import ServiceStep
     from .system import SystemStep
 
     # order: facts, system, (gpu), llama, (model, service, opencode)
     steps: list[Step] = [FactsStep(), SystemStep(), GpuStep(), LlamaStep()]
+    steps += [ModelStep()]
     steps += [ServiceStep(), OpencodeStep()]  # after model
     return steps
 
