@@ -288,6 +288,18 @@ def test_disk_too_small_refused_before_any_download(mrig, mhub, wheels_url, tmp_
     assert mrig.sh(f"test -e {env.ldir(s.repo_id)}", check=False).returncode != 0
     assert env.state() == {}
 
+    # a real small disk: a 1 MiB tmpfs at the models dir, margin 0 -> the facts' df number refuses it
+    mrig.sh(f"mkdir -p {MODELS} && mount -t tmpfs -o size=1m tmpfs {MODELS}")
+    try:
+        n1 = len(mhub.requests)
+        rc, out = env.pull(free_space_margin_gb=0)
+        assert rc == 1
+        assert f"not enough disk space at {MODELS}: 1.0 MB free (1048576 bytes), need 2.1 MB" in out
+        assert not [r for r in mhub.requests[n1:] if r.server == "cdn" or "/resolve/" in r.path]
+        assert mrig.sh(f"ls -A {MODELS}").stdout == ""
+    finally:
+        mrig.sh(f"umount {MODELS}")
+
 
 def test_gated_repo_token_never_leaks(mrig, mhub, wheels_url, tmp_path, monkeypatch):
     token = "hf_rigTEST_9c1e5d7a3b"
