@@ -167,3 +167,35 @@ def test_fit_params_cpu(llama_cpu_bin: Path, tiny_llama_model, tiny_qwen35moe_mo
     assert rows, (res.stdout, res.stderr[-2000:])
     assert all(len(r) == 4 and all(x.lstrip("-").isdigit() for x in r[1:]) for r in rows), res.stdout
     assert any(r[0] == "Host" for r in rows)
+
+
+# ---------------------------------------------------------------- binaries
+
+SEED_SERVER_FLAGS = ["-m", "--host", "--port", "-ngl", "-c", "-ctk", "-ctv", "--parallel",
+                     "--split-mode", "-ts", "--no-warmup", "--temp", "--top-p", "--top-k",
+                     "--min-p", "--jinja", "--alias", "--api-key-file"]
+
+
+def test_server_help_lists_seed_flags(llama_cpu_bin: Path) -> None:
+    res = subprocess.run([str(llama_cpu_bin / "llama-server"), "--help"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert res.returncode == 0
+    flags = set()
+    for line in res.stdout.splitlines():
+        # "-ngl,  --gpu-layers, --n-gpu-layers N   max. number ..." -> flag names before the text
+        head = line.split("   ")[0]
+        for tok in head.replace(",", " ").split():
+            if tok.startswith("-"):
+                flags.add(tok)
+    missing = [f for f in SEED_SERVER_FLAGS if f not in flags]
+    assert not missing, missing
+
+
+def test_server_version_format(llama_cpu_bin: Path) -> None:
+    import re
+
+    res = subprocess.run([str(llama_cpu_bin / "llama-server"), "--version"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert res.returncode == 0
+    # printed on stderr: "version: 0.5.0-dev (build N, commit abc1234)\nbuilt with GNU 12.2.0 for Linux x86_64"
+    assert re.search(r"^version: \S+ \(build \d+, commit ([0-9a-f]{7,}|unknown)\)$", res.stderr, re.M), res.stderr
