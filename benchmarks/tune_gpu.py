@@ -38,8 +38,30 @@ MODEL_DIMS = {
     "medium": dict(n_layer=16, full_attention_interval=4, n_embd=2048, n_head=16, n_head_kv=2,
                    head_dim=128, n_expert=64, n_expert_used=8, n_ff_exp=256, n_ff_shexp=512,
                    ssm_d_conv=4, ssm_d_state=128, ssm_n_group=16, ssm_dt_rank=32),
+    # ~22 B params, ~2.4 B active (8 of 128 experts): enough work per ubatch to load the GPUs
+    "large": dict(n_layer=24, full_attention_interval=4, n_embd=3072, n_head=32, n_head_kv=2,
+                  head_dim=128, n_expert=128, n_expert_used=8, n_ff_exp=768, n_ff_shexp=768,
+                  ssm_d_conv=4, ssm_d_state=128, ssm_n_group=16, ssm_dt_rank=32),
     "tiny": dict(n_layer=8, full_attention_interval=4),
 }
+
+
+def _fast_weights() -> None:
+    """Random weights fast enough for tens of GB: tile a pool of 2^20+7 normal samples (per scale
+    and dtype) instead of drawing every value. Routing stays varied; speed is what is measured."""
+    import numpy as np
+    from tests.fixtures import tiny_gguf
+
+    pools: dict = {}
+
+    def mat(self, *ne, scale=0.05, dtype=np.float16):
+        key = (scale, np.dtype(dtype).str)
+        if key not in pools:
+            pools[key] = (self.rng.standard_normal(1048583) * scale).astype(dtype)
+        shape = tuple(reversed(ne))
+        return np.resize(pools[key], shape)
+
+    tiny_gguf._Weights.mat = mat
 
 
 def sh(cmd: str, **kw) -> None:
@@ -82,6 +104,8 @@ def make_model(work: Path, size: str) -> Path:
     if first.exists():
         return first
     from tests.fixtures.tiny_gguf import write_tiny_qwen35moe
+    if size == "large":
+        _fast_weights()
     t0 = time.monotonic()
     paths = write_tiny_qwen35moe(mdir, name, 4, **MODEL_DIMS[size])
     gb = sum(p.stat().st_size for p in paths) / 1e9
