@@ -183,10 +183,10 @@ def test_server_help_lists_seed_flags(llama_cpu_bin: Path) -> None:
     flags = set()
     for line in res.stdout.splitlines():
         # "-ngl,  --gpu-layers, --n-gpu-layers N   max. number ..." -> flag names before the text
-        head = line.split("   ")[0]
-        for tok in head.replace(",", " ").split():
-            if tok.startswith("-"):
-                flags.add(tok)
+        for tok in line.replace(",", " ").split():
+            if not tok.startswith("-"):
+                break
+            flags.add(tok)
     missing = [f for f in SEED_SERVER_FLAGS if f not in flags]
     assert not missing, missing
 
