@@ -364,3 +364,39 @@ def test_previous_build():
     assert ls.previous_build(v, "b1") == "b1"
     assert ls.previous_build(v, "gone") == "b2"
     assert ls.previous_build(_view("b3", [("b3", "3")]), None) is None
+
+
+# -- the real tree (the upstream fixture: llama.cpp as vendored in llama-cpp-python) -------------
+
+
+def test_tree_script_on_the_real_tree(llama_upstream):
+    import subprocess
+    out = subprocess.run(["bash", "-c", lb.tree_script(str(llama_upstream.path), llama_upstream.head())],
+                         capture_output=True, text=True, check=True).stdout
+    t = lb.parse_tree(out)
+    assert t.fa_flag == "GGML_CUDA_FA_QUANTS"  # this tree is new enough: FA_QUANTS=all
+    assert {"llama-server", "llama-bench", "llama-fit-params", "ggml-rpc-server"} <= t.targets
+    assert t.rpc_target == "ggml-rpc-server"
+    assert t.commit_count == llama_upstream.commit_count() and not t.shallow
+    assert llama_upstream.head().startswith(t.short_commit)
+    args = lb.cmake_args(cfg(rpc=True), t, ["90"])
+    assert "-DGGML_CUDA_FA_QUANTS=all" in args and "-DGGML_RPC=ON" in args
+
+
+def test_plain_progress_every_ten_percent():
+    import io
+
+    from provision.console import Console, Environment
+    from provision.engine import Context
+    host = inv.from_data({"hosts": {"rig": {"connection": {"type": "local"}}}}).hosts["rig"]
+    buf = io.StringIO()
+    ctx = Context(host, None, Console(Environment(buf, io.StringIO(), False)))
+    p = ls.Progress(ctx, "build b1-x-y")
+    for i in range(1, 201):
+        p(f"[{i}/200] {'Building CXX object a.o' if i < 200 else 'Linking CXX executable bin/llama-server'}")
+    p("some compiler warning")
+    p.close()
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "[rig] llama: build b1-x-y: [1/200] 0%"
+    assert lines[-1] == "[rig] llama: build b1-x-y: [200/200] 100%"
+    assert len(lines) == 11 and p.compiled == 199
