@@ -953,7 +953,10 @@ def run_bench(ctx, opts: BenchOptions) -> dict[str, Any]:
                  + ("" if installed else f" ({SERVICE} not installed)"))
     baseline = None
     if opts.baseline and str(opts.baseline).lower() != "none":
-        baseline = load_baseline(opts.baseline)
+        if str(opts.baseline) == str(DEFAULT_BASELINE) and not DEFAULT_BASELINE.exists():
+            ctx.warn(f"no baseline comparison: {DEFAULT_BASELINE} is not there (installed without the repo?)")
+        else:
+            baseline = load_baseline(opts.baseline)
     meta = {
         "kind": "llama-rig bench",
         "host": ctx.host.name,

@@ -335,7 +335,7 @@ def run_tune(ctx, opts: TuneOptions) -> dict[str, Any]:
     runner = B.RigBench(ctx, binary, model, sample_power=False, timeout=opts.timeout)
     ctx.say(f"tune: pp{opts.depth} from an empty cache, {opts.reps} rep(s), pairs (ub/b) "
             + ", ".join(f"{u}/{b}" for u, b in opts.pairs))
-    ctx.say(f"tune: " + (f"stopping {B.SERVICE} ({why}); restarted afterwards, whatever happens"
+    ctx.say("tune: " + (f"stopping {B.SERVICE} ({why}); restarted afterwards, whatever happens"
                          if stop else f"{B.SERVICE} left as it is ({why})"))
     trials: list[Trial] = []
     stopped = False

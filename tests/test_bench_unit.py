@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from provision import bench as B
 from provision import inventory as inv
