@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sha256_files.py      best {o_best:7.2f}s  median {o_med:7.2f}s  {gbps(size, o_best)}")
         ratio = s_best / o_best
         print(f"ratio (ours / sha256sum throughput): {ratio:.3f}  (goal >= 0.9: {'MET' if ratio >= 0.9 else 'NOT MET'})")
+        if shutil.which("openssl"):  # reference: OpenSSL's SHA-256 (SHA-NI when the CPU has it), as hashlib uses
+            r_best, _, _ = best(lambda: timed(["openssl", "dgst", "-sha256", str(big)]), a.repeat)
+            print(f"(reference) openssl dgst best {r_best:7.2f}s  {gbps(size, r_best)}   ours / openssl: {r_best / o_best:.3f}")
 
         n = a.shards
         shards = split(big, n, work)
