@@ -459,3 +459,16 @@ def test_local_shard1_path_only_when_verified(local_rig, hub):
     M.status_action(ctx)
     text = out.getvalue()
     assert shards.sha in text and text.count("verified") >= 4 and "disk free" in text
+
+
+def test_model_tasks_are_thin_and_registered():
+    import tasks
+    from provision.steps import step_names
+    col = tasks.ns.collections["model"]
+    assert sorted(col.tasks) == ["pull", "status", "verify"]
+    for t in col.tasks.values():
+        assert t.auto_shortflags is False
+        assert len(t.__doc__.strip().splitlines()) == 1
+    assert "full" in [a.name for a in col.tasks["verify"].get_arguments()]
+    names = step_names()
+    assert names.index("model") == names.index("llama") + 1
