@@ -330,7 +330,8 @@ class Watchdog:
     command waiting forever (no RST ever comes), so while the run lasts a thread opens a TCP
     connection to the host's SSH port every few seconds; after `misses` failed probes in a row
     (each waits up to connection.connect_timeout) the session is closed, which ends the waiting
-    command, and the host is reported UNREACHABLE. Local hosts are not watched."""
+    command; that command and every later one raise ConnectError, and the host is reported
+    UNREACHABLE. Local hosts are not watched."""
 
     def __init__(self, host: Host, target: Target, misses: int = 2):
         self.lost = ""
@@ -346,6 +347,26 @@ class Watchdog:
         self.misses = misses
         self.target = target
         self.name = host.name
+        # once the host is declared gone, the command in flight and every later one raise
+        # ConnectError: the empty output of a killed session must never read as "nothing there"
+        orig_exec, orig_upload = target._exec, target._upload
+
+        def _exec(command, **kw):
+            if self.lost:
+                raise ConnectError(self.lost)
+            res = orig_exec(command, **kw)
+            if self.lost:
+                raise ConnectError(self.lost)
+            return res
+
+        def _upload(local, remote):
+            if self.lost:
+                raise ConnectError(self.lost)
+            orig_upload(local, remote)
+            if self.lost:
+                raise ConnectError(self.lost)
+        target._exec = _exec  # type: ignore[method-assign]
+        target._upload = _upload  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._loop, name=f"watchdog-{host.name}", daemon=True)
         self._thread.start()
 

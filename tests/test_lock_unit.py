@@ -421,6 +421,9 @@ def test_watchdog_closes_the_session_of_a_host_that_went_away():
         _t.sleep(0.1)
     w.stop()
     assert closed and "gone (127.0.0.1:" in w.lost and "in the middle of the run" in w.lost
+    from provision.errors import ConnectError
+    with pytest.raises(ConnectError, match="in the middle of the run"):
+        t.run("true")  # never runs anything once the host is declared gone
 
 
 def test_model_pin_checks_the_hub_then_hands_the_lock_manifest_to_the_model_step(tmp_path, monkeypatch):
