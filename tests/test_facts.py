@@ -128,6 +128,8 @@ def test_os_release(fname, os_id, version, codename, distro, pretty):
     hf = host_facts.parse(_host_output(data(fname)))
     assert (hf.os_id, hf.os_version, hf.os_codename, hf.distro, hf.os_pretty) == (
         os_id, version, codename, distro, pretty)
+    assert hf.uses_apt == (os_id != "fedora")
+    assert hf.os_like == ("debian" if os_id == "ubuntu" else "")
 
 
 def test_dpkg_query_status_abbrev():

@@ -188,3 +188,17 @@ def test_plan_is_pure():
     before = dataclasses.asdict(facts), repr(c)
     system.plan(c, facts, GF_OK)
     assert (dataclasses.asdict(facts), repr(c)) == before
+
+
+def test_not_an_apt_distro():
+    fedora = dataclasses.replace(hf(distro=("fedora", "40"), packages={}), os_pretty="Fedora Linux 40")
+    with pytest.raises(StepError) as ei:
+        system.plan(cfg(llama_cpp={"cuda": False}, system={"packages": ["cmake", "git"]}), fedora, GF_NONE)
+    assert str(ei.value) == ("Fedora Linux 40 is not Debian or Ubuntu (no apt): install cmake git "
+                             "yourself, or list what you have in system.packages")
+    # nothing missing: nothing to say, whatever the distro
+    assert system.plan(cfg(llama_cpp={"cuda": False}, system={"packages": []}), fedora, GF_NONE) == []
+    # Ubuntu derivatives (ID_LIKE) use apt
+    mint = dataclasses.replace(hf(distro=("linuxmint", "22"), packages={}), os_like="ubuntu debian")
+    (ch,) = system.plan(cfg(llama_cpp={"cuda": False}, system={"packages": ["cmake"]}), mint, GF_NONE)
+    assert ch.description == "install packages: cmake"

@@ -30,6 +30,11 @@ class HostFacts:
     reboot_packages: tuple[str, ...] = ()
     kernel_headers: bool = False
     is_systemd: bool = False
+    os_like: str = ""  # ID_LIKE: "debian" for Ubuntu, Mint, ...
+
+    @property
+    def uses_apt(self) -> bool:
+        return self.os_id in ("debian", "ubuntu") or bool({"debian", "ubuntu"} & set(self.os_like.split()))
 
     @property
     def distro(self) -> str:
@@ -116,6 +121,7 @@ def parse(output: str) -> HostFacts:
         reboot_packages=tuple(p.strip() for p in s["reboot"][1:] if p.strip()) if reboot else (),
         kernel_headers=bool(s["headers"]) and s["headers"][0] == "yes",
         is_systemd=bool(s["init"]) and s["init"][0] == "systemd",
+        os_like=osr.get("ID_LIKE", ""),
     )
 
 

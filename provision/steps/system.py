@@ -39,6 +39,9 @@ def plan(cfg: dict, hf: HostFacts, gf: GpuFacts, proxy_now: str | None = None) -
             changes.append(WriteFile(f"apt proxy {sysc['apt_proxy']}", path=PROXY_FILE,
                                      content=want, before=proxy_now))
     missing = [p for p in wanted_packages(cfg, hf) if p not in hf.packages]
+    if missing and not hf.uses_apt:
+        raise StepError(f"{hf.os_pretty} is not Debian or Ubuntu (no apt): install {' '.join(missing)}"
+                        " yourself, or list what you have in system.packages")
     if missing:
         changes.append(Run(f"install packages: {' '.join(missing)}", commands=[
             f"{APT_GET} update -q",
