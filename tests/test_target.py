@@ -103,7 +103,7 @@ def test_write_file_atomic_mode_owner_as_sudo_user(sudo_t, sshd):
     assert (st2.st_uid, stat.S_IMODE(st2.st_mode)) == (pwd.getpwnam(sshd.sudo_rig.user).pw_uid, 0o600)
     # nothing left behind: no staged file next to it, no upload in /tmp
     assert sorted(p.name for p in path.parent.iterdir()) == ["server.env"]
-    assert not [p for p in Path("/tmp").glob("llama-rig-*") if p.stat().st_uid == st2.st_uid]
+    assert not list(Path("/tmp").glob(f"llama-rig-{os.getpid()}-*"))  # this process's uploads
     # binary content round-trips
     blob = bytes(range(256)) * 3
     sudo_t.write_file(str(path.with_name("blob")), blob, mode=0o644)
