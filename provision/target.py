@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -212,7 +213,9 @@ class Target:
             self.run(f"rm -f {quote(remote_tmp)}", check=False)
 
     def _remote_tmp_path(self) -> str:
-        return f"/tmp/llama-rig-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        # unguessable: nobody else on the box can pre-create this name in the shared /tmp and
+        # read (or swap) what is uploaded before it is installed as root
+        return f"/tmp/llama-rig-{os.getpid()}-{uuid.uuid4().hex}"
 
 
 class LocalTarget(Target):
@@ -371,7 +374,19 @@ class SSHTarget(Target):
     def _upload(self, local_path: str, remote_tmp: str) -> None:
         if not self.conn.is_connected:
             self.connect()
-        self.conn.put(local_path, remote_tmp)  # preserves the 0600 mode of the local temp file
+        # not conn.put(): it writes the bytes under the server's umask (0644 in /tmp) and only
+        # then chmods -- a window in which anyone on the box can read a secret. Here the empty
+        # file is made 0600 before the first byte is written.
+        sftp = self.conn.sftp()
+        with sftp.open(remote_tmp, "wb") as fh:
+            fh.chmod(0o600)
+            fh.set_pipelined(True)
+            with open(local_path, "rb") as src:
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    fh.write(chunk)
 
     def close(self) -> None:
         self.conn.close()

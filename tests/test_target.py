@@ -105,7 +105,7 @@ def test_write_file_atomic_mode_owner_as_sudo_user(sudo_t, sshd):
     assert sorted(p.name for p in path.parent.iterdir()) == ["server.env"]
     assert not list(Path("/tmp").glob(f"llama-rig-{os.getpid()}-*"))  # this process's uploads
     # binary content round-trips
-    blob = bytes(range(256)) * 3
+    blob = os.urandom(3 * 1024 * 1024 + 17)  # several upload chunks
     sudo_t.write_file(str(path.with_name("blob")), blob, mode=0o644)
     assert path.with_name("blob").read_bytes() == blob
 
