@@ -281,8 +281,10 @@ class LocalTarget(Target):
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
         import shutil
-        shutil.copyfile(local_path, remote_tmp)
-        os.chmod(remote_tmp, 0o600)
+        # created 0600 (and never an existing file or link) before any byte is written
+        fd = os.open(remote_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as dst, open(local_path, "rb") as src:
+            shutil.copyfileobj(src, dst)
 
 
 class SSHTarget(Target):
