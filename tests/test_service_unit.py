@@ -226,3 +226,14 @@ def test_check_mode_on_a_fresh_box_plans_a_pending_install(tmp_path):
     ctx.check = False
     with pytest.raises(StepError, match="no model manifest on this host yet"):
         s.ServiceStep().plan(ctx)
+
+
+def test_model_unreadable_by_the_service_user_is_fixed():
+    c = seed_cfg()
+    obs = _steady(c)
+    obs.model_readable = False
+    ch = s.plan(c, obs, MODEL, None)
+    assert ch[0].description == "let llama read the model (/var/lib/llama-rig/models)"
+    assert ch[0].commands == ["chgrp -R llama /var/lib/llama-rig/models && chmod -R g+rX /var/lib/llama-rig/models"]
+    obs.model_readable = True
+    assert s.plan(c, obs, MODEL, None) == []

@@ -244,9 +244,10 @@ class Observed:
     started: dict[str, Any] = field(default_factory=dict)  # state record of the last start
     owed: bool = False
     systemd: bool = True
+    model_readable: bool | None = None  # by the service user (None: user missing / not checked)
 
 
-def observe(ctx: Context) -> Observed:
+def observe(ctx: Context, model_path: str | None = None) -> Observed:
     cfg = ctx.cfg
     u = cfg["paths"]["service_user"]
     script = "; ".join([
@@ -278,7 +279,9 @@ def observe(ctx: Context) -> Observed:
         if t.exists(binary_path(cfg)) else None,
         started=dict(ctx.state.get("service", {}) or {}),
         owed=HANDLER in ctx.state.owed,
-        systemd=bool(sec.get("init")) and sec["init"][0] == "systemd")
+        systemd=bool(sec.get("init")) and sec["init"][0] == "systemd",
+        model_readable=None if len(pw) < 7 or not model_path else t.run(
+            f"runuser -u {quote(u)} -- test -r {quote(model_path)}", sudo=True, check=False).ok)
 
 
 NOLOGIN = "/usr/sbin/nologin"
@@ -303,6 +306,11 @@ def plan(cfg: dict, obs: Observed, model_path: str, api_key: str | None,
         changes.append(Run(f"fix user {u}: home {home}, no login shell", commands=[
             f"mkdir -p {quote(home)} && chown {quote(u)}: {quote(home)}",
             f"usermod --home {quote(home)} --shell {NOLOGIN} {quote(u)}"]))
+    if obs.model_readable is False or not obs.user_exists:
+        d = os.path.dirname(model_path)
+        grant = Run(f"let {u} read the model ({d})", commands=[
+            f"chgrp -R {quote(u)} {quote(d)} && chmod -R g+rX {quote(d)}"])
+        changes.append(grant)  # (after creating a new user: it must be able to read the model)
     helper = render_helper(cfg)
     if helper != obs.helper_now:
         changes.append(WriteFile(f"readiness helper {helper_path(cfg)}", path=helper_path(cfg),
@@ -537,7 +545,7 @@ class ServiceStep(Step):
                              data={"action": "pending", "reason": "binary missing"})]
             raise StepError(f"{binary_path(ctx.cfg)} not found: run the llama step first")
         api_key = read_api_key(ctx.cfg)
-        obs = observe(ctx)
+        obs = observe(ctx, model_path)
 
         def do_restart(c: Context) -> None:
             preflight(c, model_path)
