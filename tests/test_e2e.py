@@ -64,11 +64,11 @@ def e2e(llama_rig, wheelhouse_dir, tmp_path_factory):
         hub.stop()
 
 
-def provision(path: Path, *over: str, check: bool = False) -> tuple[int, str, float]:
+def provision(path: Path, *over: str, check: bool = False, only: str | None = None) -> tuple[int, str, float]:
     out = io.StringIO()
     app = App(str(path), overrides=list(over), env=Environment(out, out, False))
     t0 = time.monotonic()
-    rc = int(app.provision("rig", check=check))
+    rc = int(app.provision("rig", check=check, only=only))
     return rc, out.getvalue(), time.monotonic() - t0
 
 
@@ -78,9 +78,11 @@ def starts(rig) -> int:
 
 
 def test_end_to_end(e2e):
-    rig, path, tmp = e2e["rig"], e2e["path"], e2e["tmp"]
+    check_end_to_end(e2e["rig"], e2e["path"], e2e["tmp"])
 
-    rc, out, secs = provision(path)
+
+def check_end_to_end(rig, path: Path, tmp: Path, only: str | None = None) -> dict:
+    rc, out, secs = provision(path, only=only)
     assert rc == 0, out
     RESULTS["first_provision_s"] = round(secs, 1)
     # the model step pulled and verified the 4 shards; the unit points at shard 1
@@ -134,7 +136,7 @@ def test_end_to_end(e2e):
     r = opencode_cli.run(["models", "llama-cpp"], local, home, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"llama-cpp/{ALIAS}" in r.stdout.split()
-    n_chat = int(rig.sh("journalctl -u llama-server -o cat | grep -c 'POST /v1/chat/completions' || true").stdout or 0)
+    n_chat = int(rig.sh("journalctl -u llama-server -o cat | grep -c 'processing task' || true").stdout or 0)
     t0 = time.monotonic()
     r = opencode_cli.run(["run", "--title", "smoke", "--format", "json", "-m", f"llama-cpp/{ALIAS}",
                           "Reply: pong"], local, home, timeout=600)
@@ -147,12 +149,15 @@ def test_end_to_end(e2e):
     RESULTS["opencode_reply"] = (texts[0].get("part") or {}).get("text", reply)[:120]
     assert not any(e.get("type") == "error" for e in events), r.stdout[-3000:]
     # ... and it came from THIS server
-    after = int(rig.sh("journalctl -u llama-server -o cat | grep -c 'POST /v1/chat/completions' || true").stdout or 0)
+    after = int(rig.sh("journalctl -u llama-server -o cat | grep -c 'processing task' || true").stdout or 0)
     assert after > n_chat
+    big = [int(x) for x in re.findall(r"prompt eval time = .*/\s*(\d+) tokens", rig.sh(
+        "journalctl -u llama-server -o cat --no-pager").stdout)]
+    assert big and max(big) > 1000  # opencode's system prompt + tools reached this server
 
     # second run: zero changes
     n = starts(rig)
-    rc, out, secs = provision(path)
+    rc, out, secs = provision(path, only=only)
     assert rc == 0, out
     RESULTS["second_provision_s"] = round(secs, 1)
     assert re.search(r"^rig\s+ok\s+\d+\s+0\s+0\s", out, re.M), out  # recap: 0 changed, 0 failed
@@ -160,13 +165,14 @@ def test_end_to_end(e2e):
 
     # one flag changed -> exactly one restart; again -> none
     pid = rig.sh("systemctl show -p MainPID --value llama-server.service").stdout.strip()
-    rc, out, _ = provision(path, "server.temp=0.7")
+    rc, out, _ = provision(path, "server.temp=0.7", only=only)
     assert rc == 0, out
     assert "restart llama-server.service (unit changed)" in out and "--temp 0.7" in rig.sh(
         "cat /etc/systemd/system/llama-server.service").stdout
     assert starts(rig) == n + 1
     assert rig.sh("systemctl show -p MainPID --value llama-server.service").stdout.strip() != pid
-    rc, out, _ = provision(path, "server.temp=0.7")
+    rc, out, _ = provision(path, "server.temp=0.7", only=only)
     assert rc == 0 and re.search(r"^rig\s+ok\s+\d+\s+0\s+0", out, re.M), out
     assert starts(rig) == n + 1
     print("\nE2E RESULTS: " + json.dumps(RESULTS))
+    return RESULTS
