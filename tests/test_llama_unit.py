@@ -400,3 +400,77 @@ def test_plain_progress_every_ten_percent():
     assert lines[0] == "[rig] llama: build b1-x-y: [1/200] 0%"
     assert lines[-1] == "[rig] llama: build b1-x-y: [200/200] 100%"
     assert len(lines) == 11 and p.compiled == 199
+
+
+# -- llama.update: restart, health, automatic rollback (service hooks faked) --------------------
+
+
+class _FakeLlama:
+    """Stands in for ls.Llama: records switches; the build 'b2' is what ensure() produces."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.switched: list[str] = []
+        self.lc = {"ref": "master"}
+        _FakeLlama.last = self
+
+    def view(self):
+        v = ls.RigView(current=self.switched[-1] if self.switched else "b1", src_url="x")
+        for n, t in (("b1", 1.0), ("b2", 2.0)):
+            v.builds[n] = lb.BuildInfo(n, "fp" + n, SHA if n == "b1" else SHA2, 1, t)
+        return v
+
+    def sync(self, view):
+        return SHA2
+
+    def git(self, args, **kw):
+        from provision.target import Result
+        return Result(args, 0, "1\n" if "rev-list" in args else "abcdef0 a change\n", "")
+
+    def ensure(self, view=None, sha=None):
+        self.switched.append("b2")
+        return ls.Outcome("b2", SHA2, built=True, switched=True, previous="b1")
+
+    def switch(self, name):
+        self.switched.append(name)
+
+    def record(self, current, previous):
+        self.recorded = (current, previous)
+
+
+def _update_ctx(monkeypatch, healthy):
+    import io
+
+    from provision.console import Console, Environment
+    from provision.engine import Context
+    from provision.errors import StepError
+    host = inv.from_data({"hosts": {"rig": {"connection": {"type": "local"}}}}).hosts["rig"]
+    out = io.StringIO()
+    ctx = Context(host, None, Console(Environment(out, out, False)))
+    restarts: list[str] = []
+
+    def restart(c):
+        restarts.append(_FakeLlama.last.switched[-1])
+        if not healthy(restarts[-1]):
+            raise StepError(f"{restarts[-1]}: /health never returned 200")
+
+    monkeypatch.setattr(ls, "Llama", _FakeLlama)
+    monkeypatch.setattr(ls, "unit_installed", lambda c: True)
+    monkeypatch.setattr(ls, "restart_and_wait", restart)
+    return ctx, out, restarts
+
+
+def test_update_restarts_and_stays_when_healthy(monkeypatch):
+    ctx, out, restarts = _update_ctx(monkeypatch, lambda b: True)
+    assert ls.task_update(ctx) is True
+    assert restarts == ["b2"] and _FakeLlama.last.switched == ["b2"]
+    assert "1 new commit(s)" in out.getvalue() and "abcdef0 a change" in out.getvalue()
+
+
+def test_update_rolls_back_when_unhealthy(monkeypatch):
+    from provision.errors import StepError
+    ctx, out, restarts = _update_ctx(monkeypatch, lambda b: b != "b2")
+    with pytest.raises(StepError, match="failed its health check; rolled back to b1"):
+        ls.task_update(ctx)
+    assert restarts == ["b2", "b1"]  # restarted on the new build, then again on the old one
+    assert _FakeLlama.last.switched == ["b2", "b1"] and _FakeLlama.last.recorded == ("b1", "b2")
