@@ -34,7 +34,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from provision import inventory as inv  # noqa: E402
 from provision.app import App  # noqa: E402
 from provision.console import Console, Environment  # noqa: E402
 from provision.engine import Context  # noqa: E402
