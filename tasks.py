@@ -171,11 +171,11 @@ def service_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
 
 
 @task(name="logs", auto_shortflags=False, iterable=["set"],
-      help={**HOST_HELP, "lines": "how many journal lines (default 50)"})
-def service_logs(c, host=None, all=False, lines=50, inventory="hosts.yaml", set=None):
+      help={**HOST_HELP, "n": "how many journal lines (default 50)"})
+def service_logs(c, host=None, all=False, n=50, inventory="hosts.yaml", set=None):
     """Show the last lines of llama-server's journal."""
     from provision.steps import service as s
-    _each(inventory, set, host, all, lambda ctx: s.logs(ctx, int(lines)), "service.logs")
+    _each(inventory, set, host, all, lambda ctx: s.logs(ctx, int(n)), "service.logs")
 
 
 @task(name="restart", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
