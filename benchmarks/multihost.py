@@ -139,7 +139,9 @@ def with_rigs(reps: int) -> dict[str, Any]:
         shards = make_gguf_like_shards(hub, "bench/tiny-GGUF", n=2, size=[300_001, 200_003])
         model = {"repo": shards.repo_id, "endpoint": hub.endpoint, "pip_find_links": wheels.url,
                  "free_space_margin_gb": 0, "token_env": "LLAMA_RIG_BENCH_NO_TOKEN"}
-        hosts = {f"rig{i + 1}": nr.rig.inventory_entry(model=model) for i, nr in enumerate(rigs)}
+        # CPU rigs (no CUDA repo to reach from a test rig)
+        hosts = {f"rig{i + 1}": nr.rig.inventory_entry(model=model, llama_cpp={"cuda": False})
+                 for i, nr in enumerate(rigs)}
         inv = tmp / "hosts.yaml"
         inv.write_text(yaml.safe_dump({"hosts": hosts}))
         return measure(str(inv), "rig1", "rig2", only="facts,system,model", reps=reps)
