@@ -29,10 +29,10 @@ import pytest
 import yaml
 
 from tests.fixtures.llama_rig import llama_settings
+from tests.fixtures.rig_ccache import copy_ccache, save_ccache, seed_ccache
 from tests.fixtures.wheelhouse import WheelServer
 from tests.hub.fixtures import make_gguf_like_shards
 from tests.hub.server import StandInHub
-from tests.rigs import CACHE_ROOT
 from tests.rigs.aptproxy import PROXY_ADDR
 
 pytestmark = [pytest.mark.rig, pytest.mark.build]
@@ -40,38 +40,7 @@ pytestmark = [pytest.mark.rig, pytest.mark.build]
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = "facts,system,llama,model"
 PREFIX = "/opt/llama-rig"
-CCACHE_TAR = CACHE_ROOT / "lock-tests" / "ccache.tar"
 CONNECT_TIMEOUT = 4
-
-
-def _ssh(rig) -> list[str]:
-    return ["ssh", "-i", str(rig.key_file), "-o", f"UserKnownHostsFile={rig.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-p", str(rig.port),
-            f"{rig.user}@{rig.address}"]
-
-
-def copy_ccache(src_rig, dst_rig) -> None:
-    cmd = (f"{' '.join(_ssh(src_rig))} 'tar -C / -cf - opt/llama-rig/ccache' | "
-           f"{' '.join(_ssh(dst_rig))} 'mkdir -p {PREFIX} && tar -C / -xf -'")
-    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, timeout=600)
-
-
-def save_ccache(rig) -> None:
-    CCACHE_TAR.parent.mkdir(parents=True, exist_ok=True)
-    tmp = CCACHE_TAR.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        subprocess.run([*_ssh(rig), "tar -C / -cf - opt/llama-rig/ccache"], stdout=fh, check=True,
-                       timeout=600)
-    os.replace(tmp, CCACHE_TAR)
-
-
-def seed_ccache(rig) -> bool:
-    if not CCACHE_TAR.exists():
-        return False
-    with open(CCACHE_TAR, "rb") as fh:
-        subprocess.run([*_ssh(rig), f"mkdir -p {PREFIX} && tar -C / -xf -"], stdin=fh, check=True,
-                       timeout=600)
-    return True
 
 
 class Pair:
