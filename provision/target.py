@@ -359,6 +359,7 @@ class SSHTarget(Target):
         import paramiko
         if not self.conn.is_connected:
             self.connect()
+        t0 = time.monotonic()
         try:
             r = self.conn.run(command, hide=True, warn=True, timeout=timeout,
                               in_stream=io.StringIO(stdin) if stdin else False,
@@ -371,6 +372,9 @@ class SSHTarget(Target):
             if type(e).__name__ == "CommandTimedOut":
                 return Result(command, 124, "", f"timed out after {timeout}s")
             raise
+        if r.exited == -1 and timeout and time.monotonic() - t0 >= timeout:
+            # invoke's timer closed the channel before the exit status arrived: same as above
+            return Result(command, 124, r.stdout, (r.stderr or "") + f"\ntimed out after {timeout}s")
         return Result(command, r.exited, r.stdout, r.stderr)
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
