@@ -310,19 +310,24 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
     return report
 
 
-def _run_hook(ctx: Context, fn: Callable[[Context], None], report: HostReport) -> bool:
-    name = getattr(fn, "name", "hook")
+def _call_guarded(ctx: Context, label: str, fn: Callable[[Context], None]) -> StepResult | None:
+    """fn(ctx); a RigError becomes a failed result named `label` (a lost connection propagates)."""
     t0 = time.monotonic()
     try:
         fn(ctx)
     except ConnectError:
         raise
     except RigError as e:
-        ctx.console.error(f"[{ctx.host.name}] {name}: FAILED: {e}")
-        report.results.append(StepResult(name, "failed", message=str(e),
-                                         seconds=time.monotonic() - t0))
-        return False
-    return True
+        ctx.console.error(f"[{ctx.host.name}] {label}: FAILED: {e}")
+        return StepResult(label, "failed", message=str(e), seconds=time.monotonic() - t0)
+    return None
+
+
+def _run_hook(ctx: Context, fn: Callable[[Context], None], report: HostReport) -> bool:
+    failed = _call_guarded(ctx, getattr(fn, "name", "hook"), fn)
+    if failed:
+        report.results.append(failed)
+    return failed is None
 
 
 class Watchdog:
@@ -457,14 +462,9 @@ def _run_handlers(ctx: Context, handlers: dict[str, Callable[[Context], None]],
             continue
         ctx.console.host_line(ctx.host.name, f"handler: running {h}")
         t0 = time.monotonic()
-        try:
-            fn(ctx)
-        except ConnectError:
-            raise
-        except RigError as e:
-            ctx.console.error(f"[{ctx.host.name}] handler {h}: FAILED: {e}")
-            results.append(StepResult(f"handler {h}", "failed", message=str(e),
-                                      seconds=time.monotonic() - t0))
+        failed = _call_guarded(ctx, f"handler {h}", fn)
+        if failed:
+            results.append(failed)
             continue
         ctx.state.paid(h)
         results.append(StepResult(f"handler {h}", "changed", [f"ran {h}"],

@@ -74,6 +74,16 @@ def _ts(values: list[float]) -> str:
     return ",".join(str(int(v)) if float(v).is_integer() else repr(float(v)) for v in values)
 
 
+def _attn_batch_flags(s: dict) -> list[str]:
+    """-fa (when not auto), -b, -ub: shared by the server and its fit-params preflight."""
+    out = ["-fa", s["flash_attn"]] if s["flash_attn"] != "auto" else []
+    if s["batch_size"]:
+        out += ["-b", str(s["batch_size"])]
+    if s["ubatch_size"]:
+        out += ["-ub", str(s["ubatch_size"])]
+    return out
+
+
 def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     """The rendered llama-server command line: every seed flag mapped from the inventory.
     Used by the unit's ExecStart= and, without systemd, for GPU proofs."""
@@ -91,12 +101,7 @@ def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     argv.append("--jinja" if s["jinja"] else "--no-jinja")
     if s["alias"]:
         argv += ["--alias", s["alias"]]
-    if s["flash_attn"] != "auto":
-        argv += ["-fa", s["flash_attn"]]
-    if s["batch_size"]:
-        argv += ["-b", str(s["batch_size"])]
-    if s["ubatch_size"]:
-        argv += ["-ub", str(s["ubatch_size"])]
+    argv += _attn_batch_flags(s)
     argv += list(s["extra_args"])
     return argv
 
@@ -108,12 +113,7 @@ def fit_params_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
             "-ctv", s["cache_type_v"], "-ngl", str(s["n_gpu_layers"]), "-sm", s["split_mode"]]
     if s["tensor_split"]:
         argv += ["-ts", _ts(s["tensor_split"])]
-    if s["flash_attn"] != "auto":
-        argv += ["-fa", s["flash_attn"]]
-    if s["batch_size"]:
-        argv += ["-b", str(s["batch_size"])]
-    if s["ubatch_size"]:
-        argv += ["-ub", str(s["ubatch_size"])]
+    argv += _attn_batch_flags(s)
     argv += ["-fitp", "on"]
     return argv
 
