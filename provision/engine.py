@@ -7,6 +7,7 @@ restarts next time (the Ansible handler trap, ansible#4766).
 """
 from __future__ import annotations
 
+import abc
 import difflib
 import json
 import socket
@@ -26,14 +27,15 @@ from .target import Target, connect
 
 
 @dataclass
-class Change:
+class Change(abc.ABC):
     """One planned change. Subclasses say how to apply it; tests compare them as data."""
 
     description: str
     notify: tuple[str, ...] = field(default=(), kw_only=True)
 
-    def apply(self, ctx: "Context") -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def apply(self, ctx: "Context") -> None:
+        """Make the change on the box."""
 
     def diff(self) -> str | None:
         return None
@@ -185,14 +187,15 @@ class Context:
         self.console.warn(f"[{self.host.name}] {text}")
 
 
-class Step:
+class Step(abc.ABC):
     """A provisioning step: plan(ctx) -> changes (empty = no change); handlers by name."""
 
     name: str = ""
     title: str = ""
 
-    def plan(self, ctx: Context) -> list[Change]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def plan(self, ctx: Context) -> list[Change]:
+        """Read the box (only read) and return the changes needed; [] = no change."""
 
     def verify(self, ctx: Context) -> None:
         """Optional: after applying, re-read the box and raise StepError if it is not right."""

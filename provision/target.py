@@ -8,6 +8,7 @@ against a known_hosts file (strict, or accept-new which records a key on first c
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import logging
@@ -80,7 +81,7 @@ def join(argv: Iterable[str | os.PathLike]) -> str:
     return " ".join(quote(a) for a in argv)
 
 
-class Target:
+class Target(abc.ABC):
     """Base: everything is built on `_exec(shell_command)`."""
 
     name: str
@@ -100,15 +101,25 @@ class Target:
                 self._sudo_password = pw
 
     # -- to implement ------------------------------------------------------
+    @abc.abstractmethod
     def _exec(self, command: str, *, timeout: float | None, stdin: str | None,
               on_stdout: LineCallback | None, on_stderr: LineCallback | None) -> Result:
-        raise NotImplementedError
+        """Run one shell line on the box."""
+
+    @abc.abstractmethod
+    def is_root(self) -> bool:
+        """Whether commands run as root without sudo."""
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
-        raise NotImplementedError
-
-    def is_root(self) -> bool:
-        raise NotImplementedError
+        """Copy a local file to a new private (0600) file on the box. Generic way: base64 over
+        the command's stdin (subclasses use sftp / a local copy)."""
+        import base64
+        with open(local_path, "rb") as fh:
+            data = base64.b64encode(fh.read()).decode()
+        r = self._exec(f"umask 077 && base64 -d > {quote(remote_tmp)}", timeout=None, stdin=data,
+                       on_stdout=None, on_stderr=None)
+        if not r.ok:
+            raise CommandError(self.name, f"upload to {remote_tmp}", r.exited, r.stdout, r.stderr)
 
     def close(self) -> None:
         pass

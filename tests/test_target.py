@@ -263,3 +263,19 @@ def test_missing_or_bad_key_file_says_so(sshd, tmp_path):
         connect(host_for(sshd.root_rig, key=str(bad)))
     assert str(ei.value) == (f"r (root@127.0.0.1:{sshd.port}): connection.key: cannot use {bad}: "
                              "not a valid OPENSSH private key file")
+
+
+def test_generic_upload_through_stdin(tmp_path):
+    """A Target that only knows how to run commands still installs files (base64 over stdin)."""
+    host = inv.from_data({"hosts": {"me": {"connection": {"type": "local"}}}}).hosts["me"]
+
+    class ExecOnly(LocalTarget):
+        _upload = LocalTarget.__mro__[1]._upload  # the base class's generic upload
+
+    t = ExecOnly(host)
+    data = bytes(range(256)) * 3 + b"\n\x00end"
+    dest = tmp_path / "sub" / "blob.bin"
+    t.write_file(str(dest), data, mode=0o640)
+    assert dest.read_bytes() == data
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o640
+    assert not list(Path("/tmp").glob(f"llama-rig-{os.getpid()}-*"))  # the private temp file is gone
