@@ -394,23 +394,17 @@ def pin_model(ctx: Context, md: dict[str, Any], path: str) -> None:
     from .steps import model as M
     stored = ctx.state.get(M.STATE_KEY) or {}
     if stored.get("repo") == md["repo"] and stored.get("commit") == md["commit"] and stored.get("files"):
-        have = {f["path"]: (int(f["size"]), f.get("sha256")) for f in stored["files"]}
-        want = {f["path"]: (int(f["size"]), f.get("sha256")) for f in md["files"]}
-        if have != want:
-            bad = sorted(p for p in set(have) | set(want) if have.get(p) != want.get(p))
-            raise StepError(f"model {md['repo']}@{md['commit'][:12]}: the files pinned on this rig for "
-                            f"that commit differ from the lock {path} ({', '.join(bad[:4])}): "
-                            "refusing to reproduce other bytes")
+        files, whose, refusing = stored["files"], "the files pinned on this rig for that commit", "reproduce"
     else:
         # not pinned here yet: ask the hub (on this machine, no download) what that commit holds
-        hub = M.resolve(ctx.cfg, M.load_token(ctx.cfg["model"]))
-        have = {f["path"]: (int(f["size"]), f.get("sha256")) for f in hub["files"]}
-        want = {f["path"]: (int(f["size"]), f.get("sha256")) for f in md["files"]}
-        if have != want:
-            bad = sorted(p for p in set(have) | set(want) if have.get(p) != want.get(p))
-            raise StepError(f"model {md['repo']}@{md['commit'][:12]}: the hub's files for that commit "
-                            f"differ from the lock {path} ({', '.join(bad[:4])}): refusing to "
-                            "download other bytes")
+        files = M.resolve(ctx.cfg, M.load_token(ctx.cfg["model"]))["files"]
+        whose, refusing = "the hub's files for that commit", "download"
+    have = {f["path"]: (int(f["size"]), f.get("sha256")) for f in files}
+    want = {f["path"]: (int(f["size"]), f.get("sha256")) for f in md["files"]}
+    if have != want:
+        bad = sorted(p for p in set(have) | set(want) if have.get(p) != want.get(p))
+        raise StepError(f"model {md['repo']}@{md['commit'][:12]}: {whose} differ from the lock "
+                        f"{path} ({', '.join(bad[:4])}): refusing to {refusing} other bytes")
     entries = [M.RepoEntry(f["path"], int(f["size"]), f["sha256"]) for f in md["files"]]
     ctx.facts["model.manifest"] = M.make_manifest(ctx.cfg, md["commit"], entries)
     ctx.facts["lock.model"] = md
