@@ -21,6 +21,7 @@ In standalone mode the test process drives it through ``/_test/*`` control endpo
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import base64
 import datetime as _dt
@@ -47,14 +48,15 @@ EPOCH = _dt.datetime(2026, 1, 1, tzinfo=_dt.timezone.utc)
 # --------------------------------------------------------------------------------------------- blobs
 
 
-class Blob:
+class Blob(abc.ABC):
     """File content.  Subclasses stream ``[start, end)`` in chunks; sha256 is computed once."""
 
     size: int
     _sha256: str | None = None
 
-    def iter_range(self, start: int, end: int) -> Iterator[bytes]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def iter_range(self, start: int, end: int) -> Iterator[bytes]:
+        """Yield the bytes [start, end) in chunks."""
 
     @property
     def sha256(self) -> str:
