@@ -352,6 +352,8 @@ class SSHTarget(Target):
                 raise ConnectError(f"{where}: authentication failed ({msg})") from None
             if key and "private key" in msg:
                 raise ConnectError(f"{where}: connection.key: cannot use {key}: {msg}") from None
+            if msg.startswith("Error reading SSH protocol banner"):
+                msg = "Error reading SSH protocol banner"  # paramiko appends the socket error, or not
             raise ConnectError(f"{where}: SSH error: {msg}") from None
         except socket.timeout:
             raise ConnectError(f"{where}: connection timed out after {self.timeout:g}s") from None
