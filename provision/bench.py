@@ -367,6 +367,8 @@ def apply_power(point: BenchPoint, samples: Sequence[PowerSample], events: Seque
     t_start = events[0][0] if events else samples[0].t
     t_end = events[-1][0] if events else samples[-1].t
     point.power_mean_w = mean_power(samples, [(t_start, t_end)])
+    if point.power_mean_w is None:  # a point faster than the sampling interval: every sample of it
+        point.power_mean_w = statistics.fmean(s.watts for s in samples)
     gen = mean_power(samples, [(p.t0, p.t1) for p in ph if p.kind == "generation"])
     pre = mean_power(samples, [(p.t0, p.t1) for p in ph if p.kind in ("prompt", "depth")])
     point.power_w = gen if gen is not None else point.power_mean_w
