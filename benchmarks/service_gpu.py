@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from provision import inventory as inv  # noqa: E402
 from provision.console import Console, Environment  # noqa: E402
 from provision.engine import Context  # noqa: E402
+from provision.errors import StepError  # noqa: E402
 from provision.facts import gpu as gpu_facts  # noqa: E402
 from provision.steps import gpu as gpu_step  # noqa: E402
 from provision.steps import service  # noqa: E402
@@ -67,6 +68,171 @@ def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, 
         return 0, str(e)
 
 
+def serve(argv_: list[str], env: dict, gpus: list[int], port: int, alias: str, fit: dict,
+          log_path: Path) -> dict:
+    """Start llama-server with argv_, wait for /health, compare fit-params with nvidia-smi per GPU,
+    send one chat completion, stop it."""
+    rec: dict = {}
+    base = mem_used(gpus)
+    log = open(log_path, "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv_, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        code = 0
+        while time.monotonic() - t0 < 300:
+            code, _ = http(f"http://127.0.0.1:{port}/health", timeout=5)
+            if code == 200 or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        rec["health"] = code
+        rec["health_s"] = round(time.monotonic() - t0, 2)
+        print(f"/health {code} after {rec['health_s']} s", flush=True)
+        loaded = mem_used(gpus)
+        rec["mem_used_after_load"] = loaded
+        rec["mem_used_baseline"] = base
+        rows = []
+        for i in range(len(gpus)):
+            est = fit.get(f"CUDA{i}", {}).get("total")
+            meas = loaded[i] - base[i]
+            err = None if not est else round(100.0 * (est - meas) / meas, 1) if meas else None
+            rows.append({"device": f"CUDA{i}", "gpu": gpus[i], "fit_estimate_mib": est,
+                         "measured_mib": meas, "error_pct": err})
+        rec["per_gpu"] = rows
+        for r in rows:
+            print(f"{r['device']} (GPU {r['gpu']}): fit-params {r['fit_estimate_mib']} MiB, "
+                  f"nvidia-smi +{r['measured_mib']} MiB, error {r['error_pct']} %", flush=True)
+        t1 = time.monotonic()
+        code, body = http(f"http://127.0.0.1:{port}/v1/chat/completions",
+                          {"model": alias, "max_tokens": 32,
+                           "messages": [{"role": "user", "content": "Say hello."}]}, timeout=120)
+        rec["completion_status"] = code
+        rec["completion_s"] = round(time.monotonic() - t1, 3)
+        try:
+            j = json.loads(body)
+            rec["completion"] = {"content": j["choices"][0]["message"].get("content", "")[:120],
+                                 "finish_reason": j["choices"][0].get("finish_reason"),
+                                 "timings": j.get("timings")}
+        except (ValueError, KeyError, IndexError):
+            rec["completion"] = body[:300]
+        print(f"chat completion: HTTP {code} in {rec['completion_s']} s: {str(rec['completion'])[:200]}",
+              flush=True)
+        code, body = http(f"http://127.0.0.1:{port}/v1/models")
+        rec["models"] = body[:300]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    rec["server_log_tail"] = log_path.read_text(errors="replace").splitlines()[-15:]
+    return rec
+
+
+def run_preflight(data: dict, first: Path, ts: list[float] | None) -> dict:
+    """The service step's own VRAM preflight (service.preflight: nvidia-smi facts, llama-fit-params
+    with the server's flags, free memory per GPU, refusal + proposed -ts) on this box."""
+    d = json.loads(json.dumps(data))
+    if ts is None:
+        d["hosts"]["gpu"]["server"].pop("tensor_split", None)
+    else:
+        d["hosts"]["gpu"]["server"]["tensor_split"] = ts
+    host = inv.from_data(d).hosts["gpu"]
+    out = io.StringIO()
+    ctx = Context(host, LocalTarget(host), Console(Environment(out, out, False)))
+    res: dict = {"tensor_split": ts}
+    try:
+        rep = service.preflight(ctx, str(first))
+        res.update(ok=bool(rep and rep.ok), rows=rep.rows if rep else None)
+    except StepError as e:
+        res.update(ok=False, refused=str(e))
+    res["output"] = out.getvalue()
+    print(f"preflight -ts {ts}: " + ("fits" if res["ok"] else "REFUSED") + "\n" + res["output"]
+          + (res.get("refused", "") + "\n" if "refused" in res else ""), flush=True)
+    return res
+
+
+def squeeze(a, data: dict, first: Path, env: dict, gpus: list[int], work: Path) -> dict:
+    """The seed's GPU0 OOM, reproduced on near-full GPUs: gpu_filler occupies every GPU until only
+    the plan's share + margin + 40 % of its weights/KV is free there, and GPU 0 (the card that
+    also drives a display on the seed rig) keeps only 60 % of its share. The step's preflight must
+    refuse the plan with a -ts it checked with llama-fit-params, and llama-server must serve with it."""
+    rec: dict = {}
+    ts = data["hosts"]["gpu"]["server"].get("tensor_split")
+    ok_run = run_preflight(data, first, ts)
+    rec["before"] = ok_run
+    rows = {r[0]: r for r in (ok_run.get("rows") or []) if str(r[0]).startswith("CUDA")}
+    if len(rows) != len(gpus):
+        rec["error"] = f"the preflight reported {sorted(rows)} for GPUs {gpus}"
+        return rec
+    filler = work / "gpu_filler"
+    subprocess.run(["nvcc", "-O2", "-o", str(filler), str(ROOT / "benchmarks" / "device" / "gpu_filler.cu")],
+                   check=True)
+
+    def free_now() -> dict[int, int]:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total,memory.used",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             check=True).stdout
+        vals = {int(i): int(t) - int(u) for i, t, u in (ln.split(",") for ln in out.splitlines() if ln.strip())}
+        return {k: vals[g] for k, g in enumerate(gpus)}
+
+    def start_filler(k: int, mib: int) -> subprocess.Popen:
+        fp = subprocess.Popen([str(filler), str(mib)], stdout=subprocess.PIPE, text=True,
+                              env=dict(env, CUDA_VISIBLE_DEVICES=str(gpus[k])))
+        fp.stdout.readline()
+        return fp
+
+    # what a CUDA context costs on this box (counts in memory.used on top of what the filler holds)
+    before = free_now()
+    probe = start_filler(0, 1)
+    overhead = max(0, before[0] - free_now()[0] - 1)
+    probe.terminate()
+    probe.wait(20)
+    rec["cuda_context_mib"] = overhead
+    margin = service.PREFLIGHT_MARGIN_MIB
+    targets = {}
+    for k in range(len(gpus)):
+        _, m, c, comp, _need, *_ = rows[f"CUDA{k}"]
+        share = 0.6 if k == 0 else 1.4
+        targets[k] = int(margin + comp + share * (m + c))
+    time.sleep(1)
+    free0 = free_now()
+    fillers = []
+    try:
+        for k in range(len(gpus)):
+            fillers.append(start_filler(k, max(1, free0[k] - targets[k] - overhead)))
+        got = free_now()
+        rec["free_target_mib"] = targets
+        rec["free_mib"] = got
+        print(f"gpu_filler: free MiB per GPU {got} (targets {targets}, CUDA context {overhead} MiB)",
+              flush=True)
+        refused = run_preflight(data, first, ts)
+        rec["squeezed"] = refused
+        proposed = None
+        if "refused" in refused and "server.tensor_split: [" in refused["refused"]:
+            txt = refused["refused"].split("server.tensor_split: [", 1)[1].split("]", 1)[0]
+            proposed = [float(x) for x in txt.split(",")]
+        rec["proposed_ts"] = proposed
+        if not proposed:
+            return rec
+        rec["with_proposed"] = run_preflight(data, first, proposed)
+        d = json.loads(json.dumps(data))
+        d["hosts"]["gpu"]["server"]["tensor_split"] = proposed
+        cfg = inv.from_data(d).hosts["gpu"].cfg
+        argv_ = service.server_argv(cfg, str(first), service.binary_path(cfg))
+        rec["argv"] = argv_
+        fit = subprocess.run(service.fit_params_argv(cfg, str(first), service.fit_params_path(cfg)),
+                             capture_output=True, text=True, env=env, timeout=600)
+        fitd = {d_: {"total": sum(v)} for d_, v in service.parse_fit_output(fit.stdout).items()}
+        rec["serve"] = serve(argv_, env, gpus, a.port, cfg["server"]["alias"], fitd,
+                             work / "server-squeezed.log")
+    finally:
+        for fp in fillers:
+            fp.terminate()
+            fp.wait(20)
+    return rec
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefix", default="/tmp/llama-bench")
@@ -77,6 +243,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=262144)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--power", action="store_true", help="also try the gpu step's power limits")
+    ap.add_argument("--squeeze", action="store_true",
+                    help="also reproduce the seed's GPU0 OOM: fill GPU 0, show the preflight refusing "
+                         "with a proposed -ts, serve with it (needs nvcc)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     gpus = [int(x) for x in a.gpus.split(",")]
@@ -125,59 +294,10 @@ def main(argv=None) -> int:
     print("llama-fit-params: " + json.dumps(rec["fit_params"]), flush=True)
 
     # start the server with the rendered argv; baseline memory first
-    base = mem_used(gpus)
-    log = open(work / "server.log", "w")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv_, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        code = 0
-        while time.monotonic() - t0 < 300:
-            code, _ = http(f"http://127.0.0.1:{a.port}/health", timeout=5)
-            if code == 200 or proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        rec["health"] = code
-        rec["health_s"] = round(time.monotonic() - t0, 2)
-        print(f"/health {code} after {rec['health_s']} s", flush=True)
-        loaded = mem_used(gpus)
-        rec["mem_used_after_load"] = loaded
-        rec["mem_used_baseline"] = base
-        rows = []
-        for i in range(len(gpus)):
-            est = rec["fit_params"].get(f"CUDA{i}", {}).get("total")
-            meas = loaded[i] - base[i]
-            err = None if not est else round(100.0 * (est - meas) / meas, 1) if meas else None
-            rows.append({"device": f"CUDA{i}", "gpu": gpus[i], "fit_estimate_mib": est,
-                         "measured_mib": meas, "error_pct": err})
-        rec["per_gpu"] = rows
-        for r in rows:
-            print(f"{r['device']} (GPU {r['gpu']}): fit-params {r['fit_estimate_mib']} MiB, "
-                  f"nvidia-smi +{r['measured_mib']} MiB, error {r['error_pct']} %", flush=True)
-        t1 = time.monotonic()
-        code, body = http(f"http://127.0.0.1:{a.port}/v1/chat/completions",
-                          {"model": cfg["server"]["alias"], "max_tokens": 32,
-                           "messages": [{"role": "user", "content": "Say hello."}]}, timeout=120)
-        rec["completion_status"] = code
-        rec["completion_s"] = round(time.monotonic() - t1, 3)
-        try:
-            j = json.loads(body)
-            rec["completion"] = {"content": j["choices"][0]["message"].get("content", "")[:120],
-                                 "finish_reason": j["choices"][0].get("finish_reason"),
-                                 "timings": j.get("timings")}
-        except (ValueError, KeyError, IndexError):
-            rec["completion"] = body[:300]
-        print(f"chat completion: HTTP {code} in {rec['completion_s']} s: {str(rec['completion'])[:200]}",
-              flush=True)
-        code, body = http(f"http://127.0.0.1:{a.port}/v1/models")
-        rec["models"] = body[:300]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-    rec["server_log_tail"] = (work / "server.log").read_text(errors="replace").splitlines()[-15:]
+    rec.update(serve(argv_, env, gpus, a.port, cfg["server"]["alias"], rec["fit_params"], work / "server.log"))
+
+    if a.squeeze:
+        rec["squeeze"] = squeeze(a, data, first, env, gpus, work)
 
     if a.power:
         host = inv.from_data({"hosts": {"gpu": {"connection": {"type": "local"}}}}).hosts["gpu"]
@@ -208,6 +328,10 @@ def main(argv=None) -> int:
         Path(a.json).write_text(text)
     print(text)
     ok = rec.get("health") == 200 and rec.get("completion_status") == 200
+    if a.squeeze:
+        sq = rec["squeeze"]
+        ok = ok and "refused" in sq.get("squeezed", {}) and sq.get("with_proposed", {}).get("ok") \
+            and sq.get("serve", {}).get("health") == 200
     return 0 if ok else 1
 
 

@@ -224,12 +224,23 @@ def test_service_lifecycle(srig, tmp_path):
     assert "llama-server.service" in srig.sh(f"systemctl show {gpu_step.UNIT_NAME} -p Before").stdout
 
 
-FAKE_FIT = r"""#!/bin/sh
-# stand-in llama-fit-params: the real output format (log on stderr, one line per device on stdout)
-echo "$CUDA_DEVICE_ORDER $*" > /root/fit-params-args
-echo "llama_fit_params: printing estimated memory in MiB to stdout (device, model, context, compute) ..." >&2
-for i in 0 1 2 3 4 5; do echo "CUDA$i 17000 500 1200"; done
-echo "Host 9 0 290"
+FAKE_FIT = r"""#!/usr/bin/env python3
+# stand-in llama-fit-params: the real output format (log on stderr, one line per device on stdout);
+# 60 layers of 1700 MiB (+ 50 MiB KV) placed whole by the cumulative -ts, like llama.cpp
+import os, sys
+a = sys.argv[1:]
+with open("/root/fit-params-args", "a") as f:
+    f.write(os.environ.get("CUDA_DEVICE_ORDER", "") + " " + " ".join(a) + "\n")
+ts = [float(x) for x in a[a.index("-ts") + 1].split(",")] if "-ts" in a else [1.0] * 6
+cum = [sum(ts[:i + 1]) / sum(ts) for i in range(6)]
+layers = [0] * 6
+for il in range(60):
+    layers[next(i for i, c in enumerate(cum) if il / 60 < c)] += 1
+print("llama_fit_params: printing estimated memory in MiB to stdout (device, model, context, compute) ...",
+      file=sys.stderr)
+for i, n in enumerate(layers):
+    print(f"CUDA{i} {n * 1700} {n * 50} 1200")
+print("Host 9 0 290")
 """
 
 
@@ -244,16 +255,19 @@ def test_vram_preflight_refuses_and_proposes_ts(srig, tmp_path):
     srig.sh("mkdir -p /etc/fake-nvidia-smi && echo '[{\"memory_used\": 6000}, {}, {}, {}, {}, {}]' "
             "> /etc/fake-nvidia-smi/gpus.json")
     n = env.starts()
+    srig.sh("rm -f /root/fit-params-args")
     rc, out = env.provision(ctx_size=8192)
     assert rc == 1, out
     assert ("VRAM preflight: the plan does not fit — GPU 0 (NVIDIA GeForce RTX 3090): needs 18700 MiB "
             "(model 17000 + context 500 + compute 1200) + 1024 MiB margin but only 18576 MiB are free") in out, out
-    assert "try server.tensor_split: [0.73, 1, 1, 1, 1, 1]" in out
+    assert "try server.tensor_split: [0.73, 1, 1, 1, 1, 1] (llama-fit-params: fits)" in out
     assert "(llama-server was not restarted)" in out
     assert re.search(r"CUDA0 +17000 +500 +1200 +18700 +18576 +DOES NOT FIT", out), out
     assert env.starts() == n  # the old server keeps serving
-    assert srig.sh("cat /root/fit-params-args").stdout.strip() == (
-        f"PCI_BUS_ID -m {MODEL} -c 8192 -ctk q8_0 -ctv q8_0 -ngl 999 -sm layer -ts 0.9,1,1,1,1,1 -fitp on")
+    # the plan as configured, then the proposal checked with the same tool before it is offered
+    assert srig.sh("cat /root/fit-params-args").stdout.splitlines() == [
+        f"PCI_BUS_ID -m {MODEL} -c 8192 -ctk q8_0 -ctv q8_0 -ngl 999 -sm layer -ts 0.9,1,1,1,1,1 -fitp on",
+        f"PCI_BUS_ID -m {MODEL} -c 8192 -ctk q8_0 -ctv q8_0 -ngl 999 -sm layer -ts 0.73,1,1,1,1,1 -fitp on"]
     assert env.state()["owed"] == ["llama-server.restart"]  # the new unit is owed a restart
     # the other process is gone: the plan fits, the owed restart happens once
     srig.sh("rm -f /etc/fake-nvidia-smi/gpus.json")

@@ -207,6 +207,56 @@ def test_propose_ts_none_when_nothing_fits():
     assert s.propose_ts({0: (30000, 0, 500), 1: (30000, 0, 500)}, {0: 24000, 1: 24000}) is None
 
 
+def layer_split_estimate(n_layer: int, layer_mib: int, ctx_mib: int, compute: int, calls: list):
+    """llama-fit-params' shape under a layer split: whole layers go to each GPU by the cumulative
+    -ts (like llama.cpp), each carrying its weights and its share of the KV cache."""
+    def estimate(ts):
+        calls.append(list(ts))
+        total = sum(ts)
+        cum = [sum(ts[:i + 1]) / total for i in range(len(ts))]
+        layers = [0] * len(ts)
+        for il in range(n_layer):
+            layers[next(i for i, c in enumerate(cum) if il / n_layer < c)] += 1
+        return {i: (n * layer_mib, n * ctx_mib, compute) for i, n in enumerate(layers)}
+    return estimate
+
+
+def test_fitted_ts_is_checked_with_fit_params_and_cut_until_it_fits():
+    # 6 x 24 GiB, GPU 0 with 6000 MiB taken by a display: 48 layers x 400 MiB (+ 10 MiB KV each)
+    free = {0: 24575 - 6000, **{i: 24575 for i in range(1, 6)}}
+    calls: list = []
+    est = layer_split_estimate(48, 400, 10, 1200, calls)
+    cuda = est([0.9, 1, 1, 1, 1, 1])  # the seed's plan: 8 layers on GPU 0
+    calls.clear()
+    ts = s.fitted_ts(est, cuda, free)
+    assert ts is not None and calls and calls[-1] == ts
+    final = est(ts)
+    for i, (m, c, k) in final.items():
+        assert m + c + k + s.PREFLIGHT_MARGIN_MIB <= free[i], (i, final, ts)
+    assert sum(m for m, _, _ in final.values()) == 48 * 400  # every layer is placed
+    assert ts[0] < 1 and max(ts) == 1
+
+
+def test_fitted_ts_cuts_a_share_that_whole_layers_overflow():
+    # proportional shares that do not fit once layers are whole: the first candidate overflows,
+    # the checked one is cut further
+    free = {0: 1024 + 300 + 2 * 1000 + 500, 1: 1024 + 300 + 3 * 1000 + 100}
+    calls: list = []
+    est = layer_split_estimate(5, 1000, 0, 300, calls)
+    ts = s.fitted_ts(est, est([1, 1]), free)
+    assert len(calls) >= 3, calls  # the proportional guess was refused by the estimate
+    assert ts is not None and est(ts)[0][0] <= 2000 and est(ts)[1][0] <= 3000
+
+
+def test_fitted_ts_none_when_the_estimate_never_fits_or_fails():
+    free = {0: 2000, 1: 24000}
+    # GPU 0 cannot even hold its compute buffer + margin: no split helps
+    assert s.fitted_ts(lambda ts: {0: (0, 0, 1500), 1: (20000, 0, 500)}, {0: (10000, 0, 1500),
+                       1: (10000, 0, 500)}, free) is None
+    # llama-fit-params failing on the candidate: no proposal rather than an unchecked one
+    assert s.fitted_ts(lambda ts: None, {0: (10000, 0, 500), 1: (10000, 0, 500)}, free) is None
+
+
 def test_check_mode_on_a_fresh_box_plans_a_pending_install(tmp_path):
     """--check before the llama/model steps ran: a visible pending change, not a failure."""
     from provision.console import Console, Environment

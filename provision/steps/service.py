@@ -15,10 +15,11 @@ free memory; after it, /health must be 200 and one real chat completion must ans
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..engine import Call, Change, Context, Run, Step, WriteFile
 from ..errors import CommandError, StepError
@@ -224,6 +225,43 @@ def propose_ts(cuda: dict[int, tuple[int, int, int]], free_mib: dict[int, int],
     if need > sum(room.values()):
         return None  # no split fits: the plan needs less context, a smaller quant or more GPUs
     return [round(room[i] / top, 2) for i in idxs]
+
+
+def fitted_ts(estimate: Callable[[list[float]], dict[int, tuple[int, int, int]] | None],
+              cuda: dict[int, tuple[int, int, int]], free_mib: dict[int, int],
+              margin: int = PREFLIGHT_MARGIN_MIB, tries: int = 5) -> list[float] | None:
+    """A -ts that llama-fit-params itself says fits, or None.
+
+    Starts from propose_ts (shares proportional to each GPU's room) and checks each candidate with
+    `estimate(ts)` (llama-fit-params with that -ts): layers are whole, so a GPU may get more than
+    its proportional share, and compute buffers move with the split. A GPU that still overflows
+    has its share cut by the part that does not fit, and the next candidate is checked."""
+    ts = propose_ts(cuda, free_mib, margin)
+    seen: list[list[float]] = []
+    for _ in range(tries):
+        if ts is None or ts in seen:
+            return None
+        seen.append(ts)
+        est = estimate(ts)
+        if not est:
+            return None
+        idxs = sorted(free_mib)
+        over = {i: sum(est.get(i, (0, 0, 0))) + margin - free_mib[i] for i in idxs}
+        over = {i: o for i, o in over.items() if o > 0}
+        if not over:
+            return ts
+        new = list(ts)
+        for i, o in over.items():
+            m, c, _ = est.get(i, (0, 0, 0))
+            if m + c <= 0:
+                return None  # its compute buffer and the margin alone do not fit
+            pos = idxs.index(i)
+            new[pos] = math.floor(100 * ts[pos] * max(0.0, (m + c - o) / (m + c))) / 100
+        top = max(new)
+        if top <= 0:
+            return None
+        ts = [round(x / top, 2) for x in new]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,9 +536,13 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
     if not ctx.target.exists(fit):
         skipped(f"{fit} not found (add llama-fit-params to llama_cpp.targets)")
         return None
-    argv = fit_params_argv(ctx.cfg, model_path, fit)
-    r = ctx.target.run(join(argv), env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, check=False, timeout=600)
-    devices = parse_fit_output(r.stdout)
+    def run_fit(ts: list[float] | None = None):
+        cfg = ctx.cfg if ts is None else {**ctx.cfg, "server": {**ctx.cfg["server"], "tensor_split": ts}}
+        r = ctx.target.run(join(fit_params_argv(cfg, model_path, fit)),
+                           env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, check=False, timeout=600)
+        return r, parse_fit_output(r.stdout)
+
+    r, devices = run_fit()
     if r.exited != 0 or not devices:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
         skipped(f"llama-fit-params failed (exit {r.exited}): {tail}")
@@ -509,13 +551,21 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
         skipped("CPU build: llama-fit-params reports no CUDA device ("
                 + ", ".join(f"{d} {sum(v)} MiB" for d, v in devices.items()) + ")")
         return None
-    rep = check_fit(devices, free_memory(ctx, gf), {g.index: g.name for g in gf.gpus})
+    free = free_memory(ctx, gf)
+    rep = check_fit(devices, free, {g.index: g.name for g in gf.gpus})
     ctx.console.table(f"VRAM preflight: {ctx.host.name} (MiB, margin {PREFLIGHT_MARGIN_MIB})",
                       ["device", "model", "context", "compute", "total", "free", "fit"], rep.rows)
     if not rep.ok:
-        hint = (f"; try server.tensor_split: [{', '.join(_num(x) for x in rep.proposed_ts)}]"
-                if rep.proposed_ts else "; no tensor split fits: lower server.ctx_size, use a "
-                "smaller quant or more GPUs")
+        def estimate(ts: list[float]) -> dict[int, tuple[int, int, int]] | None:
+            r2, d2 = run_fit(ts)
+            return {int(k[4:]): v for k, v in d2.items() if k.startswith("CUDA") and k[4:].isdigit()} \
+                if r2.exited == 0 else None
+        cuda = {int(d[4:]): v for d, v in devices.items() if d.startswith("CUDA") and d[4:].isdigit()}
+        rep.proposed_ts = fitted_ts(estimate, cuda, free)
+        hint = (f"; try server.tensor_split: [{', '.join(_num(x) for x in rep.proposed_ts)}] "
+                "(llama-fit-params: fits)"
+                if rep.proposed_ts else "; llama-fit-params finds no tensor split that fits: lower "
+                "server.ctx_size, use a smaller quant or more GPUs")
         raise StepError("VRAM preflight: the plan does not fit — " + "; ".join(rep.problems) + hint
                         + " (llama-server was not restarted)")
     return rep
