@@ -116,6 +116,15 @@ def serve(argv_: list[str], env: dict, gpus: list[int], port: int, alias: str, f
             rec["completion"] = body[:300]
         print(f"chat completion: HTTP {code} in {rec['completion_s']} s: {str(rec['completion'])[:200]}",
               flush=True)
+        # the first request creates the cuBLAS handles/workspace: memory llama-fit-params does not count
+        done = mem_used(gpus)
+        rec["mem_used_after_completion"] = done
+        for i, r in enumerate(rows):
+            r["after_completion_mib"] = done[i] - base[i]
+            r["uncounted_mib"] = None if r["fit_estimate_mib"] is None else done[i] - base[i] - r["fit_estimate_mib"]
+        print("after the first completion: " + ", ".join(
+            f"{r['device']} +{r['after_completion_mib']} MiB (uncounted by fit-params {r['uncounted_mib']})"
+            for r in rows), flush=True)
         code, body = http(f"http://127.0.0.1:{port}/v1/models")
         rec["models"] = body[:300]
     finally:
@@ -154,7 +163,7 @@ def run_preflight(data: dict, first: Path, ts: list[float] | None) -> dict:
 
 def squeeze(a, data: dict, first: Path, env: dict, gpus: list[int], work: Path) -> dict:
     """The seed's GPU0 OOM, reproduced on near-full GPUs: gpu_filler occupies every GPU until only
-    the plan's share + margin + 40 % of its weights/KV is free there, and GPU 0 (the card that
+    the plan's share + server.vram_margin_mib + 40 % of its weights/KV is free there, and GPU 0 (the card that
     also drives a display on the seed rig) keeps only 60 % of its share. The step's preflight must
     refuse the plan with a -ts it checked with llama-fit-params, and llama-server must serve with it."""
     rec: dict = {}
@@ -189,7 +198,8 @@ def squeeze(a, data: dict, first: Path, env: dict, gpus: list[int], work: Path) 
     probe.terminate()
     probe.wait(20)
     rec["cuda_context_mib"] = overhead
-    margin = service.PREFLIGHT_MARGIN_MIB
+    margin = inv.from_data(data).hosts["gpu"].cfg["server"]["vram_margin_mib"]
+    rec["margin_mib"] = margin
     targets = {}
     for k in range(len(gpus)):
         _, m, c, comp, _need, *_ = rows[f"CUDA{k}"]
@@ -246,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--squeeze", action="store_true",
                     help="also reproduce the seed's GPU0 OOM: fill GPU 0, show the preflight refusing "
                          "with a proposed -ts, serve with it (needs nvcc)")
+    ap.add_argument("--margin", type=int, default=None,
+                    help="server.vram_margin_mib for the preflight (default: the inventory default)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     gpus = [int(x) for x in a.gpus.split(",")]
@@ -267,6 +279,8 @@ def main(argv=None) -> int:
     seed = inv.load(ROOT / "hosts.yaml").hosts["rig"].cfg
     server = dict(seed["server"], ctx_size=a.ctx, port=a.port, host="127.0.0.1")
     server["tensor_split"] = [float(x) for x in a.ts.split(",")] if a.ts else None
+    if a.margin is not None:
+        server["vram_margin_mib"] = a.margin
     data = {"hosts": {"gpu": {"connection": {"type": "local"},
                               "gpus": {"count": len(gpus)},
                               "paths": {"prefix": a.prefix, "state_dir": f"{a.work}/state"},

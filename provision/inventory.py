@@ -225,6 +225,7 @@ SCHEMA: dict[str, dict[str, F]] = {
         "ubatch_size": F("int", None, 1, 1048576),
         "extra_args": F("list_str", []),
         "start_timeout": F("int", 1800, 5, 86400),
+        "vram_margin_mib": F("int", 1536, 0, 1048576),
     },
     "paths": {
         "prefix": F("str", "/opt/llama-rig"),

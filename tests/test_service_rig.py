@@ -251,7 +251,7 @@ def test_vram_preflight_refuses_and_proposes_ts(srig, tmp_path):
     env = Env(srig, tmp_path)
     rc, out = env.provision()  # settle whatever the previous test left
     assert rc == 0, out
-    # GPU 0 has 6000 MiB taken by something else: 18576 free < 17000 + 500 + 1200 + 1024 margin
+    # GPU 0 has 6000 MiB taken by something else: 18576 free < 17000 + 500 + 1200 + 1536 margin
     srig.sh("mkdir -p /etc/fake-nvidia-smi && echo '[{\"memory_used\": 6000}, {}, {}, {}, {}, {}]' "
             "> /etc/fake-nvidia-smi/gpus.json")
     n = env.starts()
@@ -259,7 +259,7 @@ def test_vram_preflight_refuses_and_proposes_ts(srig, tmp_path):
     rc, out = env.provision(ctx_size=8192)
     assert rc == 1, out
     assert ("VRAM preflight: the plan does not fit — GPU 0 (NVIDIA GeForce RTX 3090): needs 18700 MiB "
-            "(model 17000 + context 500 + compute 1200) + 1024 MiB margin but only 18576 MiB are free") in out, out
+            "(model 17000 + context 500 + compute 1200) + 1536 MiB margin but only 18576 MiB are free") in out, out
     assert "try server.tensor_split: [0.73, 1, 1, 1, 1, 1] (llama-fit-params: fits)" in out
     assert "(llama-server was not restarted)" in out
     assert re.search(r"CUDA0 +17000 +500 +1200 +18700 +18576 +DOES NOT FIT", out), out

@@ -191,11 +191,11 @@ def test_parse_fit_output():
 
 
 def test_check_fit_ok_and_refused_with_proposal():
-    ok = s.check_fit(s.parse_fit_output(FIT_OUT), {0: 24000, 1: 24000})
+    ok = s.check_fit(s.parse_fit_output(FIT_OUT), {0: 24000, 1: 24000}, margin=1024)
     assert ok.ok and ok.proposed_ts is None
     assert ok.rows[0] == ["CUDA0", 17900, 560, 1200, 19660, 24000, "ok"]
     bad = s.check_fit(s.parse_fit_output(FIT_OUT), {0: 20000, 1: 24000},
-                      {0: "NVIDIA GeForce RTX 3090"})
+                      {0: "NVIDIA GeForce RTX 3090"}, margin=1024)
     assert not bad.ok
     assert bad.problems == ["GPU 0 (NVIDIA GeForce RTX 3090): needs 19660 MiB (model 17900 + context 560 "
                             "+ compute 1200) + 1024 MiB margin but only 20000 MiB are free"]
@@ -243,7 +243,7 @@ def test_fitted_ts_cuts_a_share_that_whole_layers_overflow():
     free = {0: 1024 + 300 + 2 * 1000 + 500, 1: 1024 + 300 + 3 * 1000 + 100}
     calls: list = []
     est = layer_split_estimate(5, 1000, 0, 300, calls)
-    ts = s.fitted_ts(est, est([1, 1]), free)
+    ts = s.fitted_ts(est, est([1, 1]), free, margin=1024)
     assert len(calls) >= 3, calls  # the proportional guess was refused by the estimate
     assert ts is not None and est(ts)[0][0] <= 2000 and est(ts)[1][0] <= 3000
 

@@ -34,7 +34,10 @@ ENV_DIR = "/etc/llama-rig"
 ENV_PATH = f"{ENV_DIR}/llama-server.env"
 GPU_UNIT = "llama-rig-gpu.service"
 HANDLER = "llama-server.restart"
-PREFLIGHT_MARGIN_MIB = 1024  # head room left on every GPU (llama.cpp's own --fit target default)
+# head room the VRAM preflight leaves on every GPU (server.vram_margin_mib): what llama-fit-params
+# does not count -- the CUDA context (~0.5-0.7 GiB on H100/H200, CUDA 13) and the cuBLAS handle and
+# workspace created at the first request (measured: benchmarks/gpu-proof-20261127-h200x4-service/)
+PREFLIGHT_MARGIN_MIB = 1536
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,8 +555,9 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
                 + ", ".join(f"{d} {sum(v)} MiB" for d, v in devices.items()) + ")")
         return None
     free = free_memory(ctx, gf)
-    rep = check_fit(devices, free, {g.index: g.name for g in gf.gpus})
-    ctx.console.table(f"VRAM preflight: {ctx.host.name} (MiB, margin {PREFLIGHT_MARGIN_MIB})",
+    margin = ctx.cfg["server"]["vram_margin_mib"]
+    rep = check_fit(devices, free, {g.index: g.name for g in gf.gpus}, margin)
+    ctx.console.table(f"VRAM preflight: {ctx.host.name} (MiB, margin {margin})",
                       ["device", "model", "context", "compute", "total", "free", "fit"], rep.rows)
     if not rep.ok:
         def estimate(ts: list[float]) -> dict[int, tuple[int, int, int]] | None:
@@ -561,7 +565,7 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
             return {int(k[4:]): v for k, v in d2.items() if k.startswith("CUDA") and k[4:].isdigit()} \
                 if r2.exited == 0 else None
         cuda = {int(d[4:]): v for d, v in devices.items() if d.startswith("CUDA") and d[4:].isdigit()}
-        rep.proposed_ts = fitted_ts(estimate, cuda, free)
+        rep.proposed_ts = fitted_ts(estimate, cuda, free, margin)
         hint = (f"; try server.tensor_split: [{', '.join(_num(x) for x in rep.proposed_ts)}] "
                 "(llama-fit-params: fits)"
                 if rep.proposed_ts else "; llama-fit-params finds no tensor split that fits: lower "
