@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     if a.squeeze:
         sq = rec["squeeze"]
         ok = ok and "refused" in sq.get("squeezed", {}) and sq.get("with_proposed", {}).get("ok") \
-            and sq.get("serve", {}).get("health") == 200
+            and sq.get("serve", {}).get("health") == 200 and sq["serve"].get("completion_status") == 200
     return 0 if ok else 1
 
 
