@@ -295,7 +295,7 @@ def main(argv=None) -> int:
 
     env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
     ver = subprocess.run([binary, "--version"], capture_output=True, text=True, env=env)
-    rec["version"] = (ver.stderr + ver.stdout).strip().splitlines()[-1:]
+    rec["version"] = [ln for ln in (ver.stderr + ver.stdout).splitlines() if ln.startswith("version")]
 
     # VRAM preflight: llama-fit-params with the same flags
     fit_argv = service.fit_params_argv(cfg, str(first), service.fit_params_path(cfg))
