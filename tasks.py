@@ -52,7 +52,7 @@ def facts(c, host=None, all=False, inventory="hosts.yaml", set=None):
 def _llama(inventory, set, host, all, fn_name: str, title: str) -> None:
     from provision.steps import llama as llama_step
     _exit(_app(inventory, set).each_host(host, getattr(llama_step, fn_name), title=title,
-                                         all_hosts=all))
+                                         all_hosts=all, changes=not title.endswith(".status")))
 
 
 @task(name="build", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
@@ -111,7 +111,7 @@ def bench(c, host=None, all=False, depths=None, reps=3, ttft=True, service="auto
                           binary=binary, model=model, results_root=results, n_prompt=int(prompt),
                           n_gen=int(gen), baseline=baseline or str(b.DEFAULT_BASELINE))
     _exit(_app(inventory, set).each_host(host, lambda ctx: b.run_bench(ctx, opts) and False,
-                                         title="bench", all_hosts=all, parallel=1))
+                                         title="bench", all_hosts=all, parallel=1, changes=True))
 
 
 @task(auto_shortflags=False, iterable=["set"], help={
@@ -133,7 +133,7 @@ def tune(c, host=None, all=False, depth=8192, reps=3, pairs=None, apply=False, s
                          service=service, binary=binary, model=model, results_root=results,
                          inventory_path=inventory)
     _exit(_app(inventory, set).each_host(host, lambda ctx: t.run_tune(ctx, opts) and apply,
-                                         title="tune", all_hosts=all, parallel=1))
+                                         title="tune", all_hosts=all, parallel=1, changes=True))
 
 
 ns.add_task(bench)
@@ -143,8 +143,8 @@ ns.add_task(tune)
 # -- gpu / service / opencode -------------------------------------------------------------------
 
 
-def _each(inventory, set, host, all, fn, title: str) -> None:
-    _exit(_app(inventory, set).each_host(host, fn, title=title, all_hosts=all))
+def _each(inventory, set, host, all, fn, title: str, changes: bool = False) -> None:
+    _exit(_app(inventory, set).each_host(host, fn, title=title, all_hosts=all, changes=changes))
 
 
 @task(name="power", auto_shortflags=False, iterable=["set"],
@@ -153,7 +153,7 @@ def gpu_power(c, host=None, all=False, watts=None, inventory="hosts.yaml", set=N
     """Apply persistence mode and power limits (inventory, or --watts N for all GPUs now)."""
     from provision.steps import gpu as g
     w = float(watts) if watts is not None else None
-    _each(inventory, set, host, all, lambda ctx: g.apply_now(ctx, w), "gpu.power")
+    _each(inventory, set, host, all, lambda ctx: g.apply_now(ctx, w), "gpu.power", changes=True)
 
 
 @task(name="status", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
@@ -182,7 +182,7 @@ def service_logs(c, host=None, all=False, n=50, inventory="hosts.yaml", set=None
 def service_restart(c, host=None, all=False, inventory="hosts.yaml", set=None):
     """Restart llama-server, wait for /health and test one chat completion."""
     from provision.steps import service as s
-    _each(inventory, set, host, all, s.restart, "service.restart")
+    _each(inventory, set, host, all, s.restart, "service.restart", changes=True)
 
 
 @task(name="argv", auto_shortflags=False, iterable=["set"],
@@ -203,7 +203,8 @@ def opencode_config(c, host=None, all=False, local=False, check=False, inventory
     if local:
         _exit(app.guarded(lambda: o.task_local(app, host, all, check)))
         return
-    _each(inventory, set, host, all, lambda ctx: o.task_rig(ctx, check), "opencode.config")
+    _each(inventory, set, host, all, lambda ctx: o.task_rig(ctx, check), "opencode.config",
+          changes=not check)
 
 
 gpu = Collection("gpu")
@@ -262,7 +263,7 @@ def model_verify(c, host=None, all=False, full=False, inventory="hosts.yaml", se
     """Hash the shards on the rig against lfs.sha256 (only changed ones unless --full)."""
     from provision.steps import model as m
     _exit(_app(inventory, set).each_host(host, lambda ctx: m.verify_action(ctx, full),
-                                         title="model.verify", all_hosts=all))
+                                         title="model.verify", all_hosts=all, changes=True))
 
 
 @task(name="status", auto_shortflags=False, iterable=["set"], help=HOST_HELP)

@@ -15,6 +15,7 @@ from .console import Console, Environment
 from .engine import Context, HostReport, RunOptions, StepResult, print_recap, run as run_steps
 from .errors import ConnectError, ExitStatus, RigError, UsageError
 from .inventory import Host, Inventory
+from .runlock import run_lock
 from .target import Target, connect
 
 
@@ -69,7 +70,9 @@ class App:
             hosts = self.hosts(host, all_hosts)
             the_steps = steps or all_steps()
             opts = RunOptions(check=check, diff=diff, only=_csv(only), skip=_csv(skip),
-                              parallel=parallel)
+                              parallel=parallel, what=" ".join(
+                                  ["provision"] + ([f"--only {only}"] if only else [])
+                                  + ([f"--skip {skip}"] if skip else [])))
             select_steps(the_steps, opts.only, opts.skip)
             locks = self.apply_locks(hosts, lock)
             ran = [s.name for s in the_steps if (not opts.only or s.name in opts.only)
@@ -114,8 +117,9 @@ class App:
     # -- one action per host (status tasks, builds, ...) -------------------------------------
     def each_host(self, host: str | None, action: Callable[[Context], Any], *, title: str,
                   all_hosts: bool = False, check: bool = False, parallel: int = 4,
-                  recap: bool = False) -> ExitStatus:
-        """Connect to each selected host and call action(ctx). RigError -> that host failed."""
+                  recap: bool = False, changes: bool = False) -> ExitStatus:
+        """Connect to each selected host and call action(ctx). RigError -> that host failed.
+        `changes`: the action may change the host, so it holds the host's run lock (unless check)."""
         def go() -> ExitStatus:
             hosts = self.hosts(host, all_hosts)
             reports: list[HostReport] = []
@@ -131,7 +135,11 @@ class App:
                     return rep
                 ctx = Context(h, target, self.console, check=check)
                 try:
-                    changed = action(ctx)
+                    if changes and not check:
+                        with run_lock(target, h.name, h.cfg["paths"]["state_dir"], title, ctx.warn):
+                            changed = action(ctx)
+                    else:
+                        changed = action(ctx)
                     rep.results.append(StepResult(title, "changed" if changed else "ok"))
                 except ConnectError as e:
                     rep.unreachable = str(e)

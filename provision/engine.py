@@ -14,12 +14,14 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .console import Console
 from .errors import ConnectError, ExitStatus, RigError
 from .inventory import Host
+from .runlock import RunLockBusy, run_lock
 from .target import Target, connect
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +250,7 @@ class RunOptions:
     # succeeded (the lockfile uses them); a RigError from one is a failed result named `.name`
     before_host: Callable[[Context], None] | None = None
     after_host: Callable[[Context], None] | None = None
+    what: str = "provision"  # what this run is, for the host's run lock (provision.runlock)
 
 
 def select_steps(steps: Sequence[Step], only: list[str] | None, skip: list[str] | None) -> None:
@@ -279,8 +282,17 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
               and not (opts.skip and s.name in opts.skip)]
     failed = False
     watch = Watchdog(host, target)
+    held = ExitStack()
     try:
-        if opts.before_host is not None:
+        if not opts.check:  # one changing run at a time per host; --check changes nothing
+            try:
+                held.enter_context(run_lock(target, host.name, host.cfg["paths"]["state_dir"],
+                                            opts.what, ctx.warn))
+            except RunLockBusy as e:
+                console.error(f"[{host.name}] run lock: FAILED: {e}")
+                report.results.append(StepResult("run lock", "failed", message=str(e)))
+                failed = True
+        if opts.before_host is not None and not failed:
             failed = not _run_hook(ctx, opts.before_host, report)
         for step in steps:
             if step not in active:
@@ -303,6 +315,10 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
         report.unreachable = str(e)
         console.error(f"[{host.name}] UNREACHABLE: {e}")
     finally:
+        try:
+            held.close()
+        except RigError:
+            pass  # the session is gone: so is the lock
         watch.stop()
         if watch.lost and not report.unreachable:
             report.unreachable = watch.lost

@@ -73,6 +73,75 @@ class _LineWriter(io.TextIOBase):
         pass
 
 
+class Held(abc.ABC):
+    """A command started by Target.hold(): running until release()."""
+
+    first_line: str = ""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Close its stdin (it sees EOF and ends) and wait a little for it."""
+
+
+class _LocalHeld(Held):
+    def __init__(self, line: str, stdin: str | None, timeout: float):
+        self.proc = subprocess.Popen(["bash", "-c", line], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        if stdin:
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.flush()
+        got: list[str] = []
+        t = threading.Thread(target=lambda: got.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        self.first_line = got[0].strip() if got else ""
+
+    def release(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+class _SSHHeld(Held):
+    def __init__(self, transport, line: str, stdin: str | None, timeout: float):
+        self.chan = transport.open_session(timeout=timeout)
+        self.chan.settimeout(timeout)
+        self.chan.set_combine_stderr(True)  # an error (sudo, a missing tool) is the first line
+        self.chan.exec_command(line)
+        if stdin:
+            self.chan.sendall(stdin.encode())
+        buf = b""
+        try:
+            while not buf.endswith(b"\n"):
+                b = self.chan.recv(1)
+                if not b:
+                    break
+                buf += b
+        except socket.timeout:
+            pass
+        self.first_line = buf.decode(errors="replace").strip()
+
+    def release(self) -> None:
+        try:
+            self.chan.shutdown_write()
+            t0 = time.monotonic()
+            while not self.chan.exit_status_ready() and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+        except (OSError, EOFError):
+            pass
+        finally:
+            self.chan.close()
+
+
 def quote(s: str | os.PathLike) -> str:
     return shlex.quote(str(s))
 
@@ -120,6 +189,10 @@ class Target(abc.ABC):
                        on_stdout=None, on_stderr=None)
         if not r.ok:
             raise CommandError(self.name, f"upload to {remote_tmp}", r.exited, r.stdout, r.stderr)
+
+    @abc.abstractmethod
+    def _start(self, command: str, stdin: str | None, timeout: float) -> "Held":
+        """Start one shell line that keeps running until released (see hold())."""
 
     def close(self) -> None:
         pass
@@ -170,6 +243,17 @@ class Target(abc.ABC):
 
     def sudo(self, command: str | list[str], **kw) -> Result:
         return self.run(command, sudo=True, **kw)
+
+    def hold(self, command: str, *, sudo: bool = False, timeout: float = 30) -> "Held":
+        """Start a command that runs for as long as this session lasts: its stdin stays open
+        until release() (or until this process or its SSH session dies -- the command sees EOF).
+        Returns once its first line of stdout is there (`Held.first_line`; "" if it exited
+        without one or said nothing within `timeout`). Used for the run lock (provision.runlock)."""
+        line = self.wrap(command, sudo=sudo)
+        stdin = self._sudo_password + "\n" if (self._sudo_password is not None
+                                                and line.startswith("sudo -S")) else None
+        self.commands_run += 1
+        return self._start(line, stdin, timeout)
 
     # -- files -------------------------------------------------------------
     def exists(self, path: str, sudo: bool = False) -> bool:
@@ -290,6 +374,9 @@ class LocalTarget(Target):
             t.join()
         return Result(command, rc, "".join(chunks["out"]), "".join(chunks["err"]))
 
+    def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
+        return _LocalHeld(command, stdin, timeout)
+
     def _upload(self, local_path: str, remote_tmp: str) -> None:
         import shutil
         # created 0600 (and never an existing file or link) before any byte is written
@@ -389,6 +476,16 @@ class SSHTarget(Target):
             # invoke's timer closed the channel before the exit status arrived: same as above
             return Result(command, 124, r.stdout, (r.stderr or "") + f"\ntimed out after {timeout}s")
         return Result(command, r.exited, r.stdout, r.stderr)
+
+    def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
+        import paramiko
+        if not self.conn.is_connected:
+            self.connect()
+        try:
+            return _SSHHeld(self.conn.client.get_transport(), command, stdin, timeout)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            self.conn.close()
+            raise ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}") from None
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
         if not self.conn.is_connected:

@@ -16,10 +16,28 @@ from provision.console import Console, Environment
 from provision.engine import (Call, Context, RunOptions, Run, Step, WriteFile, file_diff, run,
                               select_steps)
 from provision.errors import ConnectError, ExitStatus, StepError, UsageError
-from provision.target import LocalTarget, Result, Target
+from provision.target import Held, LocalTarget, Result, Target
 
 STATE = "/var/lib/llama-rig/state.json"
 CONF = "/etc/svc.conf"
+
+
+class MemHeld(Held):
+    """The run lock of an in-memory box: a key in its files dict while held."""
+
+    KEY = "<run.lock>"
+
+    def __init__(self, files: dict):
+        self.files = files
+        self.mine = self.KEY not in files
+        if self.mine:
+            files[self.KEY] = "held"
+        self.first_line = "locked" if self.mine else "busy root@elsewhere pid 1 since then: provision"
+
+    def release(self) -> None:
+        if self.mine:
+            self.files.pop(self.KEY, None)
+            self.mine = False
 
 
 class FakeTarget(Target):
@@ -31,6 +49,7 @@ class FakeTarget(Target):
         self.files = {} if files is None else files
         self.fail = fail
         self.log: list[str] = []
+        self.holds: list[str] = []  # commands started with hold() (the run lock)
         self.writes: list[str] = []
         self.closed = False
 
@@ -43,6 +62,10 @@ class FakeTarget(Target):
             if pat in command:
                 return Result(command, 1, "", f"E: {pat} went wrong")
         return Result(command, 0, "", "")
+
+    def _start(self, command, stdin, timeout):
+        self.holds.append(command)
+        return MemHeld(self.files)
 
     def read_file(self, path, sudo=False):
         return self.files.get(path)
@@ -149,6 +172,36 @@ def test_check_mode_applies_nothing_and_writes_no_state():
     assert recap_row(out) == {"host": "box", "result": "ok", "ok": "1", "changed": "2",
                               "failed": "0", "skipped": "0", "time": recap_row(out)["time"]}
     assert err == ""
+
+
+def test_a_run_that_changes_holds_the_run_lock_and_a_second_is_refused():
+    files: dict = {}
+    seen = []
+
+    class Peek(Step):
+        name = "peek"
+
+        def plan(self, ctx):
+            seen.append(files.get(MemHeld.KEY))
+            return []
+    status, rep, t, out, err = go([Peek()], files)
+    assert status == ExitStatus.OK and seen == ["held"]  # held while the steps ran
+    assert MemHeld.KEY not in files  # and released after
+    assert len(t.holds) == 1 and "flock -n -E 75 /var/lib/llama-rig/run.lock" in t.holds[0]
+    # another run holds it: nothing is planned or changed, one clear line, exit 1
+    files[MemHeld.KEY] = "held"
+    status, rep, t, out, err = go([ConfStep(), PkgStep()], files)
+    assert status == ExitStatus.FAILED
+    assert [(r.step, r.status) for r in rep.results] == [("run lock", "failed"), ("conf", "skipped"),
+                                                         ("pkgs", "skipped")]
+    assert ("[box] run lock: FAILED: another llama-rig run is changing this host (root@elsewhere pid 1 "
+            "since then: provision); nothing was changed — wait for it to finish "
+            "(/var/lib/llama-rig/run.lock)") in err
+    assert t.writes == [] and CONF not in files and files[MemHeld.KEY] == "held"
+    # --check changes nothing and takes no lock: it still shows the plan
+    status, rep, t, out, err = go([ConfStep()], files, RunOptions(check=True))
+    assert status == ExitStatus.OK and t.holds == []
+    assert rep.results[0].status == "changed"
 
 
 def test_apply_then_second_run_no_change():

@@ -1,0 +1,192 @@
+"""The per-host run lock (provision.runlock): real flock(1) on the box, through LocalTarget and
+over real SSH (Tier A sshd); a holder that dies or loses its session frees the lock by itself."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from provision import inventory as inv
+from provision.app import App
+from provision.console import Environment
+from provision.engine import Step, WriteFile
+from provision.errors import ExitStatus
+from provision.runlock import RunLockBusy, run_lock
+from provision.target import LocalTarget, connect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def local_host(state_dir: Path):
+    return inv.from_data({"hosts": {"box": {"connection": {"type": "local"},
+                                            "paths": {"state_dir": str(state_dir)}}}}).hosts["box"]
+
+
+def lock_is_free(path: Path) -> bool:
+    return subprocess.run(["flock", "-n", str(path), "true"]).returncode == 0
+
+
+def test_local_lock_taken_refused_released(tmp_path):
+    sd = tmp_path / "state"
+    a, b = LocalTarget(local_host(sd)), LocalTarget(local_host(sd))
+    with run_lock(a, "box", str(sd), "provision"):
+        assert not lock_is_free(sd / "run.lock")
+        owner = (sd / "run.owner").read_text()
+        assert f"pid {os.getpid()} since " in owner and owner.rstrip().endswith(": provision")
+        # the same process again (a task inside a task): re-entrant, no self-deadlock
+        with run_lock(a, "box", str(sd), "llama.update"):
+            pass
+        assert not lock_is_free(sd / "run.lock")
+        # a second, independent holder of the same lock (another process would see the same)
+        with pytest.raises(RunLockBusy) as ei:
+            with run_lock(b, "box2", str(sd), "provision"):
+                pytest.fail("ran while the lock was held")
+        assert str(ei.value).startswith(f"another llama-rig run is changing this host ({owner.strip()}); "
+                                        "nothing was changed — wait for it to finish")
+    assert lock_is_free(sd / "run.lock") and not (sd / "run.owner").exists()
+    with run_lock(b, "box2", str(sd), "provision"):
+        assert not lock_is_free(sd / "run.lock")
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from provision import inventory as inv
+    from provision.runlock import run_lock
+    from provision.target import LocalTarget
+    h = inv.from_data({{"hosts": {{"box": {{"connection": {{"type": "local"}},
+                                          "paths": {{"state_dir": {sd!r}}}}}}}}}).hosts["box"]
+    with run_lock(LocalTarget(h), "box", {sd!r}, "provision"):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    sd = tmp_path / "state"
+    p = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), sd=str(sd))],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        assert not lock_is_free(sd / "run.lock")
+        with pytest.raises(RunLockBusy, match=r"\(.* pid %d since .*: provision\)" % p.pid):
+            with run_lock(LocalTarget(local_host(sd)), "box", str(sd), "provision"):
+                pass
+        p.send_signal(signal.SIGKILL)  # no finally, no cleanup: the holder's stdin just closes
+        p.wait(10)
+        t0 = time.monotonic()
+        while not lock_is_free(sd / "run.lock") and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert lock_is_free(sd / "run.lock")
+        with run_lock(LocalTarget(local_host(sd)), "box", str(sd), "provision"):
+            pass
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_lock_that_cannot_be_taken_is_a_warning_not_a_stop(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    warnings: list[str] = []
+    ran = []
+    with run_lock(LocalTarget(local_host(blocker / "state")), "box", str(blocker / "state"),
+                  "provision", warnings.append):
+        ran.append(1)
+    assert ran == [1]
+    assert len(warnings) == 1 and warnings[0].startswith(f"run lock: could not take {blocker}/state/run.lock (")
+    assert "Not a directory" in warnings[0]
+
+
+class Marker(Step):
+    """Writes a file into the state dir (stands in for any step that changes the box)."""
+    name = "marker"
+
+    def plan(self, ctx):
+        path = f"{ctx.cfg['paths']['state_dir']}/marker"
+        if ctx.target.exists(path):
+            return []
+        return [WriteFile(f"write {path}", path=path, content="x\n", before=None)]
+
+
+def test_provision_and_changing_tasks_refused_while_another_run_holds_the_host(tmp_path):
+    sd = tmp_path / "state"
+    inventory = tmp_path / "hosts.yaml"
+    inventory.write_text(f"hosts:\n  box:\n    connection: {{type: local}}\n    paths: {{state_dir: {sd}}}\n")
+    p = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), sd=str(sd))],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+
+        def app():
+            out, err = io.StringIO(), io.StringIO()
+            return App(inventory_path=str(inventory), env=Environment(out, err, isatty=False)), out, err
+
+        a, out, err = app()
+        assert a.provision("box", steps=[Marker()]) == ExitStatus.FAILED
+        assert not (sd / "marker").exists()
+        lines = [ln for ln in err.getvalue().splitlines() if "run lock" in ln]
+        assert lines == [f"[box] run lock: FAILED: another llama-rig run is changing this host "
+                         f"({(sd / 'run.owner').read_text().strip()}); nothing was changed — wait for "
+                         f"it to finish ({sd}/run.lock)"], err.getvalue()
+        assert re.search(r"^box +FAILED +0 +0 +1 +1 ", out.getvalue(), re.M), out.getvalue()  # recap
+        # --check still shows the plan
+        a, out, err = app()
+        assert a.provision("box", steps=[Marker()], check=True) == ExitStatus.OK
+        assert f"write {sd}/marker" in out.getvalue()
+        # a task that changes the host is refused the same way; a read-only one runs
+        a, out, err = app()
+        called = []
+        assert a.each_host("box", lambda ctx: called.append(1), title="service.restart",
+                           changes=True) == ExitStatus.FAILED
+        assert called == [] and "[box] service.restart: FAILED: another llama-rig run" in err.getvalue()
+        a, out, err = app()
+        assert a.each_host("box", lambda ctx: called.append(1) or False, title="service.status") == ExitStatus.OK
+        assert called == [1]
+    finally:
+        p.kill()
+        p.wait()
+    a, out, err = app()
+    assert a.provision("box", steps=[Marker()]) == ExitStatus.OK
+    assert (sd / "marker").read_text() == "x\n"
+
+
+@pytest.mark.sshd
+def test_over_ssh_as_sudo_user_and_a_dropped_session_frees_the_lock(sshd, tmp_path):
+    sd = sshd.root / "state"  # root-owned on the box: the sudo user takes the lock with sudo
+    entry = sshd.sudo_rig.inventory_entry(paths={"state_dir": str(sd)})
+    h = inv.from_data({"hosts": {"r": entry}}).hosts["r"]
+    first, second = connect(h), connect(h)
+    try:
+        with run_lock(first, "r", str(sd), "provision"):
+            assert not lock_is_free(sd / "run.lock")
+            assert (sd / "run.owner").stat().st_uid == 0
+            with pytest.raises(RunLockBusy, match="another llama-rig run is changing this host"):
+                with run_lock(second, "r2", str(sd), "llama.update"):
+                    pass
+        assert lock_is_free(sd / "run.lock")
+        # a session that drops while holding the lock (the control machine crashed, the
+        # network went away): sshd ends the session, the holder sees EOF, the lock is free
+        third = connect(h)
+        cm = run_lock(third, "r3", str(sd), "provision")
+        cm.__enter__()
+        assert not lock_is_free(sd / "run.lock")
+        third.conn.client.get_transport().sock.close()
+        t0 = time.monotonic()
+        while not lock_is_free(sd / "run.lock") and time.monotonic() - t0 < 15:
+            time.sleep(0.2)
+        assert lock_is_free(sd / "run.lock"), "the lock outlived its SSH session"
+        cm.__exit__(None, None, None)  # releasing over the dead session is harmless
+        with run_lock(second, "r2", str(sd), "provision"):
+            assert not lock_is_free(sd / "run.lock")
+    finally:
+        first.close()
+        second.close()
