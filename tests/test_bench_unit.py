@@ -375,7 +375,8 @@ def test_apply_keeps_every_comment_and_line(tmp_path):
     assert cfg["tensor_split"] == [0.9, 1, 1, 1, 1, 1]
     # inserted inside rig's server section, at its indentation
     i = a_lines.index("      batch_size: 4096")
-    assert a_lines[i - 1].startswith("      extra_args:")
+    # right after the last key of rig's server section (the shipped file's order)
+    assert a_lines[i - 1].startswith("      vram_margin_mib:") and a_lines[i + 2].startswith("    opencode:")
     # again: values replaced in place, comments kept, no duplicates
     T.apply_to_inventory(p, "rig", {"batch_size": 2048, "ubatch_size": 1024})
     again = p.read_text()
