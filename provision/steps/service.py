@@ -181,6 +181,11 @@ def parse_fit_output(text: str) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def cuda_devices(devices: dict[str, tuple[int, int, int]]) -> dict[int, tuple[int, int, int]]:
+    """The CUDA<n> rows of parse_fit_output, keyed by n."""
+    return {int(d[4:]): v for d, v in devices.items() if d.startswith("CUDA") and d[4:].isdigit()}
+
+
 @dataclass
 class FitReport:
     ok: bool
@@ -210,8 +215,7 @@ def check_fit(devices: dict[str, tuple[int, int, int]], free_mib: dict[int, int]
         else:
             rep.rows.append([dev, m, c, k, need, "-", "host memory"])
     if not rep.ok:
-        cuda = {int(d[4:]): v for d, v in devices.items() if d.startswith("CUDA") and d[4:].isdigit()}
-        rep.proposed_ts = propose_ts(cuda, free_mib, margin)
+        rep.proposed_ts = propose_ts(cuda_devices(devices), free_mib, margin)
     return rep
 
 
@@ -539,6 +543,7 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
     if not ctx.target.exists(fit):
         skipped(f"{fit} not found (add llama-fit-params to llama_cpp.targets)")
         return None
+
     def run_fit(ts: list[float] | None = None):
         cfg = ctx.cfg if ts is None else {**ctx.cfg, "server": {**ctx.cfg["server"], "tensor_split": ts}}
         r = ctx.target.run(join(fit_params_argv(cfg, model_path, fit)),
@@ -562,10 +567,8 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
     if not rep.ok:
         def estimate(ts: list[float]) -> dict[int, tuple[int, int, int]] | None:
             r2, d2 = run_fit(ts)
-            return {int(k[4:]): v for k, v in d2.items() if k.startswith("CUDA") and k[4:].isdigit()} \
-                if r2.exited == 0 else None
-        cuda = {int(d[4:]): v for d, v in devices.items() if d.startswith("CUDA") and d[4:].isdigit()}
-        rep.proposed_ts = fitted_ts(estimate, cuda, free, margin)
+            return cuda_devices(d2) if r2.exited == 0 else None
+        rep.proposed_ts = fitted_ts(estimate, cuda_devices(devices), free, margin)
         hint = (f"; try server.tensor_split: [{', '.join(_num(x) for x in rep.proposed_ts)}] "
                 "(llama-fit-params: fits)"
                 if rep.proposed_ts else "; llama-fit-params finds no tensor split that fits: lower "
