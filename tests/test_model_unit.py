@@ -397,10 +397,15 @@ def test_local_pull_token_only_on_stdin_then_no_change(local_rig, hub, monkeypat
     rc, out, _ = _provision(path)
     assert rc == 1 and "gated or private repo" in out and "LLAMA_RIG_TEST_HF_TOKEN" in out
 
+    # the failed run left only its run lock (a run that changes a host takes it first)
+    assert sorted(p.name for p in (tmp / "state").iterdir()) == ["run.lock"]
+    assert not (tmp / "models").exists()
+
     monkeypatch.setenv("LLAMA_RIG_TEST_HF_TOKEN", token)
     rc, out, _ = _provision(path, check=True)
     assert rc == 0 and "would change: download 4 files" in out
-    assert not (tmp / "models").exists() and not (tmp / "state").exists()  # --check changed nothing
+    # --check changed nothing
+    assert not (tmp / "models").exists() and sorted(p.name for p in (tmp / "state").iterdir()) == ["run.lock"]
 
     RecordingTarget.log = []
     n0 = len(hub.requests)
