@@ -254,8 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--power", action="store_true", help="also try the gpu step's power limits")
     ap.add_argument("--squeeze", action="store_true",
-                    help="also reproduce the seed's GPU0 OOM: fill GPU 0, show the preflight refusing "
-                         "with a proposed -ts, serve with it (needs nvcc)")
+                    help="also reproduce the seed's GPU0 OOM: fill every GPU (GPU 0 most), show the "
+                         "preflight refusing with a checked -ts, serve with it (needs nvcc)")
     ap.add_argument("--margin", type=int, default=None,
                     help="server.vram_margin_mib for the preflight (default: the inventory default)")
     ap.add_argument("--json", default=None)

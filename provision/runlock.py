@@ -18,14 +18,14 @@ import os
 import socket
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import StepError
 from .target import Target, quote
 
 BUSY_EXIT = 75
 
-_held: dict[tuple[str, str], int] = {}  # (host name, lock path) -> depth, in this process
+_held: dict[tuple[str, str], int] = {}  # (host name, state dir) -> depth, in this process
 _held_lock = threading.Lock()
 
 
@@ -53,7 +53,7 @@ def lock_command(state_dir: str, owner: str) -> str:
 
 @contextmanager
 def run_lock(target: Target, host_name: str, state_dir: str, what: str,
-             warn=None) -> Iterator[None]:
+             warn: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the host's run lock for the body. RunLockBusy if another run has it; where the lock
     cannot be taken at all (no flock(1), no sudo) the body runs anyway after a warning."""
     key = (host_name, state_dir)
