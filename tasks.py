@@ -23,6 +23,11 @@ def _exit(status) -> None:
         raise Exit(code=int(status))
 
 
+def _each(inventory, set, host, all, fn, title: str, changes: bool = False) -> None:
+    """fn(ctx) on each selected host; `changes`: it may change the rig (held under the run lock)."""
+    _exit(_app(inventory, set).each_host(host, fn, title=title, all_hosts=all, changes=changes))
+
+
 @task(auto_shortflags=False, iterable=["set"], help={
     **HOST_HELP,
     "check": "show the plan, change nothing",
@@ -51,8 +56,8 @@ def facts(c, host=None, all=False, inventory="hosts.yaml", set=None):
 
 def _llama(inventory, set, host, all, fn_name: str, title: str) -> None:
     from provision.steps import llama as llama_step
-    _exit(_app(inventory, set).each_host(host, getattr(llama_step, fn_name), title=title,
-                                         all_hosts=all, changes=not title.endswith(".status")))
+    _each(inventory, set, host, all, getattr(llama_step, fn_name), title,
+          changes=not title.endswith(".status"))
 
 
 @task(name="build", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
@@ -141,10 +146,6 @@ ns.add_task(tune)
 
 
 # -- gpu / service / opencode -------------------------------------------------------------------
-
-
-def _each(inventory, set, host, all, fn, title: str, changes: bool = False) -> None:
-    _exit(_app(inventory, set).each_host(host, fn, title=title, all_hosts=all, changes=changes))
 
 
 @task(name="power", auto_shortflags=False, iterable=["set"],
@@ -262,15 +263,14 @@ def model_pull(c, host=None, all=False, check=False, inventory="hosts.yaml", set
 def model_verify(c, host=None, all=False, full=False, inventory="hosts.yaml", set=None):
     """Hash the shards on the rig against lfs.sha256 (only changed ones unless --full)."""
     from provision.steps import model as m
-    _exit(_app(inventory, set).each_host(host, lambda ctx: m.verify_action(ctx, full),
-                                         title="model.verify", all_hosts=all, changes=True))
+    _each(inventory, set, host, all, lambda ctx: m.verify_action(ctx, full), "model.verify", changes=True)
 
 
 @task(name="status", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
 def model_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
     """Show the model repo, pinned sha, files with size and verified state, disk free."""
     from provision.steps import model as m
-    _exit(_app(inventory, set).each_host(host, m.status_action, title="model.status", all_hosts=all))
+    _each(inventory, set, host, all, m.status_action, "model.status")
 
 
 model = Collection("model")

@@ -65,7 +65,7 @@ class App:
         to <inventory dir>/locks/<host>.lock.yaml."""
         def go() -> ExitStatus:
             from . import lock as lk
-            from .engine import select_steps
+            from .engine import active_steps, select_steps
             from .steps import all_steps
             hosts = self.hosts(host, all_hosts)
             the_steps = steps or all_steps()
@@ -75,8 +75,7 @@ class App:
                                   + ([f"--skip {skip}"] if skip else [])))
             select_steps(the_steps, opts.only, opts.skip)
             locks = self.apply_locks(hosts, lock)
-            ran = [s.name for s in the_steps if (not opts.only or s.name in opts.only)
-                   and not (opts.skip and s.name in opts.skip)]
+            ran = [s.name for s in active_steps(the_steps, opts.only, opts.skip)]
             opts.before_host = lk.BeforeHost(locks)
             opts.after_host = lk.AfterHost(locks, ran, self.lock_dir())
             status, self.last_reports = run_steps(hosts, the_steps, self.console, opts,

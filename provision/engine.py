@@ -265,6 +265,11 @@ def select_steps(steps: Sequence[Step], only: list[str] | None, skip: list[str] 
                 raise UsageError(f"command line: {opt}: unknown step {v!r}{hint}; steps are: {', '.join(names)}")
 
 
+def active_steps(steps: Sequence[Step], only: list[str] | None, skip: list[str] | None) -> list[Step]:
+    """The steps a run with --only/--skip runs, in order."""
+    return [s for s in steps if (not only or s.name in only) and not (skip and s.name in skip)]
+
+
 def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptions,
              target_factory: Callable[[Host], Target] = connect) -> HostReport:
     report = HostReport(host.name)
@@ -278,8 +283,7 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
         return report
     ctx = Context(host, target, console, check=opts.check, show_diff=opts.diff)
     handlers: dict[str, Callable[[Context], None]] = {}
-    active = [s for s in steps if (not opts.only or s.name in opts.only)
-              and not (opts.skip and s.name in opts.skip)]
+    active = active_steps(steps, opts.only, opts.skip)
     failed = False
     watch = Watchdog(host, target)
     held = ExitStack()

@@ -199,8 +199,10 @@ def test_check_fit_ok_and_refused_with_proposal():
     assert not bad.ok
     assert bad.problems == ["GPU 0 (NVIDIA GeForce RTX 3090): needs 19660 MiB (model 17900 + context 560 "
                             "+ compute 1200) + 1024 MiB margin but only 20000 MiB are free"]
+    # the first candidate a refusal starts from (preflight checks it with llama-fit-params):
     # room = free - compute - margin: 20000-1200-1024 = 17776, 24000-700-1024 = 22276
-    assert bad.proposed_ts == [0.8, 1.0]
+    assert s.propose_ts(s.cuda_devices(s.parse_fit_output(FIT_OUT)), {0: 20000, 1: 24000},
+                        margin=1024) == [0.8, 1.0]
 
 
 def test_propose_ts_none_when_nothing_fits():

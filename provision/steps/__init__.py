@@ -16,11 +16,8 @@ def all_steps() -> list[Step]:
     from .service import ServiceStep
     from .system import SystemStep
 
-    # order: facts, system, (gpu), llama, (model, service, opencode)
-    steps: list[Step] = [FactsStep(), SystemStep(), GpuStep(), LlamaStep()]
-    steps += [ModelStep()]
-    steps += [ServiceStep(), OpencodeStep()]  # after model
-    return steps
+    # the service needs the llama build and the verified model; opencode needs the service's URL
+    return [FactsStep(), SystemStep(), GpuStep(), LlamaStep(), ModelStep(), ServiceStep(), OpencodeStep()]
 
 
 def step_names() -> list[str]:

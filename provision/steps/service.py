@@ -191,7 +191,7 @@ class FitReport:
     ok: bool
     rows: list[list[Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    proposed_ts: list[float] | None = None
+    proposed_ts: list[float] | None = None  # set by preflight(): a -ts llama-fit-params says fits
 
 
 def check_fit(devices: dict[str, tuple[int, int, int]], free_mib: dict[int, int],
@@ -214,8 +214,6 @@ def check_fit(devices: dict[str, tuple[int, int, int]], free_mib: dict[int, int]
                     f"{margin} MiB margin but only {free if free is not None else '?'} MiB are free")
         else:
             rep.rows.append([dev, m, c, k, need, "-", "host memory"])
-    if not rep.ok:
-        rep.proposed_ts = propose_ts(cuda_devices(devices), free_mib, margin)
     return rep
 
 
