@@ -103,7 +103,7 @@ ns.add_collection(llama)
     "service": "auto (stop llama-server only if its VRAM is needed), stop, or keep",
     "baseline": "baseline JSON to compare with (default: the seed's table), or none",
     "binary": "llama-bench path on the rig (default <prefix>/llama.cpp/current/bin/llama-bench)",
-    "model": "model path on the rig (default: the service's shard 1)",
+    "model": "model path on the rig (default: the service's shard 1, only once verified)",
     "results": "results folder on this machine (default results/)",
     "prompt": "prompt tokens per prefill test (-p, default 512)",
     "gen": "generated tokens per decode test (-n, default 128)",
@@ -111,34 +111,59 @@ ns.add_collection(llama)
 def bench(c, host=None, all=False, depths=None, reps=3, ttft=True, service="auto", baseline=None,
           binary=None, model=None, results="results", prompt=512, gen=128, inventory="hosts.yaml", set=None):
     """Context sweep with llama-bench: prefill/decode t/s, TTFT, GPU power, tokens/kWh, charts."""
-    from provision import bench as b
-    opts = b.BenchOptions(depths=b.parse_depths(depths), reps=int(reps), ttft=ttft, service=service,
-                          binary=binary, model=model, results_root=results, n_prompt=int(prompt),
-                          n_gen=int(gen), baseline=baseline or str(b.DEFAULT_BASELINE))
-    _exit(_app(inventory, set).each_host(host, lambda ctx: b.run_bench(ctx, opts) and False,
-                                         title="bench", all_hosts=all, parallel=1, changes=True))
+    from provision.bench import flags as bf, guard, results as br, sweep
+    app = _app(inventory, set)
+
+    def go():
+        opts = sweep.BenchOptions(
+            depths=bf.parse_depths(depths), reps=bf.parse_count(reps, "reps"), ttft=ttft,
+            service=guard.parse_service_policy(service), binary=binary, model=model, results_root=results,
+            n_prompt=bf.parse_count(prompt, "prompt"), n_gen=bf.parse_count(gen, "gen"),
+            baseline=baseline or str(br.DEFAULT_BASELINE))
+        return app.each_host(host, lambda ctx: sweep.run_bench(ctx, opts) and False, title="bench",
+                             all_hosts=all, parallel=1, changes=True)
+    _exit(app.guarded(go))
 
 
 @task(auto_shortflags=False, iterable=["set"], help={
     **HOST_HELP,
-    "depth": "prompt length the batch flags are tuned for (pp<depth> from an empty cache, default 8192)",
-    "reps": "repetitions per flag set (default 3)",
-    "pairs": "ubatch/batch pairs to try, e.g. 512/2048,4096/4096 (default: 8 pairs from 512/2048 up)",
-    "apply": "write the best batch_size/ubatch_size (and tensor_split) into the host's entry in the inventory",
+    "power": "sweep GPU power limits instead: decode/prefill t/s, W and tokens/kWh per limit, the knee",
+    "watts": "with --power: the limits to try, e.g. 250,275,300,350 (default: min..default limit in 6 steps)",
+    "keep": "with --power: the knee keeps this share of the best decode t/s (default 0.95)",
+    "depth": "batch: prompt length tuned for (pp<depth>, default 8192); --power: context depth (default 4096)",
+    "reps": "separate llama-bench runs of every point (default 3; a winner needs 3)",
+    "pairs": "ubatch/batch pairs to try, e.g. 512/2048,4096/4096 (default: 11 pairs from 512/2048 up)",
+    "splits": "with several GPUs also try -ts variants and split modes (--no-splits: pairs only)",
+    "apply": "write the winner into the host's entry in the inventory (only a gain beyond the noise)",
     "service": "auto (stop llama-server only if its VRAM is needed), stop, or keep",
     "binary": "llama-bench path on the rig",
-    "model": "model path on the rig (default: the service's shard 1)",
+    "model": "model path on the rig (default: the service's shard 1, only once verified)",
     "results": "results folder on this machine (default results/)",
 })
-def tune(c, host=None, all=False, depth=8192, reps=3, pairs=None, apply=False, service="auto",
-         binary=None, model=None, results="results", inventory="hosts.yaml", set=None):
-    """Sweep -ub/-b (and -ts) at one depth; report the best vs the seed's flags; --apply writes it."""
-    from provision import tune as t
-    opts = t.TuneOptions(depth=int(depth), reps=int(reps), pairs=t.parse_pairs(pairs), apply=apply,
-                         service=service, binary=binary, model=model, results_root=results,
-                         inventory_path=inventory)
-    _exit(_app(inventory, set).each_host(host, lambda ctx: t.run_tune(ctx, opts) and apply,
-                                         title="tune", all_hosts=all, parallel=1, changes=True))
+def tune(c, host=None, all=False, power=False, watts=None, keep=None, depth=None, reps=3, pairs=None,
+         splits=True, apply=False, service="auto", binary=None, model=None, results="results",
+         inventory="hosts.yaml", set=None):
+    """Sweep -ub/-b, -ts and split modes (or --power limits) vs the current flags; --apply writes a significant win."""
+    from provision.bench import flags as bf, guard
+    from provision.tune import options as o
+    app = _app(inventory, set)
+
+    def go():
+        opts = o.TuneOptions(power=power, watts=o.parse_watts(watts), keep=o.parse_keep(keep),
+                             depth=None if depth is None else bf.parse_count(depth, "depth"),
+                             reps=o.parse_reps(reps), pairs=o.parse_pairs(pairs), splits=splits,
+                             apply=apply, service=guard.parse_service_policy(service), binary=binary,
+                             model=model, results_root=results, inventory_path=inventory)
+        o.check_mode(opts, watts=watts, keep=keep, pairs=pairs)
+
+        def run(ctx):
+            if power:
+                from provision.tune.power import run_power_tune
+                return bool(run_power_tune(ctx, opts)["applied"])
+            from provision.tune.batch import run_batch_tune
+            return bool(run_batch_tune(ctx, opts)["applied"])
+        return app.each_host(host, run, title="tune", all_hosts=all, parallel=1, changes=True)
+    _exit(app.guarded(go))
 
 
 ns.add_task(bench)

@@ -211,7 +211,7 @@ SCHEMA: dict[str, dict[str, F]] = {
         "cache_type_v": F("str", "q8_0", choices=CACHE_TYPES),
         "flash_attn": F("str", "auto", choices=("on", "off", "auto")),
         "parallel": F("int", 1, 1, 1024),
-        "split_mode": F("str", "layer", choices=("none", "layer", "row")),
+        "split_mode": F("str", "layer", choices=("none", "layer", "row", "tensor")),
         "tensor_split": F("list_num", None, 0, 1000),
         "warmup": F("bool", False),
         "temp": F("num", 0.6, 0, 5),

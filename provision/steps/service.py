@@ -401,6 +401,17 @@ def unit_installed(ctx: Context) -> bool:
     return ctx.target.exists(UNIT_PATH)
 
 
+def is_active(ctx: Context) -> bool:
+    """Is llama-server running now (systemd's view)?"""
+    r = ctx.target.run(f"systemctl is-active {SERVICE} 2>/dev/null", check=False)
+    return r.stdout.strip() == "active"
+
+
+def stop(ctx: Context) -> None:
+    """Stop llama-server (bench and tune borrow its GPU memory); `restart_and_wait` brings it back."""
+    ctx.target.run(f"systemctl stop {SERVICE}", sudo=True, timeout=120)
+
+
 def _model_path(ctx: Context) -> str:
     from . import model as model_step
     return str(model_step.shard1_path(ctx))
