@@ -150,7 +150,7 @@ def tune(c, host=None, all=False, power=False, watts=None, keep=None, depth=None
 
     def go():
         opts = o.TuneOptions(power=power, watts=o.parse_watts(watts), keep=o.parse_keep(keep),
-                             depth=None if depth is None else bf.parse_count(depth, "depth"),
+                             depth=None if depth is None else bf.parse_count(depth, "depth", minimum=0),
                              reps=o.parse_reps(reps), pairs=o.parse_pairs(pairs), splits=splits,
                              apply=apply, service=guard.parse_service_policy(service), binary=binary,
                              model=model, results_root=results, inventory_path=inventory)

@@ -303,6 +303,9 @@ def test_parse_watts_keep_reps_and_modes():
             O.parse_reps(bad)
     with pytest.raises(UsageError, match="need --power"):
         O.check_mode(O.TuneOptions(), watts="300")
+    with pytest.raises(UsageError, match="at least 1 token"):
+        O.check_mode(O.TuneOptions(depth=0))
+    O.check_mode(O.TuneOptions(power=True, depth=0))  # power: KV depth 0 is fine
     with pytest.raises(UsageError, match="does not go with --power"):
         O.check_mode(O.TuneOptions(power=True), pairs="512/2048")
     assert F.parse_count("7", "gen") == 7

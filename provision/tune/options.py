@@ -129,6 +129,8 @@ def check_mode(opts: TuneOptions, *, watts: Any = None, keep: Any = None, pairs:
     """Options that only mean something in one mode are refused in the other."""
     if not opts.power and (watts is not None or keep is not None):
         raise UsageError("command line: --watts and --keep need --power")
+    if not opts.power and opts.depth is not None and opts.depth < 1:
+        raise UsageError("command line: --depth: the batch tune needs a prompt of at least 1 token")
     if opts.power and pairs is not None:
         raise UsageError("command line: --pairs does not go with --power (the power sweep runs at "
                          "the service's flags)")

@@ -147,8 +147,9 @@ def judge(knee_pt: PowerPoint, found_pt: PowerPoint, measure: str = "sweep") -> 
     knee is lower (same speed for less energy), decode t/s when it is higher (found too slow)."""
     a, b = getattr(knee_pt, measure), getattr(found_pt, measure)
     if knee_pt.order < found_pt.order:
-        return compare(a.runs("tokens_per_kwh"), b.runs("tokens_per_kwh"), what="tokens/kWh", spec=",.0f")
-    return compare(a.runs("decode_ts"), b.runs("decode_ts"), what="decode t/s")
+        return compare(a.runs("tokens_per_kwh"), b.runs("tokens_per_kwh"), what="tokens/kWh", spec=",.0f",
+                       ref_name="the limits found")
+    return compare(a.runs("decode_ts"), b.runs("decode_ts"), what="decode t/s", ref_name="the limits found")
 
 
 # ---------------------------------------------------------------------------------------------

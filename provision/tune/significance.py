@@ -95,18 +95,18 @@ class Comparison:
 
 
 def compare(cand: Runs, ref: Runs, what: str = "t/s", min_reps: int = MIN_REPS,
-            min_gain: float = MIN_GAIN, spec: str = ",.1f") -> Comparison:
+            min_gain: float = MIN_GAIN, spec: str = ",.1f", ref_name: str = "the current flags") -> Comparison:
     """Step 2 of the rule for one candidate against the current flags (higher is better)."""
     gain = (cand.median / ref.median - 1.0) if cand and ref and ref.median else None
     if cand.n < min_reps or ref.n < min_reps:
         return Comparison(False, f"too few runs to tell a gain from noise ({min(cand.n, ref.n)} < {min_reps})", gain)
     if cand.lo <= ref.hi:
         return Comparison(False, f"within the noise: its worst run {format(cand.lo, spec)} {what} is not above "
-                                 f"the current flags' best {format(ref.hi, spec)}", gain)
+                                 f"the best of {ref_name}, {format(ref.hi, spec)}", gain)
     if gain is None or gain < min_gain:
         return Comparison(False, f"ranges apart but the gain {(gain or 0):+.1%} is under {min_gain:.0%}", gain)
-    return Comparison(True, f"beyond the noise: worst run {format(cand.lo, spec)} > current best "
-                            f"{format(ref.hi, spec)} {what}, median {gain:+.1%}", gain)
+    return Comparison(True, f"beyond the noise: its worst run {format(cand.lo, spec)} > the best of "
+                            f"{ref_name}, {format(ref.hi, spec)} {what}; median {gain:+.1%}", gain)
 
 
 def leader(cands: dict[str, Runs], ref: Runs, **kw) -> tuple[str | None, dict[str, Comparison]]:
