@@ -245,12 +245,12 @@ def tune(a, binary: Path, model: Path, split: bool) -> list[dict]:
         name = f"{'split' if split else 'tune'}-{i + 1}"
         kept = _keep(r["dir"], a.out, name)
         cands = doc["candidates"]
-        top = max((c for c in cands if c["median"]), key=lambda c: c["median"], default=None)
+        top = max((c for c in cands if c["vs_reference"]), key=lambda c: c["vs_reference"], default=None)
         cur = doc["current"]
         line = (f"GPU PROOF {name} {gpu_name()} x{len(gpus)} pp{opts.batch_depth}: current {cur['label']} "
                 f"{cur['median']:,.1f} t/s ({cur['min']:,.1f}–{cur['max']:,.1f}); best median "
                 + (f"{top['label']} {top['median']:,.1f} ({top['min']:,.1f}–{top['max']:,.1f}) = "
-                   f"{top['median'] / cur['median']:.3f}x" if top else "-")
+                   f"{top['vs_reference']:.3f}x the current flags in the same rounds" if top else "-")
                 + f"; verdict: {doc['verdict']}"
                 + (f" ({doc['speedup_vs_current']:.3f}x on the confirmation runs)" if doc["speedup_vs_current"] else "")
                 + f"; {time.monotonic() - t0:.0f}s")

@@ -42,6 +42,7 @@ class Candidate:
     fit: str | None = None  # the VRAM preflight's word (split stage)
     confirm: list[float] = field(default_factory=list)  # the confirmation runs (leader, current)
     verdict: Comparison | None = None
+    vs_reference: float | None = None  # median / the current flags' median in the same rounds
 
     @property
     def label(self) -> str:
@@ -59,7 +60,7 @@ class Candidate:
         return {"label": self.label, "stage": self.stage, "ubatch": self.flags.ubatch_size,
                 "batch": self.flags.batch_size, "tensor_split": self.flags.tensor_split,
                 "split_mode": self.flags.split_mode, "prefill_ts": r.median, **r.as_dict(),
-                "errors": self.errors, "fit": self.fit,
+                "vs_reference": self.vs_reference, "errors": self.errors, "fit": self.fit,
                 "confirm": Runs.of(self.confirm).as_dict() if self.confirm else None,
                 "verdict": self.verdict.why if self.verdict else None}
 
@@ -230,21 +231,21 @@ def run_batch_tune(ctx, opts: TuneOptions) -> dict[str, Any]:
 def report(s: Session, cands: list[Candidate], stages, current: Candidate, leader: Candidate | None,
            confirmation: Comparison | None, winner: Candidate | None) -> dict[str, Any]:
     opts, depth = s.opts, s.opts.batch_depth
-    ref_median = Runs.of(current.runs).median
     rows = []
     for ref, group in stages:
-        if ref is not current:
-            rows.append(_row(ref, ref_median, "current flags (again, with the splits)"))
-        else:
-            rows.append(_row(ref, ref_median, "current flags"))
+        ref_median = Runs.of(ref.runs).median
+        rows.append(_row(ref, ref_median, "current flags" if ref is current
+                         else "current flags (again, in the rounds of the splits)"))
         for c in group:
+            c.vs_reference = (Runs.of(c.runs).median / ref_median) if c.runs and ref_median else None
             rows.append(_row(c, ref_median, None, c is winner))
     for c in cands:
         if c.stage == "split" and c.fit and c.fit.startswith("does not fit"):
             rows.append([c.label, "0", "-", "-", "not measured: the VRAM preflight refuses it"])
     s.ctx.console.table(f"tune: {s.name}, pp{depth} (prefill of one {depth}-token prompt), "
                         f"{opts.reps} run(s) each",
-                        ["flags", "runs", "prefill t/s median (min–max)", "vs current", "verdict"], rows)
+                        ["flags", "runs", "prefill t/s median (min–max)", "vs current (same rounds)",
+                         "verdict"], rows)
     speedup = None
     if confirmation is not None:
         s.say(f"confirmation of {leader.label}: {confirmation.why}")
