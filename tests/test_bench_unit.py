@@ -132,6 +132,22 @@ def test_power_csv_of_the_fake_nvidia_smi(tmp_path):
     assert P.parse_power_csv(out) == {0: 350.0, 1: 350.0}
 
 
+def test_fake_nvidia_smi_holds_the_draw_under_the_limit(tmp_path):
+    """What tune --power's rig tests rely on: a board draws at most its power limit."""
+    (tmp_path / "gpus.json").write_text(json.dumps({"gpus": [{"power_draw": 300.0}, {"power_draw": 120.0}]}))
+    env = dict(os.environ, FAKE_NVIDIA_SMI_CONFIG=str(tmp_path / "gpus.json"),
+               FAKE_NVIDIA_SMI_STATE=str(tmp_path / "st.json"))
+
+    def smi(*args):
+        return subprocess.run([sys.executable, str(FAKE_SMI), *args], env=env, capture_output=True,
+                              text=True, check=True).stdout
+    assert P.parse_power_csv(smi(*RUN.POWER_QUERY.split()[1:])) == {0: 300.0, 1: 120.0}
+    smi("-pl", "200")
+    assert P.parse_power_csv(smi(*RUN.POWER_QUERY.split()[1:])) == {0: 200.0, 1: 120.0}
+    smi("-i", "0", "-pl", "350")
+    assert P.parse_power_csv(smi(*RUN.power_query([0]).split()[1:])) == {0: 300.0}
+
+
 def test_power_na_and_noise_are_tolerated(tmp_path):
     out = _fake_smi(tmp_path, {"gpus": [{"power_draw": None}, {"power_draw": 120.0}]})
     got = P.parse_power_csv(out)
@@ -305,3 +321,88 @@ def test_tasks_are_registered():
     assert "--depths" in h.stdout and "--no-ttft" in h.stdout and "--reps" in h.stdout
     h = subprocess.run([sys.executable, "-m", "invoke", "tune", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "--depth" in h.stdout and "--apply" in h.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# RigGuard: what a bench/tune borrows is given back, power limits first, then the service
+
+
+class _Ctx:
+    class host:
+        name = "box"
+
+    def __init__(self):
+        import io
+        from provision.console import Console, Environment
+        self.out = io.StringIO()
+        self.console = Console(Environment(self.out, self.out, False))
+        self.said = []
+
+    def say(self, text):
+        self.said.append(text)
+
+
+@pytest.fixture()
+def guarded(monkeypatch):
+    """RigGuard with the rig replaced by a log of what it was asked to do."""
+    calls, state = [], {"limits": {0: 350.0, 1: 350.0}, "fail": set()}
+
+    def set_limits(ctx, limits, why=""):
+        calls.append(("set", dict(limits)))
+        if "set" in state["fail"] and not why:
+            raise StepError("nvidia-smi said no")
+        state["limits"].update(limits)
+
+    monkeypatch.setattr(G, "set_limits", set_limits)
+    monkeypatch.setattr(G, "read_limits", lambda ctx, ids=None: dict(state["limits"]))
+    monkeypatch.setattr(G.service_step, "stop", lambda ctx: calls.append(("stop",)))
+
+    def restart(ctx):
+        calls.append(("restart",))
+        if "restart" in state["fail"]:
+            raise StepError("llama-server did not come back")
+    monkeypatch.setattr(G.service_step, "restart_and_wait", restart)
+    return calls, state
+
+
+def test_guard_restores_power_first_then_the_service(guarded):
+    calls, state = guarded
+    ctx = _Ctx()
+    with pytest.raises(KeyboardInterrupt):
+        with G.RigGuard(ctx, "tune") as g:
+            g.stop_service("--service stop")
+            g.set_power({0: 200.0, 1: 200.0})
+            g.set_power({0: 300.0, 1: 300.0})
+            raise KeyboardInterrupt
+    assert calls == [("stop",), ("set", {0: 200.0, 1: 200.0}), ("set", {0: 300.0, 1: 300.0}),
+                     ("set", {0: 350.0, 1: 350.0}), ("restart",)]
+    assert state["limits"] == {0: 350.0, 1: 350.0}
+    assert "tune: power limits restored: GPU 0,1 350 W" in ctx.said and "tune: llama-server is back" in ctx.said
+
+
+def test_guard_a_failed_restore_is_reported_and_the_rest_still_restored(guarded):
+    calls, state = guarded
+    state["fail"].add("restart")
+    ctx = _Ctx()
+    with pytest.raises(StepError, match="could not put the rig back: llama-server did not come back"):
+        with G.RigGuard(ctx, "bench") as g:
+            g.stop_service("--service stop")
+            g.set_power({0: 200.0, 1: 200.0})
+    assert calls[-2:] == [("set", {0: 350.0, 1: 350.0}), ("restart",)]
+    # with an error already on its way, that error goes on and the restore problem is printed
+    state["fail"] = {"set", "restart"}
+    calls.clear()
+    ctx = _Ctx()
+    with pytest.raises(StepError, match="nvidia-smi said no"):
+        with G.RigGuard(ctx, "tune") as g:
+            g.stop_service("x")
+            g.set_power({0: 250.0, 1: 250.0})
+    assert calls == [("stop",), ("set", {0: 250.0, 1: 250.0}), ("set", {0: 350.0, 1: 350.0}), ("restart",)]
+    assert "could not put the rig back: llama-server did not come back" in ctx.out.getvalue()
+
+
+def test_guard_with_nothing_borrowed_does_nothing(guarded):
+    calls, _ = guarded
+    with G.RigGuard(_Ctx(), "bench"):
+        pass
+    assert calls == []
