@@ -10,8 +10,8 @@ tiny 4-shard qwen35moe (the seed's architecture), llama-server running under sys
 * Ctrl-C (SIGINT to `invoke bench`) in the middle of a point: llama-bench is killed on the rig,
   the service comes back, exit status 130;
 * `invoke bench` without --model refuses the unverified model (nothing stopped);
-* `invoke tune --apply`: a real, large gain (ub1 -> ub256) wins by the rule, is confirmed and
-  written into hosts.yaml (comments kept); -ts variants and split modes with the real llama-bench;
+* `invoke tune --apply` with the real llama-bench: pairs, -ts variants and split modes (row runs,
+  tensor fails on a CPU build); the confirmed winner -- or nothing -- written into hosts.yaml;
 * `invoke tune --power`: the sweep sets each limit (the W drawn prove it), restores the limits
   found; Ctrl-C in the middle restores the limits, then the service, then exits 130.
 """
@@ -237,16 +237,18 @@ def test_bench_refuses_an_unverified_model(brig):
     assert not (tmp / "results-unverified").exists()
 
 
-def test_tune_clear_gain_with_splits_is_applied(brig):
-    """The real llama-bench: the current flags ub1/b256 against ub256/b256 (3x faster on this CPU,
-    far beyond its noise), then -ts variants and split modes with the leading pair. `-sm row`
-    runs on the CPU build, `-sm tensor` does not load there (FAILED, not a winner). The winner
-    is confirmed on fresh runs and written into hosts.yaml (comments kept)."""
+def test_tune_with_splits_and_apply_on_the_rig(brig):
+    """The real llama-bench: the current flags ub1/b256 against ub256/b256, then the -ts variants and
+    split modes with the leading pair. `-sm row` runs on the CPU build, `-sm tensor` does not load
+    there (FAILED, never a winner). Whatever the verdict -- this 2-core box is shared and its runs
+    can differ 10x, so even ub1 vs ub256 is not always beyond the noise (the recorded runs in
+    test_tune_flow.py pin both outcomes) -- `--apply` writes exactly the confirmed winner, or nothing."""
     rig, path, tmp = brig
     inv_copy = tmp / "tune-hosts.yaml"
     inv_copy.write_text(path.read_text().replace("    server:  # the service's flags\n",
                                                  "    server:  # the service's flags\n      batch_size: 256\n"
                                                  "      ubatch_size: 1\n"))
+    before = inv_copy.read_text()
     assert inv.load(inv_copy).hosts["rig"].cfg["server"]["ubatch_size"] == 1
     pid = main_pid(rig)
     r = invoke(inv_copy, "tune", "--depth", "256", "--pairs", "256/256", "--reps", "3",
@@ -258,19 +260,26 @@ def test_tune_clear_gain_with_splits_is_applied(brig):
     assert doc["current"]["label"] == "ub1/b256 ts 0.9/1" and len(doc["current"]["runs"]) == 3
     by = {c["label"]: c for c in doc["candidates"]}
     assert len(by["ub256/b256 ts 0.9/1"]["runs"]) == 3
-    assert len(by["ub256/b256 ts 0.9/1 sm row"]["runs"]) == 3  # the real llama-bench takes -sm row
-    tensor = by["ub256/b256 ts 0.9/1 sm tensor"]
+    # stage 2: the leading pair (ub256 if it passed the rule, else the current ub1) with the splits
+    pair = "ub256/b256" if by["ub256/b256 ts 0.9/1"]["verdict"].startswith("beyond") else "ub1/b256"
+    assert doc["stages"][1]["candidates"] == [f"{pair} ts 1/1", f"{pair} ts 1/0.9",
+                                              f"{pair} ts 0.9/1 sm row", f"{pair} ts 0.9/1 sm tensor"]
+    assert doc["stages"][1]["reference"]["label"] == "ub1/b256 ts 0.9/1"
+    assert len(by[f"{pair} ts 0.9/1 sm row"]["runs"]) == 3  # the real llama-bench takes -sm row
+    tensor = by[f"{pair} ts 0.9/1 sm tensor"]
     assert not tensor["runs"] and "failed to load model" in tensor["errors"][0]
-    assert {"ub256/b256 ts 1/1", "ub256/b256 ts 1/0.9"} <= set(by)
-    win = doc["winner"]
-    assert win is not None and win["ubatch"] == 256, out[-4000:]
-    assert min(win["confirm"]["runs"]) > max(doc["current"]["runs"] + [0])  # beyond the noise
-    assert doc["applied"]["batch_size"] == 256 and doc["applied"]["ubatch_size"] == 256
-    text = inv_copy.read_text()
-    assert text.startswith(INVENTORY_HEAD) and "server:  # the service's flags" in text
+    assert "VRAM preflight: skipped" in out  # no llama-fit-params on this rig: measured anyway
     srv = inv.load(inv_copy).hosts["rig"].cfg["server"]
-    assert (srv["batch_size"], srv["ubatch_size"]) == (256, 256)
-    assert srv["tensor_split"] == (win["tensor_split"] or [0.9, 1]) and srv["split_mode"] == win["split_mode"]
+    win = doc["winner"]
+    if win is None:
+        assert doc["verdict"] == "no significant gain over the current flags"
+        assert "--apply: nothing written" in out and inv_copy.read_text() == before
+    else:
+        assert doc["confirmation"] and min(win["confirm"]["runs"]) > max(doc["current"]["confirm"]["runs"])
+        assert (srv["batch_size"], srv["ubatch_size"]) == (win["batch"], win["ubatch"])
+        assert srv["tensor_split"] == (win["tensor_split"] or [0.9, 1]) and srv["split_mode"] == win["split_mode"]
+        text = inv_copy.read_text()
+        assert text.startswith(INVENTORY_HEAD) and "server:  # the service's flags" in text
     assert srv["port"] == PORT
     assert main_pid(rig) == pid  # a CPU build: the service kept running
     assert (d / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
