@@ -1,6 +1,7 @@
-"""bench / tune / charts as data: argv from the inventory, llama-bench JSON from REAL runs,
-power sampling against the fake nvidia-smi, tokens/kWh vs the seed, result files, baseline
-comparison, tune's pick and the minimal hosts.yaml edit of `tune --apply`.
+"""bench / charts as data: argv from the inventory, llama-bench JSON from REAL runs, power
+sampling against the fake nvidia-smi, tokens/kWh vs the seed, result files, baseline comparison,
+and RigGuard (what a bench/tune borrows from the rig is given back, power limits first). tune's
+rule, knee and --apply edit: tests/test_tune_unit.py.
 
 The tests/data/llama-bench-* fixtures were produced by the real CPU llama-bench
 (/var/cache/llama-rig-tests/llama-bin-cpu, llama-cpp-python 0.3.36's vendored llama.cpp) on the
