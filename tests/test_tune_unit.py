@@ -417,3 +417,21 @@ def test_apply_power_limit_into_the_hosts_own_entry(tmp_path):
     assert p.read_text().count("power_limit: 300") == 1 and inv.load(p).hosts["rig"].cfg["gpus"]["power_limit"] == 300
     with pytest.raises(InventoryError, match="does not load"):
         IE.apply_to_inventory(p, "rig", {"power_limit": 5000.0}, section="gpus")
+
+
+@pytest.mark.parametrize("args,line", [
+    (["bench", "--service", "sometimes"], "command line: --service: expected one of auto, stop, keep, got 'sometimes'"),
+    (["bench", "--reps", "0"], "command line: --reps: must be between 1 and 1000000, got 0"),
+    (["tune", "--watts", "300"], "command line: --watts and --keep need --power"),
+    (["tune", "--power", "--watts", "250,lots"], "command line: --watts: not a number of watts: 'lots'"),
+    (["tune", "--power", "--keep", "2"], "command line: --keep: must be between 0.5 and 1 (50%..100%), got 2"),
+    (["tune", "--power", "--pairs", "512/2048"], "command line: --pairs does not go with --power"),
+])
+def test_bad_options_are_one_line_and_exit_2(args, line):
+    """Checked before any host is contacted (the shipped rig's address is not reachable here)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "invoke", *args, "--host", "rig"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().startswith(line) and len(r.stderr.strip().splitlines()) == 1
