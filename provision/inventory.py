@@ -201,6 +201,10 @@ SCHEMA: dict[str, dict[str, F]] = {
         "free_space_margin_gb": F("num", 5, 0, 100000),
         "max_attempts": F("int", 3, 1, 20),
         "hash_workers": F("int", 4, 1, 64),
+        "download_workers": F("int", None, 1, 64),
+        "xet_high_performance": F("bool", False),
+        "xet_chunk_cache_gb": F("num", 0, 0, 100000),
+        "keep_versions": F("int", 2, 1, 20),
     },
     "server": {
         "host": F("str", "0.0.0.0"),
@@ -226,6 +230,8 @@ SCHEMA: dict[str, dict[str, F]] = {
         "extra_args": F("list_str", []),
         "start_timeout": F("int", 1800, 5, 86400),
         "vram_margin_mib": F("int", 1536, 0, 1048576),
+        "metrics": F("bool", True),
+        "slots": F("bool", False),
     },
     "paths": {
         "prefix": F("str", "/opt/llama-rig"),

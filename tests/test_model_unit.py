@@ -20,6 +20,7 @@ from provision.console import Console, Environment
 from provision.engine import Call, Run
 from provision.errors import StepError
 from provision.remote import sha256_files
+from provision.model import hub, store, transfer
 from provision.steps import model as M
 from provision.target import LocalTarget
 
@@ -119,46 +120,71 @@ def test_preflight_arithmetic():
 
 
 def test_need_bytes_counts_freed_stale_files():
-    rig = M.RigView(files={"a": (40, 1)})
-    groups = {"fetch": [{"path": "b", "size": 100}], "stale": [{"path": "a", "size": 100}], "verify": [], "ok": []}
-    assert M.need_bytes(groups, rig) == 160
+    groups = {"fetch": [{"path": "b", "size": 100}], "stale": [{"path": "a", "size": 100}]}
+    assert store.need_bytes(groups, {"a": (40, 1, 7)}) == 160
 
 
 # --------------------------------------------------------------------------------------------- plan as data
 
 
-def man(n: int = 4, commit: str = SHA, cfg=None) -> dict:
+def man(n: int = 4, commit: str = SHA, cfg=None, sha3: str | None = None) -> dict:
     cfg = cfg or cfg_of()
     es = [M.RepoEntry(f"{Q}-{i:05d}-of-{n:05d}.gguf", 1000 * i, hashlib.sha256(b"%d" % i).hexdigest())
           for i in range(1, n + 1)]
+    if sha3:
+        es[2] = M.RepoEntry(es[2].path, es[2].size, sha3)
     return M.make_manifest(cfg, commit, es)
 
 
-def verified_state(m: dict, stats: dict) -> dict:
-    return {**m, "verified": {f["path"]: {"size": f["size"], "mtime_ns": stats[f["path"]][1], "sha256": f["sha256"]}
-                              for f in m["files"]}}
+def stats_of(m: dict, mtime: int = 111) -> dict:
+    return {f["path"]: (f["size"], mtime, i + 1) for i, f in enumerate(m["files"])}
 
 
-def test_plan_nothing_missing_and_verified_is_no_change():
+def verified_state(m: dict, stats: dict, layout: bool = True) -> dict:
+    st = {**m, "verified": {f["path"]: {"size": f["size"], "mtime_ns": stats[f["path"]][1], "sha256": f["sha256"]}
+                            for f in m["files"]}}
+    if layout:
+        st["layout"] = "commits"
+    return st
+
+
+def current_rig(m: dict, stats: dict, **kw) -> M.RigView:
+    """A rig whose `current` is m's commit, with m's files at `stats`."""
+    mark = {"commit": m["commit"], "files": m["files"], "finalized_at": 1.0,
+            "verified": {f["path"]: {"size": f["size"], "mtime_ns": stats[f["path"]][1], "sha256": f["sha256"]}
+                         for f in m["files"] if f["path"] in stats}}
+    kw.setdefault("free_bytes", 10**9)
+    kw.setdefault("venv_version", "2.4.0")
+    return M.RigView(current=m["commit"], kept={m["commit"]: {"mark": mark, "stats": stats}},
+                     dirs={"current": stats}, **kw)
+
+
+def kinds(changes) -> list[str]:
+    return [c.description.split(" ")[0] for c in changes]
+
+
+def test_plan_current_and_verified_is_no_change():
     cfg = cfg_of()
     m = man(cfg=cfg)
-    stats = {f["path"]: (f["size"], 111) for f in m["files"]}
-    rig = M.RigView(files=stats, venv_version=None, free_bytes=0)  # no venv, no space: not needed
+    stats = stats_of(m)
+    rig = current_rig(m, stats, venv_version=None, free_bytes=0)  # no venv, no space: not needed
     assert M.plan(cfg, m, rig, verified_state(m, stats)) == []
 
 
-def test_plan_fresh_rig():
+def test_plan_fresh_rig_stages_then_switches():
     cfg = cfg_of(free_space_margin_gb=0)
     m = man(cfg=cfg)
-    rig = M.RigView(free_bytes=10**9)
-    ch = M.plan(cfg, m, rig, None)
-    assert [type(c) for c in ch] == [Call, Run, Call, Call]
-    assert ch[0].description.startswith(f"pin {REPO}@aaaaaaa (main): 4 files")
+    ch = M.plan(cfg, m, M.RigView(free_bytes=10**9), None)
+    assert [type(c) for c in ch] == [Call, Run, Call, Call, Call]
+    assert ch[0].description == f"stage {REPO}@aaaaaaa (main) in staging/aaaaaaa: 4 files, 10.0 kB"
+    assert ch[0].data["dir"] == f"/var/lib/llama-rig/models/{REPO.replace('/', '__')}/staging/{SHA}"
     assert ch[1].description == "python venv /opt/llama-rig/hf-venv with huggingface-hub>=2.4,<3"
     assert ch[2].description == f"download 4 files (10.0 kB) from {REPO}@aaaaaaa"
     assert ch[2].data["files"] == [f["path"] for f in m["files"]] and ch[2].data["bytes"] == 10000
-    assert ch[2].notify == ("llama-server.restart",)
+    assert ch[2].notify == ()  # nothing in service changes while staging
     assert ch[3].description == "verify sha256 of 4 files (10.0 kB)" and ch[3].notify == ()
+    assert ch[4].description == "switch current → commits/aaaaaaa"
+    assert ch[4].notify == ("llama-server.restart",)
 
 
 def test_plan_refuses_before_download_when_disk_too_small():
@@ -176,55 +202,114 @@ def test_plan_good_venv_is_kept_and_bad_one_rebuilt():
     assert any(isinstance(c, Run) for c in old)
 
 
-def test_plan_one_missing_one_unmarked_one_touched():
+def test_plan_in_service_copy_one_missing_one_unmarked_one_touched_is_repaired_in_place():
     cfg = cfg_of(free_space_margin_gb=0)
     m = man(cfg=cfg)
     p = [f["path"] for f in m["files"]]
-    stats = {f["path"]: (f["size"], 5) for f in m["files"]}
+    stats = stats_of(m)
     st = verified_state(m, stats)
     del st["verified"][p[1]]  # present, never verified
     rig_stats = dict(stats)
-    rig_stats[p[2]] = (stats[p[2]][0], 6)  # touched since verified (mtime)
+    rig_stats[p[2]] = (stats[p[2]][0], 6, 3)  # touched since verified (mtime)
     del rig_stats[p[3]]  # gone
-    ch = M.plan(cfg, m, M.RigView(files=rig_stats, free_bytes=10**9, venv_version="2.4.0"), st)
-    assert [c.description.split(" ")[0] for c in ch] == ["download", "verify"]
-    assert ch[0].data["files"] == [p[3]]
+    ch = M.plan(cfg, m, current_rig(m, rig_stats), st)
+    assert kinds(ch) == ["download", "verify"]
+    assert ch[0].data["files"] == [p[3]] and ch[0].notify == ("llama-server.restart",)
     assert ch[1].data["files"] == [p[3], p[1], p[2]]
 
 
 def test_plan_full_rehashes_everything_and_debris_is_cleaned():
     cfg = cfg_of()
     m = man(cfg=cfg)
-    stats = {f["path"]: (f["size"], 5) for f in m["files"]}
-    rig = M.RigView(files=stats, debris=["/x/.cache/huggingface/download/a.b.incomplete"])
+    stats = stats_of(m)
+    rig = current_rig(m, stats, debris=["/x/.cache/huggingface/download/a.b.incomplete"])
     ch = M.plan(cfg, m, rig, verified_state(m, stats), full=True)
     assert ch[0].description == "remove 1 *.incomplete leftover(s) of interrupted downloads"
     assert ch[1].description == "verify sha256 of 4 files (10.0 kB)"
     assert len(ch) == 2
 
 
-def test_plan_new_commit_same_size_other_content_is_stale():
+def test_plan_new_commit_links_unchanged_fetches_only_the_changed_shard():
     cfg = cfg_of(free_space_margin_gb=0)
     old = man(cfg=cfg, commit="b" * 40)
-    stats = {f["path"]: (f["size"], 5) for f in old["files"]}
+    stats = stats_of(old)
     st = verified_state(old, stats)
-    new = man(cfg=cfg)
-    new["files"][3] = {**new["files"][3], "sha256": "e" * 64}
-    ch = M.plan(cfg, new, M.RigView(files=stats, free_bytes=10**9, venv_version="2.4.0"), st)
-    assert ch[0].description.startswith(f"pin {REPO}@aaaaaaa")
-    assert ch[1].description.endswith("(replacing 1 stale)")
-    assert ch[1].data["stale"] == [new["files"][3]["path"]] and ch[1].data["files"] == [new["files"][3]["path"]]
-    assert ch[2].data["files"] == [new["files"][3]["path"]]
+    new = man(cfg=cfg, sha3="e" * 64)
+    changed = new["files"][2]
+    rig = current_rig(old, stats, free_bytes=3000 + 1)
+    ch = M.plan(cfg, new, rig, st)
+    assert kinds(ch) == ["stage", "download", "verify", "switch"]
+    assert ch[0].description.endswith("in staging/aaaaaaa: 4 files, 10.0 kB; link 3 unchanged from current (0 bytes)")
+    assert ch[0].data["link"] == [f["path"] for f in new["files"] if f is not changed]
+    assert ch[1].data["files"] == [changed["path"]] and ch[1].data["bytes"] == 3000
+    assert ch[2].data["files"] == [changed["path"]]  # the links keep their markers: no re-hash
+    assert ch[3].description == "switch current → commits/aaaaaaa (was bbbbbbb)"
+    assert ch[3].notify == ("llama-server.restart",) and ch[3].data["previous"] == "b" * 40
+    # the disk preflight counts the changed shard on top of the copy in service
+    with pytest.raises(StepError, match="need 3.0 kB .* to download .the copy in service stays until the switch: both count."):
+        M.plan(cfg, new, current_rig(old, stats, free_bytes=2999), st)
 
 
-def test_plan_wrong_size_is_stale():
+def test_plan_kept_copy_is_switched_to_without_download():
+    cfg = cfg_of()
+    old, new = man(cfg=cfg, commit="b" * 40), man(cfg=cfg)
+    so, sn = stats_of(old), stats_of(new, mtime=222)
+    rig = current_rig(old, so)
+    rig.kept[new["commit"]] = {"mark": {"commit": new["commit"], "files": new["files"], "finalized_at": 0.5,
+                                        "verified": verified_state(new, sn)["verified"]}, "stats": sn}
+    rig.dirs["commit"] = sn
+    ch = M.plan(cfg, new, rig, verified_state(old, so))
+    assert kinds(ch) == ["switch"] and ch[0].notify == ("llama-server.restart",)
+    sn[new["files"][0]["path"]] = (1000, 999, 1)  # touched since: hashed again before the switch
+    ch = M.plan(cfg, new, rig, verified_state(old, so))
+    assert kinds(ch) == ["stage", "verify", "switch"] and ch[0].description.split(" in ")[1].startswith("commits/aaaaaaa")
+
+
+def test_plan_flat_layout_is_migrated_by_links_no_download_no_rehash_no_restart():
+    cfg = cfg_of()
+    m = man(cfg=cfg)
+    stats = stats_of(m)
+    st = verified_state(m, stats, layout=False)  # an earlier version's state: files straight in the repo dir
+    rig = M.RigView(dirs={"flat": stats}, free_bytes=0)
+    ch = M.plan(cfg, m, rig, st)
+    assert kinds(ch) == ["stage", "switch"]
+    assert ch[0].description.endswith("link 4 unchanged from the flat layout (0 bytes)")
+    assert ch[1].description == ("switch current → commits/aaaaaaa — migrating from the flat layout "
+                                 "(hard links: no byte copied)")
+    assert ch[1].notify == ()  # the same bytes: the server needs no restart for this
+
+
+def test_plan_staging_resumes_and_wrong_size_is_stale():
     cfg = cfg_of(free_space_margin_gb=0)
     m = man(cfg=cfg)
-    stats = {f["path"]: (f["size"], 5) for f in m["files"]}
-    st = verified_state(m, stats)
-    stats[m["files"][0]["path"]] = (7, 9)
-    ch = M.plan(cfg, m, M.RigView(files=stats, free_bytes=10**9, venv_version="2.4.0"), st)
-    assert ch[0].data["stale"] == [m["files"][0]["path"]]
+    p = [f["path"] for f in m["files"]]
+    stats = stats_of(m)
+    staged = {**verified_state(m, stats, layout=False)}
+    staged["verified"] = {p[0]: staged["verified"][p[0]]}
+    rig = M.RigView(free_bytes=10**9, venv_version="2.4.0",
+                    dirs={"staging": {p[0]: stats[p[0]], p[1]: (7, 9, 2)}}, staging=[SHA])
+    ch = M.plan(cfg, m, rig, None, staged=staged)
+    assert kinds(ch) == ["stage", "download", "verify", "switch"]
+    assert ch[1].data["stale"] == [p[1]] and ch[1].data["files"] == [p[1], p[2], p[3]]
+    assert "(replacing 1 stale)" in ch[1].description
+
+
+def test_prune_keeps_newest_and_never_current_or_previous():
+    mk = lambda t: {"mark": {"finalized_at": t}, "stats": {}}  # noqa: E731
+    rig = M.RigView(kept={"a": mk(1), "b": mk(2), "c": mk(3), "d": mk(4), "x": {"mark": None, "stats": {}}})
+    assert store.prune_list(rig, 2, {"d", "c"}) == ["b", "a"]
+    assert store.prune_list(rig, 2, {"d", "a"}) == ["b"]  # a is the previous one: kept
+    assert store.prune_list(rig, 5, set()) == []
+
+
+def test_diff_files_names_changed_added_removed():
+    a = [{"path": "x", "size": 1, "sha256": "1"}, {"path": "y", "size": 2, "sha256": "2"},
+         {"path": "z", "size": 3, "sha256": "3"}]
+    b = [{"path": "x", "size": 1, "sha256": "1"}, {"path": "y", "size": 2, "sha256": "9"},
+         {"path": "w", "size": 4, "sha256": "4"}]
+    d = hub.diff_files(a, b)
+    assert [x["path"] for x in d["same"]] == ["x"] and [(o["sha256"], n["sha256"]) for o, n in d["changed"]] == [("2", "9")]
+    assert [x["path"] for x in d["added"]] == ["w"] and [x["path"] for x in d["removed"]] == ["z"]
 
 
 # --------------------------------------------------------------------------------------------- markers / pins
@@ -253,13 +338,13 @@ def test_pinned_sha_reused_without_asking_the_hub_branch_is_not():
 def test_local_dir_layout_and_venv_commands():
     cfg = cfg_of(dir="/models", pip_find_links="http://10.250.3.1:8000/")
     assert M.local_dir(cfg) == "/models/unsloth__Qwen3.5-122B-A10B-GGUF"
-    cmds = M.venv_commands(cfg)
+    cmds = transfer.venv_commands(cfg)
     assert cmds[0].startswith("test -x /opt/llama-rig/hf-venv/bin/python || python3 -m venv /opt/llama-rig/hf-venv")
     assert "--find-links http://10.250.3.1:8000/ --no-index --trusted-host 10.250.3.1 'huggingface-hub>=2.4,<3'" in cmds[1]
     cfg = cfg_of(pip_index_url="http://mirror/simple")
-    assert "--index-url http://mirror/simple --trusted-host mirror 'huggingface-hub" in M.venv_commands(cfg)[1]
+    assert "--index-url http://mirror/simple --trusted-host mirror 'huggingface-hub" in transfer.venv_commands(cfg)[1]
     cfg = cfg_of(pip_index_url="https://mirror/simple")
-    assert "--index-url https://mirror/simple 'huggingface-hub" in M.venv_commands(cfg)[1]
+    assert "--index-url https://mirror/simple 'huggingface-hub" in transfer.venv_commands(cfg)[1]
 
 
 def test_load_token_env_file_and_registration(tmp_path):
@@ -288,32 +373,91 @@ class _Ctx:
 
 
 def test_progress_plain_lines_are_throttled_with_rate_and_eta(monkeypatch):
+    from provision import progress
     ctx = _Ctx()
     clock = [100.0]
-    monkeypatch.setattr(M.time, "monotonic", lambda: clock[0])
-    p = M.Progress(ctx, "downloading", every_s=5)
-    with p:
-        p.feed(json.dumps({"event": "start", "path": "F/a.gguf", "size": 10_000_000}))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    with progress.Progress(ctx, "model", "bytes", every_s=5) as p:
+        feed = transfer.EventFeed(p, "downloading")
+        feed(json.dumps({"event": "start", "path": "F/a.gguf", "size": 10_000_000}))
         for t in range(1, 11):
             clock[0] = 100.0 + t
-            p.feed(json.dumps({"event": "progress", "path": "F/a.gguf", "bytes": t * 1_000_000, "total": 10_000_000}))
-        p.feed(json.dumps({"event": "done", "path": "F/a.gguf", "size": 10_000_000, "fetched": 10_000_000, "seconds": 10}))
+            feed(json.dumps({"event": "progress", "path": "F/a.gguf", "bytes": t * 1_000_000, "total": 10_000_000}))
+        feed(json.dumps({"event": "done", "path": "F/a.gguf", "size": 10_000_000, "fetched": 10_000_000, "seconds": 10}))
+        feed(json.dumps({"event": "done", "path": "F/b.gguf", "size": 10_000_000, "fetched": 2_000_000,
+                         "seconds": 1, "xet": True}))
     lines = ctx.out.getvalue().splitlines()
     assert lines[0] == "[rig] model: downloading a.gguf (10.0 MB)"
     assert lines[1] == "[rig] model: a.gguf: 5.0 MB / 10.0 MB (50%), 1.0 MB/s, ETA 5s"
     assert lines[2] == "[rig] model: a.gguf: 10.0 MB / 10.0 MB (100%), 1.0 MB/s, ETA 0s"
     assert lines[3] == "[rig] model: fetched a.gguf: 10.0 MB in 10.0s (1.0 MB/s)"
-    assert len(lines) == 4
+    assert lines[4] == "[rig] model: fetched b.gguf: 2.0 MB in 1.0s (2.0 MB/s) via Xet (10.0 MB file)"
+    assert len(lines) == 5
 
 
 def test_progress_rich_on_a_tty():
+    from provision.progress import Progress
     ctx = _Ctx(fancy=True)
-    with M.Progress(ctx, "downloading") as p:
-        p.feed(json.dumps({"event": "start", "path": "F/a.gguf", "size": 1000}))
-        p.feed(json.dumps({"event": "progress", "path": "F/a.gguf", "bytes": 500, "total": 1000}))
-        p.feed(json.dumps({"event": "done", "path": "F/a.gguf", "size": 1000, "fetched": 1000, "seconds": 1}))
+    with Progress(ctx, "model", "bytes") as p:
+        feed = transfer.EventFeed(p, "downloading")
+        feed(json.dumps({"event": "start", "path": "F/a.gguf", "size": 1000}))
+        feed(json.dumps({"event": "progress", "path": "F/a.gguf", "bytes": 500, "total": 1000}))
+        feed(json.dumps({"event": "done", "path": "F/a.gguf", "size": 1000, "fetched": 1000, "seconds": 1}))
         assert p.bar is not None and p.bar.tasks[0].completed == 1000
     assert "a.gguf" in ctx.out.getvalue()
+
+
+def test_progress_is_the_one_the_llama_build_uses():
+    """The llama build's [n/N] from ninja goes through the same display: a line every 10 %."""
+    from provision.steps import llama
+    ctx = _Ctx()
+    prog = llama.Progress(ctx, "b2-abc")
+    for n in range(1, 21):
+        prog(f"[{n}/20] Building CXX object src/x{n}.o")
+    prog.close()
+    lines = ctx.out.getvalue().splitlines()
+    assert lines[0] == "[rig] llama: b2-abc: [1/20] 0%" and lines[1] == "[rig] llama: b2-abc: [2/20] 10%"
+    assert lines[-1] == "[rig] llama: b2-abc: [20/20] 100%" and len(lines) == 11 and prog.compiled == 20
+    fancy = _Ctx(fancy=True)
+    prog = llama.Progress(fancy, "b2-abc")
+    prog("[5/20] Building CXX object src/x.o")
+    assert prog.display.bar.tasks[0].completed == 5 and prog.display.bar.tasks[0].total == 20
+    prog.close()
+
+
+def test_hf_pull_bar_counts_xet_network_bytes_apart_from_file_bytes(capsys):
+    """The bar hf_pull gives the client, driven by the client's own Xet progress reporter (what
+    xet_get does): file bytes and network bytes apart, no missing method."""
+    import importlib.util
+    from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
+    from provision.remote import hf_pull
+    counter = {"fetched": 0, "net": 0, "xet": False}
+    bar = hf_pull.make_bar_class("F/a.gguf", 0.0, counter)
+    with XetDownloadProgressReporter(reconstruction_desc="a", total=1000, log_level=30, tqdm_class=bar) as rep:
+        for done, net in ((300, 100), (1000, 400)):
+            r = type("R", (), {"total_bytes_completed": done, "total_transfer_bytes_completed": net,
+                               "total_bytes": 1000, "total_bytes_completion_rate": 1.0,
+                               "total_transfer_bytes_completion_rate": 2.0})()
+            rep.update_progress(r)
+    assert counter == {"fetched": 1000, "net": 400, "xet": True}
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last == {"event": "progress", "path": "F/a.gguf", "bytes": 1000, "total": 1000, "net": 400}
+    assert importlib.util.find_spec("hf_xet") is not None
+
+
+def test_hf_pull_never_switches_xet_off_and_workers_follow_the_shards():
+    import re
+    import provision
+    named = re.compile(r"[\"']HF_HUB_DISABLE_XET[\"']")  # the env var's name as a string: set or passed on
+    for p in Path(provision.__file__).parent.rglob("*.py"):
+        assert not named.search(p.read_text()), p
+    cfg = cfg_of(xet_high_performance=True, xet_chunk_cache_gb=2.5)
+    workers, env = transfer.download_settings(cfg, 4)
+    assert workers == 4 and env["HF_XET_HIGH_PERFORMANCE"] == "1"
+    assert env["HF_XET_CHUNK_CACHE_SIZE_BYTES"] == "2500000000"
+    assert transfer.download_settings(cfg_of(download_workers=2), 4)[0] == 2
+    assert transfer.download_settings(cfg_of(), 1) == (1, {"HF_HOME": "/opt/llama-rig/hf-home",
+                                                            "HF_XET_CHUNK_CACHE_SIZE_BYTES": "0"})
 
 
 # --------------------------------------------------------------------------------------------- remote scripts
@@ -442,11 +586,11 @@ def test_local_shard1_path_only_when_verified(local_rig, hub):
     assert rc == 0, out
     host = app.inventory().hosts["loc"]
     ctx = Context(host, RecordingTarget(host), app.console)
-    want = f"{tmp}/models/{shards.repo_id.replace('/', '__')}/{shards.shards[0]}"
+    want = f"{tmp}/models/{shards.repo_id.replace('/', '__')}/current/{shards.shards[0]}"
     assert M.shard1_path(ctx) == want
     assert M.manifest(ctx)["commit"] == shards.sha
     # touch shard 3: the marker no longer holds, so the service must not get shard 1
-    p3 = Path(f"{tmp}/models/{shards.repo_id.replace('/', '__')}/{shards.shards[2]}")
+    p3 = Path(f"{tmp}/models/{shards.repo_id.replace('/', '__')}/current/{shards.shards[2]}")
     os.utime(p3, ns=(1, 1))
     ctx = Context(host, RecordingTarget(host), app.console)
     with pytest.raises(StepError, match="not verified: .*00003-of-00004.gguf"):

@@ -6,16 +6,21 @@ Input: ONE JSON line on stdin (so that a token never shows in argv, the environm
 command line, a process list or shell history):
     {"repo_id": "org/name", "revision": "<40-hex sha>", "local_dir": "/abs/dir",
      "files": [{"path": "UD-Q6_K_XL/x-00001-of-00004.gguf", "size": 123}, ...],
-     "token": "hf_..." | null, "endpoint": "https://..." | null, "workers": 2,
-     "progress_s": 1.0, "repo_type": "model"}
+     "token": "hf_..." | null, "endpoint": "https://..." | null, "workers": 4,
+     "progress_s": 1.0, "repo_type": "model", "env": {"HF_XET_HIGH_PERFORMANCE": "1", ...}}
 Output: JSON lines on stdout:
     {"event": "start", "path": P, "size": N}
-    {"event": "progress", "path": P, "bytes": B, "total": N}          (throttled)
-    {"event": "done", "path": P, "size": N, "fetched": B, "seconds": S}
+    {"event": "progress", "path": P, "bytes": B, "total": N, "net": B2}   (throttled)
+    {"event": "done", "path": P, "size": N, "fetched": B, "seconds": S, "xet": bool}
     {"event": "error", "path": P, "error": "...", "type": "..."}
-    {"event": "summary", "ok": bool, "files": N, "fetched": B, "seconds": S}
+    {"event": "summary", "ok": bool, "files": N, "fetched": B, "seconds": S, "xet": bool,
+     "xet_available": bool, "xet_disabled": bool}
+`bytes` counts the file's bytes written, `net`/`fetched` the bytes that came over the network:
+the same over plain HTTP; over Xet (the client's default where the hub advertises it) chunks
+already in the chunk cache are not fetched again. Xet is never switched off here: a hub that does
+not advertise it (the tests' stand-in) gets plain HTTP from the client by itself.
 Exit status 0 when every file is in place, 1 otherwise. The token is scrubbed from every message.
-The client checks sizes only, never sha256: the caller hashes afterwards.
+The client checks sizes only, never sha256 (either path): the caller hashes afterwards.
 """
 from __future__ import annotations
 
@@ -44,25 +49,40 @@ def emit(obj: dict) -> None:
 
 
 def make_bar_class(path: str, progress_s: float, counter: dict):
-    """A tqdm stand-in (huggingface_hub accepts any class through `tqdm_class`) bound to one file."""
+    """A tqdm stand-in (huggingface_hub accepts any class through `tqdm_class`) bound to one file.
+    Plain HTTP calls update(n) with network bytes = file bytes; Xet calls update(n) with the bytes
+    written to the file and update_transfer(n) with the bytes received (one aggregated bar)."""
 
     class Bar:
         def __init__(self, *args, total=None, initial=0, **kwargs):
             self.total = total
             self.n = int(initial or 0)
-            self._last = 0.0
+            self._last = time.monotonic()  # first report after progress_s: by then Xet said so
+            self.format_dict = {"rate": None}
+
+        def _report(self, force=False):
+            now = time.monotonic()
+            if force or now - self._last >= progress_s:
+                self._last = now
+                emit({"event": "progress", "path": path, "bytes": self.n, "total": self.total,
+                      "net": counter["net"] if counter["xet"] else counter["fetched"]})
 
         def update(self, n=1):
             if not n:
                 return
             self.n += int(n)
             counter["fetched"] += max(int(n), 0)
-            now = time.monotonic()
-            if now - self._last >= progress_s:
-                self._last = now
-                emit({"event": "progress", "path": path, "bytes": self.n, "total": self.total})
+            self._report()
 
         def update_transfer(self, n=1):
+            counter["xet"] = True
+            counter["net"] += max(int(n or 0), 0)
+            self._report()
+
+        def set_postfix_str(self, *a, **k):
+            pass
+
+        def set_transfer_postfix_str(self, *a, **k):
             pass
 
         def set_description(self, *a, **k):
@@ -103,7 +123,6 @@ def main() -> int:
     if token:
         _secret.append(token)
     # the client reads its settings at import time: set them before importing it
-    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     os.environ["HF_HUB_DISABLE_UPDATE_CHECK"] = "1"
     os.environ.pop("HF_TOKEN", None)
@@ -112,18 +131,19 @@ def main() -> int:
         os.environ["HF_ENDPOINT"] = cfg["endpoint"].rstrip("/")
     for k, v in (cfg.get("env") or {}).items():
         os.environ[str(k)] = str(v)
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils._runtime import is_xet_available
 
     repo_id, revision, local_dir = cfg["repo_id"], cfg["revision"], cfg["local_dir"]
     files = cfg.get("files", [])
     progress_s = float(cfg.get("progress_s", 1.0))
-    workers = max(1, min(int(cfg.get("workers") or 2), len(files) or 1))
+    workers = max(1, min(int(cfg.get("workers") or len(files) or 1), len(files) or 1))
     t_all = time.monotonic()
-    totals = {"fetched": 0, "ok": True}
+    totals = {"fetched": 0, "ok": True, "xet": False}
 
     def one(f: dict) -> None:
         path, size = f["path"], f.get("size")
-        counter = {"fetched": 0}
+        counter = {"fetched": 0, "net": 0, "xet": False}
         emit({"event": "start", "path": path, "size": size})
         t0 = time.monotonic()
         try:
@@ -133,15 +153,17 @@ def main() -> int:
             got = os.path.getsize(out)
             if size is not None and got != int(size):
                 raise OSError(f"size {got} after download, expected {size}")
-            emit({"event": "done", "path": path, "size": got, "fetched": counter["fetched"],
-                  "seconds": round(time.monotonic() - t0, 3)})
+            emit({"event": "done", "path": path, "size": got,
+                  "fetched": counter["net"] if counter["xet"] else counter["fetched"],
+                  "seconds": round(time.monotonic() - t0, 3), "xet": counter["xet"]})
         except BaseException as e:  # noqa: BLE001 - report everything, keep going
             totals["ok"] = False
             msg = " ".join(str(e).split())[:1500]
             emit({"event": "error", "path": path, "type": type(e).__name__, "error": msg})
         finally:
             with _out_lock:
-                totals["fetched"] += counter["fetched"]
+                totals["fetched"] += counter["net"] if counter["xet"] else counter["fetched"]
+                totals["xet"] = totals["xet"] or counter["xet"]
 
     if workers == 1:
         for f in files:
@@ -151,7 +173,8 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(one, files))
     emit({"event": "summary", "ok": totals["ok"], "files": len(files), "fetched": totals["fetched"],
-          "seconds": round(time.monotonic() - t_all, 3)})
+          "seconds": round(time.monotonic() - t_all, 3), "xet": totals["xet"],
+          "xet_available": bool(is_xet_available()), "xet_disabled": bool(constants.HF_HUB_DISABLE_XET)})
     return 0 if totals["ok"] else 1
 
 

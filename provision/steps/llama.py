@@ -167,26 +167,15 @@ def plan(cfg: dict, view: RigView, w: Want | None, commit: str | None,
 
 
 class Progress:
-    """[n/N] from ninja: a rich bar on a TTY, a plain line every ~10 % otherwise."""
+    """[n/N] from ninja through the shared display (provision/progress.py): a rich bar on a TTY,
+    a plain line every 10 % otherwise."""
 
     def __init__(self, ctx: Context, label: str):
-        self.ctx = ctx
-        self.label = label
+        from ..progress import Progress as Display
         self.compiled = 0
-        self.last_pct = -1
-        self.bar = None
-        self.task = None
-        if ctx.console.fancy:
-            try:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TimeElapsedColumn
-                self.bar = RP("[progress.description]{task.description}", BarColumn(),
-                              MofNCompleteColumn(), TimeElapsedColumn(), console=ctx.console.rich,
-                              transient=True)
-                self.bar.start()
-                from rich.markup import escape
-                self.task = self.bar.add_task(escape(f"[{ctx.host.name}] {label}"), total=None)
-            except Exception:  # another live display is active (parallel hosts): plain lines
-                self.bar = None
+        self.label = label
+        self.display = Display(ctx, "llama", "steps", transient=True).__enter__()
+        self.display.add(label, f"[{ctx.host.name}] {label}" if self.display.bar is not None else label)
 
     def __call__(self, line: str) -> None:
         p = lb.ninja_progress(line)
@@ -195,19 +184,10 @@ class Progress:
         n, total, desc = p
         if lb.is_compile(desc):
             self.compiled += 1
-        if self.bar is not None:
-            self.bar.update(self.task, completed=n, total=total)
-            return
-        pct = n * 100 // max(total, 1)
-        step = pct // 10 * 10
-        if step > self.last_pct:
-            self.last_pct = step
-            self.ctx.say(f"llama: {self.label}: [{n}/{total}] {step}%")
+        self.display.update(self.label, n, total)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self.display.close()
 
 
 # ---------------------------------------------------------------------------------------------

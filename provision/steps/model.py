@@ -1,630 +1,127 @@
-"""`model`: the GGUF shards of one quant, pinned to a commit, downloaded ON the rig, sha256-verified.
+"""`model`: the GGUF shards of one quant, pinned to a commit, downloaded ON the rig, sha256-verified,
+one directory per commit with an atomic `current` link (layout: `provision/model/store.py`).
 
 Flow (facts -> plan -> apply):
 
-* resolve on the control machine with huggingface_hub: `model.revision` -> a 40-hex commit sha;
-  the files matching `model.include` with size and lfs.sha256. One quant only; a pattern that
-  matches nothing is refused with the folders it could have meant. A 40-hex revision is a pin:
-  once recorded in host state it is never re-resolved (no hub call at all).
-* read the rig (one command): size + mtime_ns of each file, `*.incomplete` debris, the hub venv.
-* plan (pure, `plan()`): facts in -> changes out. Nothing missing and every file carrying a valid
-  verified marker (size, mtime_ns, sha256 the same as now) -> [] (and 0 bytes hashed).
-* apply: preflight free space, venv with huggingface-hub, `hf_pull.py` (token on stdin only),
-  `sha256_files.py` in parallel, re-fetch only a shard whose sha256 is wrong (after deleting it and
-  its `.metadata`), up to `model.max_attempts`, then stop with a clear error.
+* resolve on the control machine (`model/hub.py`): `model.revision` -> a 40-hex commit sha and the
+  files matching `model.include` with size and lfs.sha256. A 40-hex revision is a pin: once
+  recorded in host state it is never re-resolved (no hub call at all).
+* read the rig (one command): `current`, the kept commits, the staging dir, size + mtime_ns of
+  every file, `*.incomplete` debris, the hub venv.
+* plan (pure, `plan()`): facts in -> changes out. The wanted commit current and every file
+  carrying a valid verified marker -> [] (0 bytes hashed). Another commit: stage it in
+  `staging/<sha>` while the current copy keeps serving -- files with the same sha256 already on
+  the rig are hard-linked (0 bytes), only the others are downloaded --, verify, then switch
+  `current` (llama-server owes a restart). A kept copy is switched to without a download.
+* apply (`model/transfer.py`): venv with huggingface-hub, `hf_pull.py` (token on stdin only),
+  `sha256_files.py` in parallel, re-fetch only a shard whose sha256 is wrong, up to
+  `model.max_attempts`, then stop with a clear error. Old copies beyond `model.keep_versions` go.
 
-Layout on the rig: `<model.dir>/<org>__<name>/<repo path>` (huggingface_hub's local_dir layout,
-with its `.cache/huggingface/download/<path>.metadata`), the venv at `<paths.prefix>/hf-venv`, the
-helper scripts at `<paths.prefix>/libexec/`.
-
-For the service step: `shard1_path(ctx)` (never an unverified file) and `manifest(ctx)`.
+For the service step and the tasks: `shard1_path(ctx)` (never an unverified file) and `manifest(ctx)`.
 """
 from __future__ import annotations
 
-import difflib
-import fnmatch
-import json
-import os
-import re
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable
 
-from .. import remote
 from ..engine import Call, Change, Context, Run, Step
 from ..errors import StepError
-from ..facts import host as hostfacts
-from ..secrets import register
-from ..target import quote
+from ..model import hub, store, transfer
+from ..model.hub import (HEX40, RepoEntry, load_token, make_manifest, match_files,  # noqa: F401
+                         resolve, reuse_pin, shard1)
+from ..model.hub import repo_dir as local_dir  # noqa: F401
+from ..model.store import (RESTART, STAGING_KEY, STATE_KEY, RigView, Work, classify,  # noqa: F401
+                           marker_valid, preflight, read_rig, versioned)
+from ..progress import human
 
-RESTART = ("llama-server.restart",)
-HEX40 = re.compile(r"^[0-9a-f]{40}$")
-SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
-GB = 1_000_000_000
-STATE_KEY = "model"
-
-
-# ---------------------------------------------------------------------------------------------
-# small helpers
-
-
-def human(n: float | int | None) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def duration(s: float | None) -> str:
-    if s is None or s != s or s == float("inf"):
-        return "?"
-    s = int(s)
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
-
-
-def local_dir(cfg: dict) -> str:
-    """Where the repo's files live on the rig: <model.dir>/<org>__<name>."""
-    return f"{cfg['model']['dir'].rstrip('/')}/{cfg['model']['repo'].replace('/', '__')}"
-
-
-def venv_dir(cfg: dict) -> str:
-    return f"{cfg['paths']['prefix'].rstrip('/')}/hf-venv"
-
-
-def libexec_dir(cfg: dict) -> str:
-    return f"{cfg['paths']['prefix'].rstrip('/')}/libexec"
-
-
-def hf_cache_dir(cfg: dict) -> str:
-    return f"{local_dir(cfg)}/.cache/huggingface/download"
-
-
-def metadata_path(cfg: dict, path: str) -> str:
-    return f"{hf_cache_dir(cfg)}/{path}.metadata"
+RESERVED = ("commits", "staging", "current")
 
 
 # ---------------------------------------------------------------------------------------------
-# token (control machine only)
+# the plan (pure)
 
 
-def load_token(mcfg: dict, environ: dict[str, str] | None = None) -> str | None:
-    """`model.token_file` (on the control machine) wins, else the env var named by `model.token_env`.
-    Registered with the redactor; never printed."""
-    environ = os.environ if environ is None else environ
-    tok = None
-    if mcfg.get("token_file"):
-        p = os.path.expanduser(mcfg["token_file"])
-        try:
-            with open(p) as fh:
-                tok = fh.read().strip()
-        except OSError as e:
-            raise StepError(f"model.token_file: cannot read {p}: {e.strerror}") from None
-        if not tok:
-            raise StepError(f"model.token_file: {p} is empty")
-    elif mcfg.get("token_env"):
-        tok = (environ.get(mcfg["token_env"]) or "").strip() or None
-    register(tok)
-    return tok
+class Staging:
+    """What the plan decided for the wanted commit (kept for the apply functions)."""
+
+    def __init__(self, work: Work, link: list[tuple[dict, store.Seed]], fetch: list[dict],
+                 stale: list[dict], verify: list[dict], debris: list[str]):
+        self.work, self.link, self.fetch, self.stale, self.verify, self.debris = \
+            work, link, fetch, stale, verify, debris
 
 
-# ---------------------------------------------------------------------------------------------
-# resolution: include matching and the one-quant rule (pure)
+def decide(man: dict, rig: RigView, stored: dict | None, staged: dict | None, full: bool = False) -> Staging:
+    w = store.work_for(man, rig, stored, staged)
+    groups = classify(man["files"], w.stats, w.verified, full)
+    seeds = store.seeds(man, rig, stored) if w.kind != "current" else {}
+    link = [(f, seeds[f["sha256"]]) for f in groups["fetch"] if f["sha256"] in seeds]
+    fetch = [f for f in groups["fetch"] if f["sha256"] not in seeds]
+    verify = groups["stale"] + fetch + groups["verify"] + [f for f, s in link if s.marker is None]
+    return Staging(w, link, fetch, groups["stale"], verify, list(rig.debris))
 
 
-@dataclass(frozen=True)
-class RepoEntry:
-    path: str
-    size: int
-    sha256: str | None  # lfs.sha256; None for a plain git file
-
-
-def quant_key(path: str) -> tuple[str, str]:
-    """(key, label) of the quant a file belongs to: a `-0000i-of-0000N` set, or the file itself."""
-    m = SHARD_RE.match(path)
-    if m:
-        return f"{m['stem']}|{m['n']}", f"{m['stem']}-*-of-{m['n']}.gguf"
-    return path, path
-
-
-def match_files(entries: Iterable[RepoEntry], include: str, where: str) -> list[RepoEntry]:
-    """The files of `entries` matching `include` (fnmatch on repo paths; several patterns may be
-    separated by commas). Raises StepError (saying which) if nothing matches, if the matches span
-    more than one quant, if a shard set is incomplete, or if a match has no lfs.sha256."""
-    entries = list(entries)
-    pats = [p.strip() for p in include.split(",") if p.strip()]
-    hits = [e for e in entries if any(fnmatch.fnmatchcase(e.path, p) for p in pats)]
-    if not hits:
-        folders = sorted({e.path.split("/", 1)[0] for e in entries if "/" in e.path})
-        singles = sorted(e.path for e in entries if "/" not in e.path and e.path.endswith(".gguf"))
-        first = pats[0].split("/", 1)[0] if pats else ""
-        guess = difflib.get_close_matches(first, folders, n=1, cutoff=0.5)
-        hint = f"; did you mean '{guess[0]}/*'?" if guess else ""
-        raise StepError(f"model.include {include!r} matches nothing in {where}; top-level folders: "
-                        f"{', '.join(folders) or '(none)'}"
-                        + (f"; top-level .gguf files: {', '.join(singles)}" if singles else "") + hint)
-    sets: dict[str, tuple[str, list[RepoEntry]]] = {}
-    for e in hits:
-        if not e.path.endswith(".gguf"):
-            continue
-        key, label = quant_key(e.path)
-        sets.setdefault(key, (label, []))[1].append(e)
-    if len(sets) > 1:
-        labels = sorted(f"{lbl} ({len(es)} file{'s' if len(es) != 1 else ''})" for lbl, es in sets.values())
-        raise StepError(f"model.include {include!r} matches files of more than one quant in {where}: "
-                        f"{'; '.join(labels)} — narrow it to one (e.g. '{_folder_hint(sets)}')")
-    for label, es in sets.values():
-        m = SHARD_RE.match(es[0].path)
-        if m:
-            n = int(m["n"])
-            have = sorted(int(SHARD_RE.match(e.path)["i"]) for e in es)
-            if have != list(range(1, n + 1)):
-                raise StepError(f"model.include {include!r}: incomplete shard set {label} in {where}: "
-                                f"has part(s) {','.join(map(str, have))} of {n}")
-    if not sets:
-        raise StepError(f"model.include {include!r} matches no .gguf file in {where} (only "
-                        f"{', '.join(sorted(e.path for e in hits)[:5])})")
-    nolfs = [e.path for e in hits if not e.sha256]
-    if nolfs:
-        raise StepError(f"model.include {include!r} matches files without an lfs.sha256 to verify "
-                        f"against: {', '.join(sorted(nolfs)[:5])} — narrow it to the .gguf files")
-    return sorted(hits, key=lambda e: e.path)
-
-
-def _folder_hint(sets: dict) -> str:
-    label = sorted(lbl for lbl, _ in sets.values())[0]
-    return f"{label.split('/', 1)[0]}/*" if "/" in label else label
-
-
-def shard1(files: list[dict]) -> dict:
-    """The file to point llama-server at: the `-00001-of-` shard, or the single .gguf file."""
-    ggufs = [f for f in files if f["path"].endswith(".gguf")]
-    for f in ggufs:
-        m = SHARD_RE.match(f["path"])
-        if m and int(m["i"]) == 1:
-            return f
-    if len(ggufs) == 1:
-        return ggufs[0]
-    raise StepError("no -00001-of- shard (or single .gguf file) among the model's files")
-
-
-def make_manifest(cfg: dict, commit: str, entries: list[RepoEntry]) -> dict:
-    m = cfg["model"]
-    return {"repo": m["repo"], "revision": m["revision"], "include": m["include"], "commit": commit,
-            "local_dir": local_dir(cfg),
-            "files": [{"path": e.path, "size": int(e.size), "sha256": e.sha256} for e in entries]}
-
-
-def _same_manifest(a: dict | None, b: dict | None) -> bool:
-    keys = ("repo", "revision", "include", "commit", "local_dir", "files")
-    return bool(a) and bool(b) and all(a.get(k) == b.get(k) for k in keys)
-
-
-def reuse_pin(cfg: dict, stored: dict | None) -> dict | None:
-    """A 40-hex revision already resolved for this repo/include/dir: never asked again."""
-    m = cfg["model"]
-    rev = str(m["revision"]).lower()
-    if not stored or not HEX40.match(rev):
-        return None
-    if (stored.get("repo"), stored.get("commit"), stored.get("include"), stored.get("local_dir")) == \
-            (m["repo"], rev, m["include"], local_dir(cfg)) and stored.get("files"):
-        return {k: stored[k] for k in ("repo", "revision", "include", "commit", "local_dir", "files")}
-    return None
-
-
-def resolve(cfg: dict, token: str | None, api: Any = None) -> dict:
-    """repo + revision -> {commit, files [{path,size,sha256}]} with huggingface_hub, on this machine."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-    from huggingface_hub.hf_api import RepoFile
-
-    m = cfg["model"]
-    repo, rev = m["repo"], str(m["revision"])
-    api = api or HfApi(endpoint=m["endpoint"] or None, token=token if token else False)
-    where = f"{repo}@{rev}"
-    try:
-        info = api.model_info(repo, revision=rev)
-        commit = info.sha
-        if not commit or not HEX40.match(commit):
-            raise StepError(f"{where}: the hub gave no commit sha for this revision")
-        where = f"{repo}@{commit[:7]}"
-        entries = [RepoEntry(f.path, int(f.size), f.lfs.sha256 if f.lfs else None)
-                   for f in api.list_repo_tree(repo, revision=commit, recursive=True)
-                   if isinstance(f, RepoFile)]
-    except GatedRepoError:
-        how = (f"model.token_file ({m['token_file']})" if m.get("token_file")
-               else f"the environment variable {m['token_env']}")
-        raise StepError(f"{repo}: gated or private repo — access refused"
-                        + (" with the token given" if token else f"; give a token with access in {how}")) from None
-    except RevisionNotFoundError:
-        raise StepError(f"{repo}: revision {rev!r} not found (a branch, tag or 40-hex commit)") from None
-    except RepositoryNotFoundError:
-        raise StepError(f"{repo}: repo not found (or private: set a token in the environment variable "
-                        f"{m['token_env']} or model.token_file)") from None
-    except HfHubHTTPError as e:
-        raise StepError(f"{where}: hub error: {' '.join(str(e).split())[:300]}") from None
-    except OSError as e:
-        raise StepError(f"{where}: cannot reach the hub ({m['endpoint'] or 'default endpoint'}): "
-                        f"{type(e).__name__}: {e}") from None
-    files = match_files(entries, m["include"], where)
-    return make_manifest(cfg, commit, files)
-
-
-# ---------------------------------------------------------------------------------------------
-# the rig as data
-
-
-@dataclass
-class RigView:
-    """What the model step reads on the rig (one command)."""
-
-    files: dict[str, tuple[int, int]] = field(default_factory=dict)  # repo path -> (size, mtime_ns)
-    debris: list[str] = field(default_factory=list)  # absolute paths of *.incomplete files
-    venv_version: str | None = None  # huggingface_hub version in the venv, None = no usable venv
-    free_bytes: int = 0
-    disk_path: str = ""
-
-
-_PROBE = r'''
-import json, os, subprocess, sys
-a = json.loads(sys.argv[1])
-out = {"files": {}, "debris": [], "venv": None}
-for p in a["paths"]:
-    try:
-        st = os.stat(os.path.join(a["dir"], p))
-        out["files"][p] = [st.st_size, st.st_mtime_ns]
-    except OSError:
-        pass
-for root, dirs, names in os.walk(a["cache"]):
-    out["debris"] += [os.path.join(root, n) for n in names if n.endswith(".incomplete")]
-py = os.path.join(a["venv"], "bin", "python")
-if os.path.exists(py):
-    r = subprocess.run([py, "-c", "import huggingface_hub as h; print(h.__version__)"],
-                       capture_output=True, text=True)
-    if r.returncode == 0:
-        out["venv"] = r.stdout.strip()
-print(json.dumps(out))
-'''
-
-
-def probe_command(cfg: dict, paths: list[str]) -> str:
-    arg = json.dumps({"dir": local_dir(cfg), "cache": hf_cache_dir(cfg), "venv": venv_dir(cfg),
-                      "paths": paths})
-    return f"python3 -c {quote(_PROBE)} {quote(arg)}"
-
-
-def parse_probe(output: str, free_bytes: int = 0, disk_path: str = "") -> RigView:
-    line = [ln for ln in output.splitlines() if ln.startswith("{")][-1:]
-    if not line:
-        raise StepError(f"cannot read the model files on the rig: {output.strip()[-300:] or 'no output'}")
-    d = json.loads(line[0])
-    return RigView({p: (int(v[0]), int(v[1])) for p, v in d["files"].items()}, list(d["debris"]),
-                   d.get("venv"), free_bytes, disk_path)
-
-
-def read_rig(ctx: Context, man: dict) -> RigView:
-    hostfacts.invalidate(ctx, "host")
-    hf = hostfacts.host_facts(ctx)
-    r = ctx.target.run(probe_command(ctx.cfg, [f["path"] for f in man["files"]]), sudo=True, check=False)
-    if not r.ok and "{" not in r.stdout:
-        raise StepError(f"cannot read the model files on the rig (python3 missing?): "
-                        f"{(r.stderr.strip() or r.stdout.strip())[-300:]}")
-    return parse_probe(r.stdout, hf.disk_free_bytes, hf.disk_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# verified markers and the plan (pure)
-
-
-def marker_valid(marker: dict | None, f: dict, stat: tuple[int, int] | None) -> bool:
-    """A marker counts only if it is for this content (sha256) and the file is untouched since."""
-    if not marker or stat is None:
-        return False
-    return (marker.get("sha256") == f["sha256"] and int(marker.get("size", -1)) == f["size"] == stat[0]
-            and int(marker.get("mtime_ns", -1)) == stat[1])
-
-
-def classify(man: dict, rig: RigView, verified: dict, full: bool = False) -> dict[str, list[dict]]:
-    """Sort the manifest's files: ok / verify (present, not known good) / fetch (missing) /
-    stale (present but known to be other content or the wrong size: delete, then fetch)."""
-    out: dict[str, list[dict]] = {"ok": [], "verify": [], "fetch": [], "stale": []}
-    for f in man["files"]:
-        st = rig.files.get(f["path"])
-        mk = verified.get(f["path"])
-        if st is None:
-            out["fetch"].append(f)
-        elif st[0] != f["size"]:
-            out["stale"].append(f)
-        elif mk and mk.get("sha256") != f["sha256"] and (int(mk.get("size", -1)), int(mk.get("mtime_ns", -1))) == st:
-            out["stale"].append(f)  # we hashed exactly this file before: it is other content
-        elif full or not marker_valid(mk, f, st):
-            out["verify"].append(f)
-        else:
-            out["ok"].append(f)
-    return out
-
-
-def preflight(free_bytes: int, need_bytes: int, margin_gb: float, where: str = "") -> None:
-    margin = int(margin_gb * GB)
-    if need_bytes > 0 and free_bytes < need_bytes + margin:
-        raise StepError(f"not enough disk space{(' at ' + where) if where else ''}: {human(free_bytes)} free "
-                        f"({free_bytes} bytes), need {human(need_bytes)} ({need_bytes} bytes) to download + "
-                        f"{human(margin)} margin (model.free_space_margin_gb = {margin_gb:g}) = "
-                        f"{human(need_bytes + margin)}; short by {human(need_bytes + margin - free_bytes)}")
-
-
-def need_bytes(groups: dict[str, list[dict]], rig: RigView) -> int:
-    """Bytes to download minus what deleting the stale files frees."""
-    fetch = groups["fetch"] + groups["stale"]
-    return max(0, sum(f["size"] for f in fetch) - sum(rig.files[f["path"]][0] for f in groups["stale"]))
-
-
-def venv_ok(version: str | None, requirement: str) -> bool:
-    if not version:
-        return False
-    from packaging.requirements import Requirement
-    from packaging.version import InvalidVersion, Version
-    try:
-        return Requirement(requirement).specifier.contains(Version(version), prereleases=True)
-    except (InvalidVersion, ValueError):
-        return False
-
-
-def pip_args(mcfg: dict) -> list[str]:
-    """--index-url / --find-links from the inventory (a rig without PyPI); pip ignores a plain-http
-    location unless told to trust its host, so an http:// one also gets --trusted-host."""
-    from urllib.parse import urlsplit
-    args: list[str] = []
-    trusted: list[str] = []
-    for opt, key in (("--index-url", "pip_index_url"), ("--find-links", "pip_find_links")):
-        url = mcfg.get(key)
-        if url:
-            args += [opt, url]
-            u = urlsplit(url)
-            if u.scheme == "http" and u.hostname and u.hostname not in trusted:
-                trusted.append(u.hostname)
-    if mcfg.get("pip_find_links") and not mcfg.get("pip_index_url"):
-        args.append("--no-index")
-    for h in trusted:
-        args += ["--trusted-host", h]
-    return args
-
-
-def venv_commands(cfg: dict) -> list[str]:
-    v = venv_dir(cfg)
-    req = cfg["model"]["hub_requirement"]
-    extra = " ".join(quote(a) for a in pip_args(cfg["model"]))
-    return [
-        f"test -x {quote(v)}/bin/python || python3 -m venv {quote(v)} || "
-        f"{{ rm -rf {quote(v)}; echo 'python3 -m venv failed: install python3-venv (the system step does)' >&2; exit 1; }}",
-        f"{quote(v)}/bin/python -m pip install --disable-pip-version-check -q {extra} {quote(req)}".replace("  ", " "),
-    ]
-
-
-def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, full: bool = False,
-         fns: dict[str, Callable] | None = None) -> list[Change]:
+def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, staged: dict | None = None,
+         full: bool = False, fns: dict[str, Callable] | None = None) -> list[Change]:
     """Manifest + rig facts + host state in -> changes out (pure; `fns` are the apply functions)."""
     fns = fns or {}
-    stored = state_model or {}
-    verified = dict(stored.get("verified") or {})
-    sha7 = man["commit"][:7]
-    where = f"{man['repo']}@{sha7}"
+    stored = state_model or None
+    s = decide(man, rig, stored, staged, full)
+    w = s.work
+    where = f"{man['repo']}@{man['commit'][:7]}"
+    n = len(man["files"])
+    total = sum(f["size"] for f in man["files"])
     changes: list[Change] = []
-    groups = classify(man, rig, verified, full)
-    if not _same_manifest(stored, man):
-        n = len(man["files"])
-        changes.append(Call(f"pin {where} ({man['revision']}): {n} file{'s' if n != 1 else ''}, "
-                            f"{human(sum(f['size'] for f in man['files']))}", fn=fns.get("pin"),
-                            data={"commit": man["commit"], "files": [f["path"] for f in man["files"]]}))
-    if rig.debris:
-        changes.append(Call(f"remove {len(rig.debris)} *.incomplete leftover(s) of interrupted downloads",
-                            fn=fns.get("clean"), data={"paths": sorted(rig.debris)}))
-    fetch = groups["stale"] + groups["fetch"]
-    if fetch:
-        preflight(rig.free_bytes, need_bytes(groups, rig), float(cfg["model"]["free_space_margin_gb"]),
-                  rig.disk_path or cfg["model"]["dir"])
-        if not venv_ok(rig.venv_version, cfg["model"]["hub_requirement"]):
-            changes.append(Run(f"python venv {venv_dir(cfg)} with {cfg['model']['hub_requirement']}",
-                               commands=venv_commands(cfg), timeout=1800))
-        total = sum(f["size"] for f in fetch)
-        stale = f" (replacing {len(groups['stale'])} stale)" if groups["stale"] else ""
-        changes.append(Call(f"download {len(fetch)} file{'s' if len(fetch) != 1 else ''} "
-                            f"({human(total)}) from {where}{stale}", fn=fns.get("download"),
-                            data={"files": [f["path"] for f in fetch], "bytes": total,
-                                  "stale": [f["path"] for f in groups["stale"]]},
-                            notify=RESTART))
-    check = fetch + groups["verify"]
-    if check:
-        changes.append(Call(f"verify sha256 of {len(check)} file{'s' if len(check) != 1 else ''} "
-                            f"({human(sum(f['size'] for f in check))})", fn=fns.get("verify"),
-                            data={"files": [f["path"] for f in check]}))
+    if stored and not versioned(stored) and w.kind != "current":
+        clash = [f["path"] for f in stored.get("files") or [] if f["path"].split("/", 1)[0] in RESERVED]
+        if clash:
+            raise StepError(f"{stored['repo']}: repo path {clash[0]} collides with the versioned layout's "
+                            f"names ({', '.join(RESERVED)}): move {stored['local_dir']} away by hand")
+    if w.kind == "current":
+        if not hub.same_manifest(stored, man) or (man.get("branch") and stored.get("branch") != man.get("branch")):
+            changes.append(Call(f"pin {where} ({man['revision']}): {n} file{'s' if n != 1 else ''}, {human(total)}",
+                                fn=fns.get("pin"), data={"commit": man["commit"], "files": [f["path"] for f in man["files"]]}))
+    elif s.link or s.fetch or s.stale or s.verify or w.kind == "staging":
+        src = sorted({sd.where for _, sd in s.link})
+        linked = (f"; link {len(s.link)} unchanged from {', '.join(src)} (0 bytes)" if s.link else "")
+        changes.append(Call(f"stage {where} ({man['revision']}) in {w.label}: {n} file{'s' if n != 1 else ''}, "
+                            f"{human(total)}{linked}", fn=fns.get("stage"),
+                            data={"commit": man["commit"], "dir": w.dir,
+                                  "link": [f["path"] for f, _ in s.link], "files": [f["path"] for f in man["files"]]}))
+    if s.debris:
+        changes.append(Call(f"remove {len(s.debris)} *.incomplete leftover(s) of interrupted downloads",
+                            fn=fns.get("clean"), data={"paths": sorted(s.debris)}))
+    get = s.stale + s.fetch
+    if get:
+        need = store.need_bytes({"fetch": s.fetch, "stale": s.stale}, w.stats)
+        both = " (the copy in service stays until the switch: both count)" if stored and w.kind != "current" else ""
+        preflight(rig.free_bytes, need, float(cfg["model"]["free_space_margin_gb"]),
+                  rig.disk_path or cfg["model"]["dir"], both)
+        if not transfer.venv_ok(rig.venv_version, cfg["model"]["hub_requirement"]):
+            changes.append(Run(f"python venv {transfer.venv_dir(cfg)} with {cfg['model']['hub_requirement']}",
+                               commands=transfer.venv_commands(cfg), timeout=1800))
+        size = sum(f["size"] for f in get)
+        stale = f" (replacing {len(s.stale)} stale)" if s.stale else ""
+        changes.append(Call(f"download {len(get)} file{'s' if len(get) != 1 else ''} "
+                            f"({human(size)}) from {where}{stale}", fn=fns.get("download"),
+                            data={"files": [f["path"] for f in get], "bytes": size,
+                                  "stale": [f["path"] for f in s.stale]},
+                            notify=RESTART if w.kind == "current" else ()))
+    if s.verify:
+        changes.append(Call(f"verify sha256 of {len(s.verify)} file{'s' if len(s.verify) != 1 else ''} "
+                            f"({human(sum(f['size'] for f in s.verify))})", fn=fns.get("verify"),
+                            data={"files": [f["path"] for f in s.verify]}))
+    if w.kind != "current":
+        old = (stored or {}).get("commit")
+        serving_changes = not stored or old != man["commit"] or (versioned(stored) and rig.current not in (None, man["commit"]))
+        was = (f" (was {old[:7]})" if old and old != man["commit"] else "")
+        mig = " — migrating from the flat layout (hard links: no byte copied)" if stored and not versioned(stored) else ""
+        changes.append(Call(f"switch current → commits/{man['commit'][:7]}{was}{mig}", fn=fns.get("switch"),
+                            data={"commit": man["commit"], "previous": old, "migrate": bool(mig)},
+                            notify=RESTART if serving_changes else ()))
     return changes
 
 
 # ---------------------------------------------------------------------------------------------
-# progress on the control machine
-
-
-class Progress:
-    """Per-file bytes, rate and ETA: rich bars on a TTY, throttled plain lines otherwise."""
-
-    def __init__(self, ctx: Context, verb: str, every_s: float = 5.0):
-        self.ctx = ctx
-        self.verb = verb
-        self.every_s = every_s
-        self.fancy = ctx.console.fancy
-        self.t0: dict[str, float] = {}
-        self.base: dict[str, int] = {}
-        self.last: dict[str, float] = {}
-        self.tasks: dict[str, Any] = {}
-        self.bar = None
-        self.events: list[dict] = []
-
-    def __enter__(self) -> "Progress":
-        if self.fancy:
-            from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
-            self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                                    TransferSpeedColumn(), TimeRemainingColumn(),
-                                    console=self.ctx.console.rich, transient=False)
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def _name(self, path: str) -> str:
-        return path.rsplit("/", 1)[-1]
-
-    def say(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(f"[{self.ctx.host.name}] {text}", markup=False, highlight=False)
-        else:
-            self.ctx.say(text)
-
-    def feed(self, line: str) -> None:
-        line = line.strip()
-        if not line.startswith("{"):
-            return
-        try:
-            ev = json.loads(line)
-        except json.JSONDecodeError:
-            return
-        self.events.append(ev)
-        kind, path = ev.get("event"), ev.get("path", "")
-        now = time.monotonic()
-        if kind == "start":
-            self.t0[path], self.base[path], self.last[path] = now, 0, now
-            if self.bar is not None:
-                self.tasks[path] = self.bar.add_task(self._name(path), total=ev.get("size"))
-            else:
-                self.say(f"model: {self.verb} {self._name(path)} ({human(ev.get('size'))})")
-        elif kind == "progress":
-            done, total = int(ev.get("bytes") or 0), ev.get("total")
-            if path not in self.t0:
-                self.t0[path], self.base[path], self.last[path] = now, done, now
-                if self.bar is not None:
-                    self.tasks[path] = self.bar.add_task(self._name(path), total=total)
-            if self.bar is not None:
-                self.bar.update(self.tasks[path], completed=done, total=total)
-            elif now - self.last.get(path, 0) >= self.every_s:
-                self.last[path] = now
-                el = max(now - self.t0[path], 1e-6)
-                rate = (done - self.base[path]) / el
-                eta = (int(total) - done) / rate if total and rate > 0 else None
-                pct = f" ({100 * done / int(total):.0f}%)" if total else ""
-                self.say(f"model: {self._name(path)}: {human(done)} / {human(total)}{pct}, "
-                         f"{human(rate)}/s, ETA {duration(eta)}")
-        elif kind in ("done", "hashed"):
-            secs = float(ev.get("seconds") or 0) or (now - self.t0.get(path, now))
-            size = int(ev.get("size") or 0)
-            if self.bar is not None and path in self.tasks:
-                self.bar.update(self.tasks[path], completed=size, total=size)
-            if kind == "done":
-                self.say(f"model: fetched {self._name(path)}: {human(ev.get('fetched'))} in {secs:.1f}s"
-                         f" ({human(int(ev.get('fetched') or 0) / max(secs, 1e-6))}/s)")
-        elif kind == "error":
-            self.say(f"model: {self._name(path)}: ERROR {ev.get('type', '')}: {ev.get('error', '')}")
-
-
-# ---------------------------------------------------------------------------------------------
-# apply: scripts, download, hashing
-
-
-def ensure_script(ctx: Context, name: str) -> str:
-    """Install a helper script on the rig if it is missing or different; return its path."""
-    path = f"{libexec_dir(ctx.cfg)}/{name}"
-    key = f"model.script.{name}"
-    if ctx.facts.get(key) != path:
-        if ctx.target.sha256(path, sudo=True) != remote.sha(name):
-            ctx.target.write_file(path, remote.source(name), mode=0o755)
-        ctx.facts[key] = path
-    return path
-
-
-def hash_files(ctx: Context, paths: list[str]) -> dict[str, dict]:
-    """sha256 of absolute paths on the rig, in parallel; returns path -> hashed/error event."""
-    if not paths:
-        return {}
-    script = ensure_script(ctx, "sha256_files.py")
-    workers = int(ctx.cfg["model"]["hash_workers"])
-    cfg = {"paths": paths, "workers": workers, "progress_s": 5.0}
-    with Progress(ctx, "hashing") as prog:
-        r = ctx.target.run(f"python3 {quote(script)}", sudo=True, stdin=json.dumps(cfg) + "\n",
-                           on_stdout=prog.feed, check=False)
-    out: dict[str, dict] = {}
-    for ln in r.stdout.splitlines():
-        if ln.startswith("{"):
-            ev = json.loads(ln)
-            if ev.get("event") in ("hashed", "error"):
-                out[ev["path"]] = ev
-    missing = [p for p in paths if p not in out]
-    if missing:
-        raise StepError(f"hashing on the rig failed (exit {r.exited}) for {len(missing)} file(s): "
-                        f"{(r.stderr.strip() or r.stdout.strip())[-300:]}")
-    return out
-
-
-def run_pull(ctx: Context, man: dict, files: list[dict], token: str | None) -> dict[str, dict]:
-    """hf_pull.py in the rig's venv; the token travels on stdin only. Returns path -> event."""
-    script = ensure_script(ctx, "hf_pull.py")
-    m = ctx.cfg["model"]
-    cfg = {"repo_id": man["repo"], "revision": man["commit"], "local_dir": man["local_dir"],
-           "files": [{"path": f["path"], "size": f["size"]} for f in files], "token": token,
-           "endpoint": m["endpoint"], "workers": 2, "progress_s": 1.0,
-           "env": {"HF_HOME": f"{ctx.cfg['paths']['prefix'].rstrip('/')}/hf-home",
-                   "HF_HUB_DISABLE_XET": "1"}}
-    py = f"{venv_dir(ctx.cfg)}/bin/python"
-    t0 = time.monotonic()
-    with Progress(ctx, "downloading") as prog:
-        r = ctx.target.run(f"{quote(py)} {quote(script)}", sudo=True, stdin=json.dumps(cfg) + "\n",
-                           on_stdout=prog.feed, check=False)
-    events: dict[str, dict] = {}
-    fetched = 0
-    for ln in r.stdout.splitlines():
-        if ln.startswith("{"):
-            ev = json.loads(ln)
-            if ev.get("event") in ("done", "error"):
-                events[ev["path"]] = ev
-            if ev.get("event") == "summary":
-                fetched = int(ev.get("fetched") or 0)
-    bad = [p for p in (f["path"] for f in files) if events.get(p, {}).get("event") != "done"]
-    if bad:
-        why = "; ".join(f"{p.rsplit('/', 1)[-1]}: {events.get(p, {}).get('error') or 'no result'}" for p in bad[:3])
-        tail = (r.stderr.strip().splitlines() or [""])[-1]
-        raise StepError(f"download of {len(bad)} file(s) failed (exit {r.exited}): {why}"
-                        + (f" [{tail[-200:]}]" if tail and not events else ""))
-    secs = time.monotonic() - t0
-    ctx.say(f"model: downloaded {len(files)} file(s), {human(fetched)} in {secs:.1f}s "
-            f"({human(fetched / max(secs, 1e-6))}/s)")
-    ctx.facts["model.fetched_bytes"] = ctx.facts.get("model.fetched_bytes", 0) + fetched
-    return events
-
-
-def remove_files(ctx: Context, paths: list[str]) -> None:
-    """Delete model files and their huggingface_hub metadata (so the client fetches them again)."""
-    if not paths:
-        return
-    args = []
-    for p in paths:
-        args += [f"{local_dir(ctx.cfg)}/{p}", metadata_path(ctx.cfg, p), f"{hf_cache_dir(ctx.cfg)}/{p}.lock"]
-    ctx.target.run("rm -f -- " + " ".join(quote(a) for a in args), sudo=True)
-
-
-def clean_debris(ctx: Context) -> int:
-    cache = hf_cache_dir(ctx.cfg)
-    r = ctx.target.run(f"if [ -d {quote(cache)} ]; then find {quote(cache)} -type f -name '*.incomplete' "
-                       f"-print -delete; fi", sudo=True)
-    return len([ln for ln in r.stdout.splitlines() if ln.strip()])
+# the step
 
 
 class ModelStep(Step):
@@ -649,74 +146,54 @@ class ModelStep(Step):
     # -- plan -------------------------------------------------------------------------------
     def plan(self, ctx: Context) -> list[Change]:
         man = self.manifest(ctx)
-        rig = read_rig(ctx, man)
         stored = ctx.state.get(STATE_KEY)
-        changes = plan(ctx.cfg, man, rig, stored, full=self.full,
-                       fns={"pin": self._pin, "clean": self._clean, "download": self._download,
-                            "verify": self._verify})
+        rig = read_rig(ctx, man, stored)
+        staged = ctx.state.get(STAGING_KEY)
+        ctx.facts["model.staging"] = decide(man, rig, stored, staged, self.full)
         ctx.facts["model.rig"] = rig
         ctx.facts["model.hashed_bytes"] = 0
-        total = sum(f["size"] for f in man["files"])
+        changes = plan(ctx.cfg, man, rig, stored, staged=staged, full=self.full, fns=self.fns())
         if not changes:
-            ctx.say(f"model: {man['repo']}@{man['commit'][:7]}: {len(man['files'])} file(s), {human(total)}, "
-                    f"all verified (0 bytes hashed, 0 bytes fetched)")
+            ctx.say(f"model: {man['repo']}@{man['commit'][:7]}: {len(man['files'])} file(s), "
+                    f"{human(sum(f['size'] for f in man['files']))}, all verified (0 bytes hashed, 0 bytes fetched)")
         return changes
 
-    # -- apply ------------------------------------------------------------------------------
-    def _state(self, ctx: Context) -> dict:
-        st = dict(ctx.state.get(STATE_KEY) or {})
-        st.setdefault("verified", {})
-        return st
+    def fns(self) -> dict[str, Callable[[Context], None]]:
+        return {"pin": self._pin, "stage": stage, "clean": clean, "download": self._download,
+                "verify": self._verify, "switch": switch}
 
+    # -- apply ------------------------------------------------------------------------------
     def _pin(self, ctx: Context) -> None:
         man = self.manifest(ctx)
-        st = self._state(ctx)
-        if st.get("local_dir") != man["local_dir"]:
-            st["verified"] = {}  # another repo or dir: its markers say nothing about these files
-        st.update(man)  # markers of other content stay: they mark a file as stale, never as good
+        st = dict(ctx.state.get(STATE_KEY) or {})
+        st.update(man)
         ctx.state.set(STATE_KEY, st)
 
-    def _clean(self, ctx: Context) -> None:
-        n = clean_debris(ctx)
-        ctx.say(f"model: removed {n} *.incomplete file(s)")
-
-    def _files(self, ctx: Context, paths: list[str]) -> list[dict]:
-        man = self.manifest(ctx)
-        by = {f["path"]: f for f in man["files"]}
-        return [by[p] for p in paths]
-
     def _download(self, ctx: Context) -> None:
-        man = self.manifest(ctx)
-        rig: RigView = ctx.facts["model.rig"]
-        groups = classify(man, rig, self._state(ctx)["verified"], self.full)
-        if groups["stale"]:
-            remove_files(ctx, [f["path"] for f in groups["stale"]])
-        fetch = groups["stale"] + groups["fetch"]
-        self._drop_markers(ctx, [f["path"] for f in fetch])
-        clean_debris(ctx)
-        run_pull(ctx, man, fetch, self.token(ctx))
-        ctx.facts["model.attempts"] = {f["path"]: 1 for f in fetch}
-
-    def _drop_markers(self, ctx: Context, paths: list[str]) -> None:
-        st = self._state(ctx)
-        if any(p in st["verified"] for p in paths):
-            st["verified"] = {p: mk for p, mk in st["verified"].items() if p not in paths}
-            ctx.state.set(STATE_KEY, st)
+        s: Staging = ctx.facts["model.staging"]
+        if s.stale:
+            transfer.remove_files(ctx, s.work.dir, [f["path"] for f in s.stale])
+        get = s.stale + s.fetch
+        transfer.drop_markers(ctx, s.work, [f["path"] for f in get])
+        transfer.clean_debris(ctx, [s.work.dir])
+        transfer.run_pull(ctx, s.work, get, self.token(ctx))
+        ctx.facts["model.attempts"] = {f["path"]: 1 for f in get}
 
     def _verify(self, ctx: Context) -> None:
-        man = self.manifest(ctx)
-        rig: RigView = ctx.facts["model.rig"]
-        groups = classify(man, rig, self._state(ctx)["verified"], self.full)
-        todo = groups["stale"] + groups["fetch"] + groups["verify"]
+        s: Staging = ctx.facts["model.staging"]
         attempts: dict[str, int] = dict(ctx.facts.get("model.attempts") or {})
-        verify_files(ctx, self, man, todo, attempts, refetch=True)
+        transfer.verify_files(ctx, s.work, s.verify, attempts, refetch=True, token=lambda: self.token(ctx))
 
     def verify(self, ctx: Context) -> None:
-        """After applying: every file present with a valid marker."""
+        """After applying: `current` is the wanted commit, every file present with a valid marker."""
         man = self.manifest(ctx)
-        rig = read_rig(ctx, man)
+        st = ctx.state.get(STATE_KEY) or {}
+        rig = read_rig(ctx, man, st)
         ctx.facts["model.rig"] = rig
-        groups = classify(man, rig, self._state(ctx)["verified"])
+        if st.get("commit") != man["commit"] or rig.current != man["commit"]:
+            raise StepError(f"after applying, current is {(rig.current or 'nothing')[:7]} (recorded "
+                            f"{str(st.get('commit'))[:7]}), not {man['commit'][:7]}")
+        groups = classify(man["files"], rig.stats("current"), st.get("verified") or {})
         bad = [f["path"] for f in groups["fetch"] + groups["stale"] + groups["verify"]]
         if bad:
             raise StepError(f"after applying, {len(bad)} file(s) are still not verified: {', '.join(bad[:4])}")
@@ -724,64 +201,77 @@ class ModelStep(Step):
             raise StepError(f"after applying, {len(rig.debris)} *.incomplete file(s) are left: {rig.debris[0]}")
 
 
-def verify_files(ctx: Context, step: ModelStep, man: dict, todo: list[dict], attempts: dict[str, int],
-                 refetch: bool) -> list[str]:
-    """Hash `todo` on the rig; record markers for the good ones. With `refetch`, a mismatching file is
-    deleted (with its .metadata) and fetched again, up to model.max_attempts in all; else it is
-    reported. Returns the paths that are still bad (only when not refetching)."""
-    max_attempts = int(ctx.cfg["model"]["max_attempts"])
-    ldir = man["local_dir"]
-    pending = list(todo)
-    while pending:
-        t0 = time.monotonic()
-        res = hash_files(ctx, [f"{ldir}/{f['path']}" for f in pending])
-        st = step._state(ctx)
-        bad: list[tuple[dict, str]] = []
-        hashed = 0
-        for f in pending:
-            ev = res[f"{ldir}/{f['path']}"]
-            if ev["event"] == "error":
-                bad.append((f, f"cannot read: {ev['error']}"))
-                continue
-            hashed += int(ev["size"])
-            if ev["sha256"] == f["sha256"] and int(ev["size"]) == f["size"] and not ev.get("changed_while_hashing"):
-                st["verified"][f["path"]] = {"size": int(ev["size"]), "mtime_ns": int(ev["mtime_ns"]),
-                                             "sha256": ev["sha256"]}
-                ctx.say(f"model: verified {f['path'].rsplit('/', 1)[-1]} ({human(ev['size'])}, "
-                        f"{ev['seconds']:.1f}s)")
-            else:
-                st["verified"].pop(f["path"], None)
-                bad.append((f, f"sha256 {ev['sha256'][:12]}… size {ev['size']}, expected "
-                               f"{f['sha256'][:12]}… size {f['size']}"))
-        ctx.state.set(STATE_KEY, st)
-        secs = time.monotonic() - t0
-        ctx.facts["model.hashed_bytes"] = ctx.facts.get("model.hashed_bytes", 0) + hashed
-        ctx.say(f"model: hashed {len(pending)} file(s), {hashed} bytes ({human(hashed)}) in {secs:.1f}s"
-                f" ({human(hashed / max(secs, 1e-6))}/s)")
-        if not bad:
-            return []
-        for f, why in bad:
-            ctx.warn(f"model: {f['path']}: MISMATCH: {why}")
-        if not refetch:
-            return [f["path"] for f, _ in bad]
-        over = [f for f, _ in bad if attempts.get(f["path"], 0) + 1 > max_attempts]
-        if over:
-            f = over[0]
-            raise StepError(f"{f['path']}: sha256 still wrong after {attempts.get(f['path'], 0)} download "
-                            f"attempt(s) (model.max_attempts = {max_attempts}): "
-                            + dict((b[0]['path'], b[1]) for b in bad)[f["path"]]
-                            + " — the hub or the network corrupts this file; it was left in place, unverified")
-        refetch_files = [f for f, _ in bad]
-        ctx.state.owe(RESTART)
-        remove_files(ctx, [f["path"] for f in refetch_files])
-        clean_debris(ctx)
-        for f in refetch_files:
-            attempts[f["path"]] = attempts.get(f["path"], 0) + 1
-        ctx.say(f"model: re-fetching {len(refetch_files)} file(s): "
-                + ", ".join(f"{f['path'].rsplit('/', 1)[-1]} (attempt {attempts[f['path']]})" for f in refetch_files))
-        run_pull(ctx, man, refetch_files, step.token(ctx))
-        pending = refetch_files
-    return []
+# ---------------------------------------------------------------------------------------------
+# apply functions that model.update shares
+
+
+def stage(ctx: Context) -> None:
+    """Start (or resume) the staging record and hard-link what the rig already has."""
+    s: Staging = ctx.facts["model.staging"]
+    w = s.work
+    st = dict(ctx.state.get(STAGING_KEY) or {})
+    if st.get("commit") != w.man["commit"] or st.get("local_dir") != w.man["local_dir"]:
+        st = {}
+    verified = {**w.verified, **(st.get("verified") or {})}
+    for f, seed in s.link:
+        if seed.marker:
+            verified[f["path"]] = seed.marker  # a hard link: same inode, same size and mtime
+    ctx.state.set(STAGING_KEY, {**w.man, "verified": verified})
+    store.link_files(ctx, [(seed.src, f"{w.dir}/{f['path']}") for f, seed in s.link])
+    if s.link:
+        ctx.say(f"model: linked {len(s.link)} unchanged file(s) into {w.label} "
+                f"({human(sum(f['size'] for f, _ in s.link))} not downloaded)")
+
+
+def clean(ctx: Context) -> None:
+    s: Staging = ctx.facts["model.staging"]
+    if s.debris:
+        from ..target import quote
+        ctx.target.run("rm -f -- " + " ".join(quote(p) for p in s.debris), sudo=True)
+    ctx.say(f"model: removed {len(s.debris)} *.incomplete file(s)")
+
+
+def switch(ctx: Context) -> None:
+    """Mark the staged commit good, switch `current` to it, record it, prune old copies."""
+    s: Staging = ctx.facts["model.staging"]
+    w, man = s.work, s.work.man
+    rec = ctx.state.get(STAGING_KEY) or {}
+    verified = dict(w.verified)
+    if rec.get("commit") == man["commit"]:
+        verified.update(rec.get("verified") or {})
+    missing = [f["path"] for f in man["files"] if (verified.get(f["path"]) or {}).get("sha256") != f["sha256"]]
+    if missing:
+        raise StepError(f"not switching to {man['commit'][:7]}: {len(missing)} file(s) not verified: "
+                        f"{', '.join(missing[:3])}")
+    old = dict(ctx.state.get(STATE_KEY) or {})
+    store.finalize(ctx, w, verified)
+    store.switch(ctx, man["local_dir"], man["commit"])
+    previous = old.get("commit") if old.get("commit") != man["commit"] else old.get("previous")
+    if old and not versioned(old) and old.get("local_dir") == man["local_dir"]:
+        rig: RigView = ctx.facts["model.rig"]
+        store.flat_to_links(ctx, man["local_dir"], [f["path"] for f in old.get("files") or []
+                                                    if f["path"] in rig.stats("flat")])
+        previous = None  # the flat copy is now current/ (or gone): nothing to go back to
+    ctx.state.data.pop(STAGING_KEY, None)
+    ctx.state.set(STATE_KEY, {**man, "verified": {f["path"]: verified[f["path"]] for f in man["files"]},
+                              "layout": store.LAYOUT, "previous": previous,
+                              "branch": man.get("branch") or old.get("branch")})
+    ctx.say(f"model: current → commits/{man['commit'][:7]}"
+            + (f" (previous {previous[:7]})" if previous else ""))
+    prune(ctx, man, previous)
+
+
+def prune(ctx: Context, man: dict, previous: str | None) -> list[str]:
+    """Delete good copies beyond model.keep_versions (never current or previous) and abandoned
+    staging dirs of other commits."""
+    rig = read_rig(ctx, None, None)
+    gone = store.prune_list(rig, int(ctx.cfg["model"]["keep_versions"]), {man["commit"], previous or ""})
+    stale = [c for c in rig.staging if c != man["commit"]]
+    store.remove_commits(ctx, man["local_dir"], gone, stale)
+    if gone or stale:
+        ctx.say("model: removed old copies: " + ", ".join([f"commits/{c[:7]}" for c in gone]
+                                                            + [f"staging/{c[:7]}" for c in stale]))
+    return gone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,72 +286,37 @@ def manifest(ctx: Context) -> dict:
     return st
 
 
+def served_stats(st: dict, rig: RigView) -> dict:
+    """Stats of the files llama-server would load: current/ (checked to be the recorded commit)."""
+    if not versioned(st):
+        return rig.stats("flat")
+    if rig.current != st["commit"]:
+        raise StepError(f"{st['local_dir']}/current points at {(rig.current or 'nothing')[:7]}, but the model "
+                        f"recorded on this host is {st['commit'][:7]} — run invoke model.pull")
+    return rig.stats("current")
+
+
 def shard1_path(ctx: Context) -> str:
-    """Absolute path on the rig of the file llama-server loads (-m). Raises StepError unless EVERY
-    file of the model is verified and unchanged since (size + mtime as when hashed)."""
+    """Absolute path on the rig of the file llama-server loads (-m): through `current/` once the
+    layout is versioned. Raises StepError unless EVERY file of the model is verified and unchanged
+    since (size + mtime as when hashed)."""
     st = manifest(ctx)
     first = shard1(st["files"])
-    rig = read_rig(ctx, st)
+    rig = read_rig(ctx, None, st)
+    stats = served_stats(st, rig)
     verified = st.get("verified") or {}
-    bad = [f["path"] for f in st["files"] if not marker_valid(verified.get(f["path"]), f, rig.files.get(f["path"]))]
+    bad = [f["path"] for f in st["files"] if not marker_valid(verified.get(f["path"]), f, stats.get(f["path"]))]
     if bad:
         raise StepError(f"model file(s) not verified: {', '.join(p.rsplit('/', 1)[-1] for p in bad[:4])}"
                         f" — run invoke model.pull (the service is never pointed at an unverified file)")
-    return f"{st['local_dir']}/{first['path']}"
+    return f"{store.served_dir(st)}/{first['path']}"
 
 
 def verify_action(ctx: Context, full: bool = False) -> bool:
-    """`model.verify`: hash files whose marker is missing/stale (all with --full); report, repair nothing."""
-    st = manifest(ctx)
-    rig = read_rig(ctx, st)
-    groups = classify(st, rig, st.get("verified") or {}, full)
-    missing = [f["path"] for f in groups["fetch"]]
-    todo = groups["verify"] + groups["stale"]
-    ctx.facts["model.hashed_bytes"] = 0
-    step = ModelStep(full)
-    ctx.facts["model.manifest"] = {k: st[k] for k in ("repo", "revision", "include", "commit", "local_dir", "files")}
-    bad = verify_files(ctx, step, st, todo, {}, refetch=False) if todo else []
-    if not todo:
-        ctx.say(f"model: {len(groups['ok'])} file(s) verified earlier and unchanged (0 bytes hashed)"
-                + ("; use --full to re-hash them" if groups["ok"] else ""))
-    if missing or bad:
-        raise StepError(f"{len(missing)} file(s) missing, {len(bad)} with a wrong sha256: "
-                        f"{', '.join(p.rsplit('/', 1)[-1] for p in (missing + bad)[:4])} — run invoke model.pull")
-    return False
+    from ..model.tasks import verify_action as act
+    return act(ctx, full)
 
 
 def status_action(ctx: Context) -> bool:
-    """`model.status`: repo, pinned sha, files with size and verified state, disk free. Reads only."""
-    st = ctx.state.get(STATE_KEY)
-    cfg_m = ctx.cfg["model"]
-    if not st or not st.get("files"):
-        hf = hostfacts.host_facts(ctx)
-        ctx.console.table(f"model: {ctx.host.name}", ["key", "value"], [
-            ["repo", f"{cfg_m['repo']} (not pulled yet)"], ["revision", cfg_m["revision"]],
-            ["include", cfg_m["include"]], ["disk free", f"{human(hf.disk_free_bytes)} at {hf.disk_path}"]])
-        return False
-    rig = read_rig(ctx, st)
-    verified = st.get("verified") or {}
-    rows = [["repo", st["repo"]], ["revision", f"{st['revision']} -> {st['commit']}"],
-            ["include", st["include"]], ["dir", st["local_dir"]],
-            ["disk free", f"{human(rig.free_bytes)} at {rig.disk_path}"],
-            ["files", f"{len(st['files'])}, {human(sum(f['size'] for f in st['files']))}"]]
-    if rig.debris:
-        rows.append(["debris", f"{len(rig.debris)} *.incomplete file(s)"])
-    ctx.console.table(f"model: {ctx.host.name}", ["key", "value"], rows)
-    frows = []
-    for f in st["files"]:
-        stt = rig.files.get(f["path"])
-        if stt is None:
-            state = "missing"
-        elif marker_valid(verified.get(f["path"]), f, stt):
-            state = "verified"
-        elif stt[0] != f["size"]:
-            state = f"wrong size ({stt[0]})"
-        elif f["path"] in verified:
-            state = "changed since verified"
-        else:
-            state = "not verified"
-        frows.append([f["path"], f["size"], f["sha256"][:16], state])
-    ctx.console.table("files", ["path", "size", "sha256", "state"], frows)
-    return False
+    from ..model.tasks import status_action as act
+    return act(ctx)
