@@ -88,7 +88,21 @@ llama = Collection("llama")
 for _t in (llama_build, llama_update, llama_rollback, llama_status):
     llama.add_task(_t)
 
-ns = Collection(provision, facts)
+@task(auto_shortflags=False, iterable=["set"], help={
+    "host": "host name(s) from hosts.yaml, comma-separated, or a group name (default: every host)",
+    "all": "every host in the inventory (the default)",
+    "inventory": HOST_HELP["inventory"], "set": HOST_HELP["set"],
+    "watch": "redraw the table every --interval seconds until Ctrl-C",
+    "interval": "seconds between refreshes with --watch (default 5)",
+    "json": "print JSON (one object per host) for scripts"})
+def status(c, host=None, all=False, watch=False, interval=5, json=False, inventory="hosts.yaml", set=None):
+    """One row per host: service, health, build, model, drift from its lock, GPUs, requests, tokens/s."""
+    from provision import fleet
+    app = _app(inventory, set)
+    _exit(app.guarded(lambda: fleet.run(app, host, all, watch=watch, interval=float(interval), as_json=json)))
+
+
+ns = Collection(provision, facts, status)
 ns.add_collection(llama)
 
 
@@ -298,7 +312,19 @@ def model_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
     _each(inventory, set, host, all, m.status_action, "model.status")
 
 
+@task(name="update", auto_shortflags=False, iterable=["set"], help={
+    **HOST_HELP, "revision": "branch, tag or commit to move to (default: the branch the pin came from)",
+    "check": "show the new commits, changed files and the plan; change nothing"})
+def model_update(c, host=None, all=False, revision=None, check=False, inventory="hosts.yaml", set=None):
+    """New hub commit: stage changed shards while the old model serves, verify, switch, restart; roll back if unhealthy."""
+    from provision.model.update import UpdateOptions, task_update
+    app = _app(inventory, set)
+    opts = UpdateOptions(revision=revision, check=check, inventory_path=inventory, lock_dir=str(app.lock_dir()))
+    _exit(app.each_host(host, lambda ctx: task_update(ctx, opts), title="model.update", all_hosts=all,
+                        parallel=1, changes=not check))
+
+
 model = Collection("model")
-for _t in (model_pull, model_verify, model_status):
+for _t in (model_pull, model_verify, model_status, model_update):
     model.add_task(_t)
 ns.add_collection(model)

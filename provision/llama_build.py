@@ -279,6 +279,10 @@ def server_flags(cfg: dict) -> list[str]:
         flags.append("--jinja")
     if s.get("api_key_file"):
         flags.append("--api-key-file")
+    if s.get("metrics", True):
+        flags.append("--metrics")
+    if not s.get("slots", False):
+        flags.append("--no-slots")
     if s.get("batch_size"):
         flags.append("-b")
     if s.get("ubatch_size"):

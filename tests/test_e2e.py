@@ -92,7 +92,8 @@ def check_end_to_end(rig, path: Path, tmp: Path, only: str | None = None) -> dic
                      r"Qwen3.5-122B-A10B-UD-Q6_K_XL-00001-of-00004.gguf ", exec_line), exec_line
     assert exec_line.endswith("--host 0.0.0.0 --port 8000 -ngl 999 -c 40960 -ctk q8_0 -ctv q8_0 "
                               "--parallel 1 --split-mode layer --no-warmup --temp 0.6 --top-p 0.95 "
-                              "--top-k 20 --min-p 0.0 --jinja --alias Qwen3.5-122B-A10B-UD-Q6_K_XL")
+                              "--top-k 20 --min-p 0.0 --jinja --alias Qwen3.5-122B-A10B-UD-Q6_K_XL "
+                              "--metrics --no-slots")
     assert exec_line.startswith("ExecStart=/opt/llama-rig/llama.cpp/current/bin/llama-server ")
     # preflight on a CPU build (the rig's fake nvidia-smi shows GPUs): said so, visibly
     assert "VRAM preflight: skipped — CPU build: llama-fit-params reports no CUDA device" in out, out

@@ -254,8 +254,10 @@ def test_server_flags_and_help():
     flags = lb.server_flags(c)
     for f in ["-m", "--host", "--port", "-ngl", "-c", "-ctk", "-ctv", "--parallel", "--split-mode",
               "-ts", "--no-warmup", "--temp", "--top-p", "--top-k", "--min-p", "--jinja", "--alias",
-              "--metrics", "--rpc", "--ctx-checkpoints"]:
+              "--metrics", "--no-slots", "--rpc", "--ctx-checkpoints"]:
         assert f in flags
+    c["server"]["slots"] = True
+    assert "--no-slots" not in lb.server_flags(c)
     assert "-1" not in flags and "h1:50052" not in flags
     help_text = "\n".join(f"{f}, --x-{i}  something" for i, f in enumerate(flags) if f != "--rpc")
     assert lb.missing_flags(help_text, flags) == ["--rpc"]

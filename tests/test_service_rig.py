@@ -117,7 +117,7 @@ def test_service_lifecycle(srig, tmp_path):
     assert argv == ["-m", MODEL, "--host", "0.0.0.0", "--port", "8080", "-ngl", "999", "-c", "4096",
                     "-ctk", "q8_0", "-ctv", "q8_0", "--parallel", "1", "--split-mode", "layer",
                     "-ts", "0.9,1,1,1,1,1", "--no-warmup", "--temp", "0.6", "--top-p", "0.95",
-                    "--top-k", "20", "--min-p", "0.0", "--jinja", "--alias", "tiny"]
+                    "--top-k", "20", "--min-p", "0.0", "--jinja", "--alias", "tiny", "--metrics", "--no-slots"]
     for unit in ("llama-server.service", "llama-rig-gpu.service"):
         v = srig.sh(f"systemd-analyze verify /etc/systemd/system/{unit}", check=False)
         assert v.returncode == 0 and v.stderr.strip() == "", (unit, v.stderr)
@@ -206,7 +206,7 @@ def test_service_lifecycle(srig, tmp_path):
     assert out.strip() == (f"{PREFIX}/llama.cpp/current/bin/llama-server -m {MODEL} --host 0.0.0.0 "
                            "--port 8080 -ngl 999 -c 16384 -ctk q8_0 -ctv q8_0 --parallel 1 --split-mode "
                            "layer -ts 0.9,1,1,1,1,1 --no-warmup --temp 0.6 --top-p 0.95 --top-k 20 "
-                           "--min-p 0.0 --jinja --alias tiny")
+                           "--min-p 0.0 --jinja --alias tiny --metrics --no-slots")
 
     # a server that cannot start: StepError with the journal tail, restart stays owed
     srig.sh("touch /etc/fake-llama/exit-now")

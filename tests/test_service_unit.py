@@ -33,7 +33,7 @@ def seed_cfg(**server) -> dict:
 def test_server_argv_is_the_seed_command_line():
     argv = s.server_argv(seed_cfg(), MODEL, BIN)
     assert argv[0] == BIN
-    assert " ".join(argv[1:]) == SEED_ARGS + " --alias Qwen3.5-122B-A10B-UD-Q6_K_XL"
+    assert " ".join(argv[1:]) == SEED_ARGS + " --alias Qwen3.5-122B-A10B-UD-Q6_K_XL --metrics --no-slots"
 
 
 def test_server_argv_optional_flags():
@@ -43,7 +43,13 @@ def test_server_argv_optional_flags():
     line = " ".join(argv)
     assert "--no-warmup" not in argv and "-ts" not in argv
     assert "--no-jinja" in argv and "--temp 1 " in line
-    assert line.endswith("-fa on -b 4096 -ub 4096 --mlock --metrics")
+    assert line.endswith("--metrics --no-slots -fa on -b 4096 -ub 4096 --mlock --metrics")
+
+
+def test_server_argv_metrics_on_slots_off_unless_asked():
+    assert s.server_argv(seed_cfg(), MODEL, BIN)[-2:] == ["--metrics", "--no-slots"]
+    argv = s.server_argv(seed_cfg(metrics=False, slots=True), MODEL, BIN)
+    assert "--metrics" not in argv and "--no-slots" not in argv and "--slots" not in argv
 
 
 def test_fit_params_argv_same_memory_flags():
@@ -67,7 +73,7 @@ def test_unit_has_everything():
                    "ExecStartPost=/opt/llama-rig/bin/llama-rig-health http://127.0.0.1:8000/health 1800"):
         assert needle in svc, needle
     exec_line = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")][0]
-    assert exec_line == f"ExecStart={BIN} {SEED_ARGS} --alias Qwen3.5-122B-A10B-UD-Q6_K_XL"
+    assert exec_line == f"ExecStart={BIN} {SEED_ARGS} --alias Qwen3.5-122B-A10B-UD-Q6_K_XL --metrics --no-slots"
     assert "WantedBy=multi-user.target" in unit.split("[Install]")[1]
 
 

@@ -173,7 +173,7 @@ def test_fit_params_cpu(llama_cpu_bin: Path, tiny_llama_model, tiny_qwen35moe_mo
 
 SEED_SERVER_FLAGS = ["-m", "--host", "--port", "-ngl", "-c", "-ctk", "-ctv", "--parallel",
                      "--split-mode", "-ts", "--no-warmup", "--temp", "--top-p", "--top-k",
-                     "--min-p", "--jinja", "--alias", "--api-key-file"]
+                     "--min-p", "--jinja", "--alias", "--api-key-file", "--metrics", "--no-slots"]
 
 
 def test_server_help_lists_seed_flags(llama_cpu_bin: Path) -> None:

@@ -331,6 +331,22 @@ def flat_to_links(ctx: Any, rdir: str, paths: list[str]) -> None:
     ctx.target.run(" && ".join(cmds) + f" && rm -rf {quote(rdir + '/.cache')}", sudo=True)
 
 
+def keep_flat_copy(ctx: Any, old: dict, flat: dict[str, Stat]) -> str | None:
+    """Before a flat layout's paths become links: hard-link its verified files into
+    commits/<old commit> (marked good) so the switch can be undone. None if it was incomplete."""
+    rdir, sha = old["local_dir"], old["commit"]
+    verified = old.get("verified") or {}
+    if not all(marker_valid(verified.get(f["path"]), f, flat.get(f["path"])) for f in old["files"]):
+        return None
+    d = commit_dir(rdir, sha)
+    link_files(ctx, [(f"{rdir}/{f['path']}", f"{d}/{f['path']}") for f in old["files"]])
+    man = {k: old[k] for k in ("repo", "revision", "include", "commit", "files", "local_dir")}
+    man["branch"] = old.get("branch")
+    ctx.target.write_file(f"{d}/{MARK}", json.dumps(mark_doc(man, verified), indent=1, sort_keys=True) + "\n",
+                          mode=0o644)
+    return sha
+
+
 def remove_commits(ctx: Any, rdir: str, commits: list[str], staging: list[str] = ()) -> None:
     paths = [commit_dir(rdir, c) for c in commits] + [staging_dir(rdir, c) for c in staging]
     if paths:

@@ -232,7 +232,14 @@ def clean(ctx: Context) -> None:
 
 
 def switch(ctx: Context) -> None:
-    """Mark the staged commit good, switch `current` to it, record it, prune old copies."""
+    """The step's switch: promote the staged commit, then prune old copies."""
+    man, previous = promote(ctx)
+    prune(ctx, man, previous)
+
+
+def promote(ctx: Context) -> tuple[dict, str | None]:
+    """Mark the staged commit good, switch `current` to it and record it. Returns (its manifest,
+    the commit it replaced that is kept to go back to)."""
     s: Staging = ctx.facts["model.staging"]
     w, man = s.work, s.work.man
     rec = ctx.state.get(STAGING_KEY) or {}
@@ -245,20 +252,23 @@ def switch(ctx: Context) -> None:
                         f"{', '.join(missing[:3])}")
     old = dict(ctx.state.get(STATE_KEY) or {})
     store.finalize(ctx, w, verified)
-    store.switch(ctx, man["local_dir"], man["commit"])
     previous = old.get("commit") if old.get("commit") != man["commit"] else old.get("previous")
-    if old and not versioned(old) and old.get("local_dir") == man["local_dir"]:
+    migrating = bool(old) and not versioned(old) and old.get("local_dir") == man["local_dir"]
+    if migrating and previous:
         rig: RigView = ctx.facts["model.rig"]
+        previous = store.keep_flat_copy(ctx, old, rig.stats("flat"))  # so there is a way back
+    store.switch(ctx, man["local_dir"], man["commit"])
+    if migrating:
+        rig = ctx.facts["model.rig"]
         store.flat_to_links(ctx, man["local_dir"], [f["path"] for f in old.get("files") or []
                                                     if f["path"] in rig.stats("flat")])
-        previous = None  # the flat copy is now current/ (or gone): nothing to go back to
     ctx.state.data.pop(STAGING_KEY, None)
     ctx.state.set(STATE_KEY, {**man, "verified": {f["path"]: verified[f["path"]] for f in man["files"]},
                               "layout": store.LAYOUT, "previous": previous,
                               "branch": man.get("branch") or old.get("branch")})
     ctx.say(f"model: current → commits/{man['commit'][:7]}"
             + (f" (previous {previous[:7]})" if previous else ""))
-    prune(ctx, man, previous)
+    return man, previous
 
 
 def prune(ctx: Context, man: dict, previous: str | None) -> list[str]:

@@ -2,7 +2,8 @@
 
 Stdlib only.  Two listeners:
 
-* the *hub* (``.endpoint``): ``/api/models/...`` JSON endpoints and ``/{org}/{name}/resolve/{rev}/{path}``;
+* the *hub* (``.endpoint``): ``/api/models/...`` JSON endpoints (info, tree, paths-info, refs,
+  commits) and ``/{org}/{name}/resolve/{rev}/{path}``;
 * the *CDN* (``.cdn_endpoint``, a second port = another origin): serves LFS bytes with Range support.
   ``/resolve`` for an LFS file answers ``302`` there, like the real Hub does, so the client drops
   its ``Authorization`` header before fetching bytes (exactly like with the real CDN).
@@ -675,6 +676,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                     return self._tree(repo, rest[1], "/".join(rest[2:]))
                 if rest[:1] == ["paths-info"] and len(rest) == 2 and m == "POST":
                     return self._paths_info(repo, rest[1])
+                if rest[:1] == ["commits"] and len(rest) == 2 and m == "GET":
+                    return self._commits(repo, rest[1])
                 if rest[:1] == ["refs"] and m == "GET":
                     return self._json({"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s}
                                                     for b, s in repo.revisions.items()], "tags": [], "converts": []})
@@ -705,6 +708,16 @@ class _HubHandler(BaseHTTPRequestHandler):
             "library_name": "gguf", "tags": ["gguf"], "siblings": sib,
             "usedStorage": sum(b.size for b in c.files.values()),
         })
+
+    def _commits(self, repo: HubRepo, rev: str):
+        """`GET /api/models/{repo}/commits/{rev}`: the history from rev back, newest first (one page)."""
+        c: Commit | None = self.hub._rev(repo, rev)
+        out = []
+        while c is not None:
+            out.append({"id": c.sha, "title": c.message, "message": "", "date": c.date,
+                        "authors": [{"user": "stand-in"}]})
+            c = repo.commits.get(c.parent) if c.parent else None
+        self._json(out)
 
     def _entries(self, repo: HubRepo, c: Commit, base: str, recursive: bool, expand: bool) -> list[dict]:
         dirs = repo.dirs(c.files)
