@@ -614,10 +614,11 @@ def test_model_tasks_are_thin_and_registered():
     import tasks
     from provision.steps import step_names
     col = tasks.ns.collections["model"]
-    assert sorted(col.tasks) == ["pull", "status", "verify"]
+    assert sorted(col.tasks) == ["pull", "status", "update", "verify"]
     for t in col.tasks.values():
         assert t.auto_shortflags is False
         assert len(t.__doc__.strip().splitlines()) == 1
     assert "full" in [a.name for a in col.tasks["verify"].get_arguments()]
+    assert {"revision", "check"} <= {a.name for a in col.tasks["update"].get_arguments()}
     names = step_names()
     assert names.index("model") == names.index("llama") + 1
