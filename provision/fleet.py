@@ -217,8 +217,7 @@ def _num(v: float | None, fmt: str = "{:.0f}") -> str:
 
 def row(s: dict[str, Any]) -> list[str]:
     if not s.get("reachable"):
-        return [s["host"], "UNREACHABLE", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-",
-                (s.get("error") or "")[:80]]
+        return [s["host"], "UNREACHABLE"] + ["-"] * (len(COLUMNS) - 2)
     sv, b, m, g, mt = s["service"], s["build"], s["model"], s["gpus"], s["metrics"]
     service = sv["state"] + (f" ({sv['sub']})" if sv.get("sub") and sv["sub"] not in ("running", "dead") else "")
     build = (b["name"] or "-") if b["name"] else "-"
@@ -310,18 +309,28 @@ class Fleet:
             self.drop(name)
 
 
+def notes(statuses: list[dict]) -> list[str]:
+    """The lines under the table: why a host is unreachable, what drifted."""
+    out = []
+    for s in statuses:
+        if not s.get("reachable"):
+            out.append(f"{s['host']}: unreachable: {s.get('error')}")
+        for d in s.get("drift_details") or []:
+            out.append(f"{s['host']}: drift: {d}")
+    return out
+
+
 def render(console: Any, statuses: list[dict], title: str) -> None:
     console.table(title, COLUMNS, [row(s) for s in statuses])
-    for s in statuses:
-        for d in s.get("drift_details") or []:
-            console.line(f"  {s['host']}: drift: {d}")
+    for ln in notes(statuses):
+        console.line(f"  {ln}")
 
 
 def rich_table(statuses: list[dict], title: str) -> Any:
     from rich.table import Table
     from rich.text import Text
     from .secrets import redact
-    t = Table(title=Text(title))
+    t = Table(title=Text(title), caption=Text(redact("\n".join(notes(statuses)))) if notes(statuses) else None)
     for c in COLUMNS:
         t.add_column(Text(c))
     for s in statuses:
@@ -329,6 +338,11 @@ def rich_table(statuses: list[dict], title: str) -> Any:
             "yellow" if s.get("drift") not in ("-",) else None)
         t.add_row(*[Text(redact(str(v))) for v in row(s)], style=style)
     return t
+
+
+def pause(seconds: float) -> None:
+    """Between two refreshes of --watch (Ctrl-C lands here most of the time)."""
+    time.sleep(seconds)
 
 
 def run(app: Any, host: str | None, all_hosts: bool, *, watch: bool = False, interval: float = 5.0,
@@ -355,7 +369,7 @@ def run(app: Any, host: str | None, all_hosts: bool, *, watch: bool = False, int
             from rich.live import Live
             with Live(rich_table(statuses, title()), console=con.rich, refresh_per_second=4) as live:
                 while True:
-                    time.sleep(interval)
+                    pause(interval)
                     statuses = fleet.read()
                     live.update(rich_table(statuses, title()))
         while True:
@@ -363,7 +377,7 @@ def run(app: Any, host: str | None, all_hosts: bool, *, watch: bool = False, int
                 con.line(json.dumps({"at": time.time(), "hosts": statuses}, sort_keys=True))
             else:
                 render(con, statuses, title())
-            time.sleep(interval)
+            pause(interval)
             statuses = fleet.read()
     except KeyboardInterrupt:
         return ExitStatus.OK  # --watch runs until Ctrl-C: that is how it ends
