@@ -98,8 +98,16 @@ class Env:
         r = self.rig.sh(f"cat {self.state_dir}/state.json", check=False)
         return json.loads(r.stdout).get("model", {}) if r.returncode == 0 else {}
 
+    def staged(self) -> dict:
+        r = self.rig.sh(f"cat {self.state_dir}/state.json", check=False)
+        return json.loads(r.stdout).get("model_staging", {}) if r.returncode == 0 else {}
+
     def ldir(self, repo: str) -> str:
         return f"{MODELS}/{repo.replace('/', '__')}"
+
+    def cur(self, repo: str) -> str:
+        """The copy in service (the versioned layout's `current` link)."""
+        return f"{self.ldir(repo)}/current"
 
 
 def cdn_gets(hub, since: int, glob: str = "*") -> list:
@@ -135,16 +143,18 @@ def test_happy_path_then_second_run_changes_nothing(mrig, mhub, wheels_url, tmp_
     assert "model: downloading Qwen3.5-122B-A10B-UD-Q6_K_XL-00001-of-00004.gguf" in out  # progress lines
     assert "model: fetched Qwen3.5-122B-A10B-UD-Q6_K_XL-00004-of-00004.gguf" in out
     for p in s.shards:
-        assert rig_sha256(mrig, f"{env.ldir(s.repo_id)}/{p}") == s.sha256[p]
+        assert rig_sha256(mrig, f"{env.cur(s.repo_id)}/{p}") == s.sha256[p]
         assert len(cdn_gets(mhub, n0, p)) == 1
     assert not cdn_gets(mhub, n0, "Q8_0/*") and not cdn_gets(mhub, n0, "mmproj*")
-    head = mrig.sh(f"head -c 4 {env.ldir(s.repo_id)}/{s.shards[0]}").stdout
+    head = mrig.sh(f"head -c 4 {env.cur(s.repo_id)}/{s.shards[0]}").stdout
     assert head == "GGUF"
     st = env.state()
     assert st["commit"] == s.sha and sorted(st["verified"]) == sorted(s.shards)
     assert all(st["verified"][p]["sha256"] == s.sha256[p] for p in s.shards)
     assert mrig.sh(f"find {env.ldir(s.repo_id)} -name '*.incomplete'").stdout == ""
-    assert M.shard1_path(env.ctx()) == f"{env.ldir(s.repo_id)}/{s.shards[0]}"
+    assert M.shard1_path(env.ctx()) == f"{env.cur(s.repo_id)}/{s.shards[0]}"
+    assert mrig.sh(f"readlink {env.cur(s.repo_id)}").stdout.strip() == f"commits/{s.sha}"
+    assert mrig.sh(f"test -e {env.ldir(s.repo_id)}/staging", check=False).returncode != 0
 
     # second run: 0 changes, 0 bytes fetched, 0 bytes hashed
     n1 = len(mhub.requests)
@@ -182,7 +192,7 @@ def test_same_size_corruption_detected_and_only_that_shard_refetched(mrig, mhub,
     for p in s.shards:
         if p != bad:
             assert len(cdn_gets(mhub, n0, p)) == 1, p
-        assert rig_sha256(mrig, f"{env.ldir(s.repo_id)}/{p}") == s.sha256[p]
+        assert rig_sha256(mrig, f"{env.cur(s.repo_id)}/{p}") == s.sha256[p]
     assert sorted(env.state()["verified"]) == sorted(s.shards)
     # the re-fetch changed a shard: llama-server owes a restart (its step did not run here)
     assert "llama-server.restart" in json.loads(mrig.sh(f"cat {env.state_dir}/state.json").stdout)["owed"]
@@ -200,15 +210,15 @@ def test_corrupt_every_time_stops_after_max_attempts(mrig, mhub, wheels_url, tmp
     assert rc == 1
     assert "sha256 still wrong after 2 download attempt(s) (model.max_attempts = 2)" in out
     assert len(cdn_gets(mhub, n0, s.shards[1])) == 2 and len(cdn_gets(mhub, n0, s.shards[0])) == 1
-    assert list(env.state()["verified"]) == [s.shards[0]]
-    with pytest.raises(Exception, match="not verified"):
+    assert env.state() == {}  # nothing was ever switched to: no model in service
+    assert list(env.staged()["verified"]) == [s.shards[0]]  # the good shard stays staged
+    with pytest.raises(Exception, match="no model manifest"):
         M.shard1_path(env.ctx())
 
 
 def test_connection_dropped_mid_shard(mrig, mhub, wheels_url, tmp_path):
     s = make_gguf_like_shards(mhub, "rigtest/drop-GGUF", size=3 * MB + 1, seed="d")
     env = Env(mrig, mhub, wheels_url, tmp_path, "drop", repo=s.repo_id)
-    cache = f"{env.ldir(s.repo_id)}/.cache/huggingface/download"
 
     # 1. the CDN drops shard 2 once after 1 MB: the client retries in-process and completes
     mhub.faults.set("*-00002-of-*", "drop_after", count=1, bytes=MB)
@@ -218,11 +228,13 @@ def test_connection_dropped_mid_shard(mrig, mhub, wheels_url, tmp_path):
     gets = cdn_gets(mhub, n0, s.shards[1])
     assert [g.bytes_sent for g in gets] == [MB, s.sizes[s.shards[1]]]
     assert gets[0].error == "dropped"
-    assert mrig.sh(f"find {cache} -name '*.incomplete'").stdout == ""
+    assert mrig.sh(f"find {env.ldir(s.repo_id)} -name '*.incomplete'").stdout == ""
+    # (the copy in service is repaired in place: its commit dir holds huggingface_hub's cache)
+    cache = f"{env.ldir(s.repo_id)}/commits/{s.sha}/.cache/huggingface/download"
 
     # 2. the download process dies mid-shard (SIGKILL while the CDN stalls): debris is left;
     #    the re-run cleans it and completes, fetching only that shard
-    mrig.sh(f"rm -f {env.ldir(s.repo_id)}/{s.shards[3]}")
+    mrig.sh(f"rm -f {env.cur(s.repo_id)}/{s.shards[3]}")
     mhub.faults.set("*-00004-of-*", "stall", count=1, seconds=40, after=MB)
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(zip(("rc", "out"), env.pull())))
@@ -248,7 +260,7 @@ def test_connection_dropped_mid_shard(mrig, mhub, wheels_url, tmp_path):
     assert "download 1 file " in out
     assert mrig.sh(f"find {env.ldir(s.repo_id)} -name '*.incomplete'").stdout == ""
     assert [g.file for g in cdn_gets(mhub, n1)] == [s.shards[3]]
-    assert rig_sha256(mrig, f"{env.ldir(s.repo_id)}/{s.shards[3]}") == s.sha256[s.shards[3]]
+    assert rig_sha256(mrig, f"{env.cur(s.repo_id)}/{s.shards[3]}") == s.sha256[s.shards[3]]
     rc, out = env.pull()
     assert rc == 0 and "model: ok (no change)" in out
 
@@ -267,12 +279,14 @@ def test_pinned_sha_does_not_move_with_the_branch(mrig, mhub, wheels_url, tmp_pa
     assert rc == 0 and "model: ok (no change)" in out, out
     assert len(mhub.requests) == n  # a pin is never re-resolved: not one request to the hub
     assert env.state()["commit"] == s.sha
-    assert rig_sha256(mrig, f"{env.ldir(s.repo_id)}/{s.shards[1]}") == s.sha256[s.shards[1]]
-    # the branch, by contrast, would replace that one shard
+    assert rig_sha256(mrig, f"{env.cur(s.repo_id)}/{s.shards[1]}") == s.sha256[s.shards[1]]
+    # the branch, by contrast, would stage the new commit: that one shard downloaded, 3 linked
     rc, out = env.pull(check=True, revision="main")
     assert rc == 0
-    assert f"pin {s.repo_id}@{new_sha[:7]} (main)" in out
-    assert "would change: download 1 file (1.0 MB)" in out and "(replacing 1 stale)" in out
+    assert f"stage {s.repo_id}@{new_sha[:7]} (main) in staging/{new_sha[:7]}" in out
+    assert "link 3 unchanged from current (0 bytes)" in out
+    assert "would change: download 1 file (1.0 MB)" in out
+    assert f"would change: switch current → commits/{new_sha[:7]} (was {s.sha[:7]})" in out
     assert env.state()["commit"] == s.sha  # --check wrote nothing
 
 
@@ -347,4 +361,4 @@ def test_gated_repo_token_never_leaks(mrig, mhub, wheels_url, tmp_path, monkeypa
                 check=False)
     assert r.returncode == 1 and r.stdout == "", r.stdout  # 1 = searched, found nothing
     for p in s.shards:
-        assert rig_sha256(mrig, f"{env.ldir(s.repo_id)}/{p}") == s.sha256[p]
+        assert rig_sha256(mrig, f"{env.cur(s.repo_id)}/{p}") == s.sha256[p]

@@ -425,13 +425,15 @@ def test_progress_is_the_one_the_llama_build_uses():
     prog.close()
 
 
-def test_hf_pull_bar_counts_xet_network_bytes_apart_from_file_bytes(capsys):
+def test_hf_pull_bar_counts_network_bytes_apart_from_file_bytes_and_knows_xet(capsys, monkeypatch):
     """The bar hf_pull gives the client, driven by the client's own Xet progress reporter (what
-    xet_get does): file bytes and network bytes apart, no missing method."""
+    xet_get does): file bytes and network bytes apart, no missing method; and the client's xet_get,
+    traced, marks the file as carried by Xet."""
     import importlib.util
+    from huggingface_hub import file_download
     from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
     from provision.remote import hf_pull
-    counter = {"fetched": 0, "net": 0, "xet": False}
+    counter = {"fetched": 0, "net": 0, "transfer": False, "xet": False}
     bar = hf_pull.make_bar_class("F/a.gguf", 0.0, counter)
     with XetDownloadProgressReporter(reconstruction_desc="a", total=1000, log_level=30, tqdm_class=bar) as rep:
         for done, net in ((300, 100), (1000, 400)):
@@ -439,10 +441,19 @@ def test_hf_pull_bar_counts_xet_network_bytes_apart_from_file_bytes(capsys):
                                "total_bytes": 1000, "total_bytes_completion_rate": 1.0,
                                "total_transfer_bytes_completion_rate": 2.0})()
             rep.update_progress(r)
-    assert counter == {"fetched": 1000, "net": 400, "xet": True}
+    assert counter == {"fetched": 1000, "net": 400, "transfer": True, "xet": False}
+    assert hf_pull.net_bytes(counter) == 400
     last = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert last == {"event": "progress", "path": "F/a.gguf", "bytes": 1000, "total": 1000, "net": 400}
     assert importlib.util.find_spec("hf_xet") is not None
+    seen = []
+    monkeypatch.setattr(file_download, "xet_get", lambda **kw: seen.append(kw))
+    assert hf_pull.trace_xet() is True
+    file_download.xet_get(tqdm_class=bar, expected_size=1000)
+    assert counter["xet"] is True and seen == [{"tqdm_class": bar, "expected_size": 1000}]
+    assert transfer.transport({"xet": False, "xet_available": True}) == \
+        ", plain HTTP (hf_xet installed; the hub offered no Xet)"
+    assert transfer.transport({"xet": True}) == ", over Xet"
 
 
 def test_hf_pull_never_switches_xet_off_and_workers_follow_the_shards():

@@ -125,6 +125,7 @@ def test_new_commit_fetches_only_the_changed_shard_then_up_to_date(box):
     assert rc == 0, out
     assert box.cdn(n1) == [changed]  # one shard over the wire, nothing else
     assert "model: hashed 1 file(s)" in out and "linked 3 unchanged file(s)" in out
+    assert "1 worker(s), plain HTTP (hf_xet installed; the hub offered no Xet)" in out
     assert box.current() == f"commits/{b}" and not (box.rdir / "staging").exists()
     for p in box.s.shards:
         ino_a = (box.rdir / "commits" / a / p).stat().st_ino

@@ -180,12 +180,23 @@ def run_pull(ctx: Any, work: Work, files: list[dict], token: str | None) -> dict
                         + (f" [{tail[-200:]}]" if tail and not events else ""))
     fetched = int(summary.get("fetched") or 0)
     secs = time.monotonic() - t0
-    how = "Xet" if summary.get("xet") else "plain HTTP (the hub offered no Xet)"
     ctx.say(f"model: downloaded {len(files)} file(s), {human(fetched)} in {secs:.1f}s "
-            f"({human(fetched / max(secs, 1e-6))}/s), {workers} worker(s), {how}")
+            f"({human(fetched / max(secs, 1e-6))}/s), {workers} worker(s){transport(summary)}")
     ctx.facts["model.fetched_bytes"] = ctx.facts.get("model.fetched_bytes", 0) + fetched
     ctx.facts["model.pull_summary"] = summary
     return events
+
+
+def transport(summary: dict) -> str:
+    """How hf_pull's client moved the bytes, in words (from its summary event)."""
+    if summary.get("xet_disabled"):
+        return ", plain HTTP (Xet switched off on the rig by HF_HUB_DISABLE_XET)"
+    if summary.get("xet"):
+        return ", over Xet"
+    if summary.get("xet") is False:
+        have = "hf_xet installed" if summary.get("xet_available") else "hf_xet not installed"
+        return f", plain HTTP ({have}; the hub offered no Xet)"
+    return ""
 
 
 def remove_files(ctx: Any, d: str, paths: list[str]) -> None:

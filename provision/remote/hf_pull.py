@@ -13,7 +13,7 @@ Output: JSON lines on stdout:
     {"event": "progress", "path": P, "bytes": B, "total": N, "net": B2}   (throttled)
     {"event": "done", "path": P, "size": N, "fetched": B, "seconds": S, "xet": bool}
     {"event": "error", "path": P, "error": "...", "type": "..."}
-    {"event": "summary", "ok": bool, "files": N, "fetched": B, "seconds": S, "xet": bool,
+    {"event": "summary", "ok": bool, "files": N, "fetched": B, "seconds": S, "xet": bool | null,
      "xet_available": bool, "xet_disabled": bool}
 `bytes` counts the file's bytes written, `net`/`fetched` the bytes that came over the network:
 the same over plain HTTP; over Xet (the client's default where the hub advertises it) chunks
@@ -50,33 +50,38 @@ def emit(obj: dict) -> None:
 
 def make_bar_class(path: str, progress_s: float, counter: dict):
     """A tqdm stand-in (huggingface_hub accepts any class through `tqdm_class`) bound to one file.
-    Plain HTTP calls update(n) with network bytes = file bytes; Xet calls update(n) with the bytes
-    written to the file and update_transfer(n) with the bytes received (one aggregated bar)."""
+    The client calls update(n) with the bytes written to the file and update_transfer(n) with the
+    bytes received from the network (the same over plain HTTP; fewer over Xet when chunks come from
+    the chunk cache). Whether Xet carried the file is told by `mark_xet` (see `trace_xet`)."""
 
     class Bar:
         def __init__(self, *args, total=None, initial=0, **kwargs):
             self.total = total
             self.n = int(initial or 0)
-            self._last = time.monotonic()  # first report after progress_s: by then Xet said so
+            self._last = time.monotonic()
             self.format_dict = {"rate": None}
 
-        def _report(self, force=False):
+        @staticmethod
+        def mark_xet():
+            counter["xet"] = True
+
+        def _report(self):
             now = time.monotonic()
-            if force or now - self._last >= progress_s:
+            if now - self._last >= progress_s:
                 self._last = now
                 emit({"event": "progress", "path": path, "bytes": self.n, "total": self.total,
-                      "net": counter["net"] if counter["xet"] else counter["fetched"]})
+                      "net": net_bytes(counter)})
 
         def update(self, n=1):
             if not n:
                 return
             self.n += int(n)
-            counter["fetched"] += max(int(n), 0)
+            counter["fetched"] += int(n)
             self._report()
 
         def update_transfer(self, n=1):
-            counter["xet"] = True
-            counter["net"] += max(int(n or 0), 0)
+            counter["transfer"] = True
+            counter["net"] += int(n or 0)
             self._report()
 
         def set_postfix_str(self, *a, **k):
@@ -116,6 +121,28 @@ def make_bar_class(path: str, progress_s: float, counter: dict):
     return Bar
 
 
+def net_bytes(counter: dict) -> int:
+    """Bytes that came over the network for one file."""
+    return counter["net"] if counter.get("transfer") else counter["fetched"]
+
+
+def trace_xet() -> bool:
+    """Have the client tell each file's bar when it downloads through Xet (it does so where the hub
+    advertises Xet for the file, and only there). False if this client has no such function."""
+    from huggingface_hub import file_download
+    orig = getattr(file_download, "xet_get", None)
+    if orig is None:
+        return False
+
+    def xet_get(*args, **kwargs):
+        mark = getattr(kwargs.get("tqdm_class"), "mark_xet", None)
+        if mark is not None:
+            mark()
+        return orig(*args, **kwargs)
+    file_download.xet_get = xet_get
+    return True
+
+
 def main() -> int:
     line = sys.stdin.readline()
     cfg = json.loads(line)
@@ -133,6 +160,7 @@ def main() -> int:
         os.environ[str(k)] = str(v)
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.utils._runtime import is_xet_available
+    traced = trace_xet()
 
     repo_id, revision, local_dir = cfg["repo_id"], cfg["revision"], cfg["local_dir"]
     files = cfg.get("files", [])
@@ -143,7 +171,7 @@ def main() -> int:
 
     def one(f: dict) -> None:
         path, size = f["path"], f.get("size")
-        counter = {"fetched": 0, "net": 0, "xet": False}
+        counter = {"fetched": 0, "net": 0, "transfer": False, "xet": False}
         emit({"event": "start", "path": path, "size": size})
         t0 = time.monotonic()
         try:
@@ -154,7 +182,7 @@ def main() -> int:
             if size is not None and got != int(size):
                 raise OSError(f"size {got} after download, expected {size}")
             emit({"event": "done", "path": path, "size": got,
-                  "fetched": counter["net"] if counter["xet"] else counter["fetched"],
+                  "fetched": net_bytes(counter),
                   "seconds": round(time.monotonic() - t0, 3), "xet": counter["xet"]})
         except BaseException as e:  # noqa: BLE001 - report everything, keep going
             totals["ok"] = False
@@ -162,7 +190,7 @@ def main() -> int:
             emit({"event": "error", "path": path, "type": type(e).__name__, "error": msg})
         finally:
             with _out_lock:
-                totals["fetched"] += counter["net"] if counter["xet"] else counter["fetched"]
+                totals["fetched"] += net_bytes(counter)
                 totals["xet"] = totals["xet"] or counter["xet"]
 
     if workers == 1:
@@ -173,7 +201,7 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(one, files))
     emit({"event": "summary", "ok": totals["ok"], "files": len(files), "fetched": totals["fetched"],
-          "seconds": round(time.monotonic() - t_all, 3), "xet": totals["xet"],
+          "seconds": round(time.monotonic() - t_all, 3), "xet": totals["xet"] if traced else None,
           "xet_available": bool(is_xet_available()), "xet_disabled": bool(constants.HF_HUB_DISABLE_XET)})
     return 0 if totals["ok"] else 1
 
