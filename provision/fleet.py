@@ -61,9 +61,9 @@ def probe_command() -> str:
     return f"python3 -c {quote(remote.source('rig_status.py'))}"
 
 
-def read_raw(target: Any, cfg: dict) -> dict:
+def read_raw(target: Any, cfg: dict, key: str | None) -> dict:
     """One round trip: rig_status.py on the rig -> its JSON."""
-    r = target.run(probe_command(), sudo=True, stdin=status_input(cfg, api_key(cfg)) + "\n", check=False,
+    r = target.run(probe_command(), sudo=True, stdin=status_input(cfg, key) + "\n", check=False,
                    timeout=PROBE_TIMEOUT_S)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1:]
     if not line:
@@ -268,10 +268,16 @@ class Fleet:
 
     def one(self, host: Any) -> dict:
         t = self.targets.get(host.name)
+        notes = []
+        try:
+            key = api_key(host.cfg)
+        except RigError as e:  # the row still shows what needs no key; the note says why not the rest
+            key = None
+            notes.append(f"{e} (/metrics and /props not read)")
         try:
             if t is None:
                 t = self.targets[host.name] = self.factory(host)
-            raw = read_raw(t, host.cfg)
+            raw = read_raw(t, host.cfg, key)
         except ConnectError as e:
             self.drop(host.name)
             return unreachable(host.name, str(e))
@@ -281,7 +287,9 @@ class Fleet:
         except Exception as e:  # noqa: BLE001 - a dropped session mid-read: the row says so
             self.drop(host.name)
             return unreachable(host.name, f"{type(e).__name__}: {e}")
-        return observe(host.name, raw, self.lock_doc(host.name))
+        st = observe(host.name, raw, self.lock_doc(host.name))
+        st["notes"] = notes
+        return st
 
     def drop(self, name: str) -> None:
         t = self.targets.pop(name, None)
@@ -315,6 +323,7 @@ def notes(statuses: list[dict]) -> list[str]:
     for s in statuses:
         if not s.get("reachable"):
             out.append(f"{s['host']}: unreachable: {s.get('error')}")
+        out += [f"{s['host']}: {n}" for n in s.get("notes") or []]
         for d in s.get("drift_details") or []:
             out.append(f"{s['host']}: drift: {d}")
     return out

@@ -317,3 +317,17 @@ def test_watch_on_a_terminal_is_a_live_rich_table(local_box, monkeypatch):
     text = out.getvalue()
     assert text.startswith("\x1b[?25l") and text.rstrip().endswith("\x1b[?25h")  # a Live display, closed
     assert text.count("status (") >= 3 and "loc" in text  # first draw + two redraws (80 columns: cells wrap)
+
+
+def test_an_unreadable_key_file_is_a_note_not_an_unreachable_host(local_box, tmp_path):
+    data = yaml.safe_load(local_box["path"].read_text())
+    data["hosts"]["loc"]["server"]["api_key_file"] = str(tmp_path / "no-such-key")
+    path = tmp_path / "hosts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = io.StringIO()
+    app = App(str(path), env=Environment(out, out, False))
+    rc = int(app.guarded(lambda: fleet.run(app, "loc", False, as_json=True)))
+    [st] = json.loads(out.getvalue())
+    assert st["reachable"] and st["health"] == 200 and st["metrics_http"] == 401 and st["metrics"] == {}
+    assert st["notes"] == [f"server.api_key_file: cannot read {tmp_path / 'no-such-key'}: No such file or directory"
+                           " (/metrics and /props not read)"]

@@ -214,7 +214,13 @@ def test_3_broken_shard_caught_in_transit_then_rolled_back(urig):
 def test_4_status_two_rigs_one_down_then_drift_after_a_manual_change(urig, rig_factory):
     rig, rig2, path = urig["rig"], urig["rig2"], urig["path"]
     rc, rows = status_json(path, "--all")
-    assert rows["rig"]["serving"] and rows["rig2"]["reachable"] and not rows["rig2"]["serving"]
+    assert rc == 1 and rows["rig"]["serving"] and rows["rig2"]["reachable"] and not rows["rig2"]["serving"]
+    assert rows["rig2"]["service"]["state"] == "inactive" and rows["rig2"]["drift"] == "no lock"
+    before = rows["rig"]["metrics"]["tokens_predicted_total"]
+    chat = ("import json, urllib.request as u; print(u.urlopen(u.Request('http://127.0.0.1:%d/v1/chat/completions', "
+            "data=json.dumps({'max_tokens': 32, 'messages': [{'role': 'user', 'content': 'hi'}]}).encode(), "
+            "headers={'Authorization': 'Bearer %s', 'Content-Type': 'application/json'}), timeout=60).status)" % (PORT, KEY))
+    assert rig.sh(f'python3 -c "{chat}"').stdout.strip() == "200"
     rig_factory.kill_network(rig2)
     try:
         t0 = time.monotonic()
@@ -227,6 +233,8 @@ def test_4_status_two_rigs_one_down_then_drift_after_a_manual_change(urig, rig_f
         row2 = [ln for ln in lines if ln.startswith("rig2 ")][0]
         assert "active" in row1 and " 200 " in row1 and BUILD in row1 and urig["b"][:7] in row1
         assert "UNREACHABLE" in row2 and "rig2: unreachable: " in r.stdout and "timed out" in r.stdout
+        assert int(row1.split()[-1]) >= before + 1  # the completion above, counted by /metrics
+        assert float(row1.split()[-2]) > 0  # its generation t/s
         RESULTS["status_all"] = r.stdout
         print("\n" + r.stdout)
     finally:

@@ -88,12 +88,6 @@ def _attn_batch_flags(s: dict) -> list[str]:
     return out
 
 
-def endpoint_flags(s: dict) -> list[str]:
-    """/metrics on (Prometheus text, behind the same bind and key as the API); /slots off unless
-    asked (it shows the prompts being processed)."""
-    return (["--metrics"] if s["metrics"] else []) + ([] if s["slots"] else ["--no-slots"])
-
-
 def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     """The rendered llama-server command line: every seed flag mapped from the inventory.
     Used by the unit's ExecStart= and, without systemd, for GPU proofs."""
@@ -111,7 +105,8 @@ def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     argv.append("--jinja" if s["jinja"] else "--no-jinja")
     if s["alias"]:
         argv += ["--alias", s["alias"]]
-    argv += endpoint_flags(s)
+    # /metrics behind the API's bind and key; /slots off unless asked (it shows the prompts)
+    argv += (["--metrics"] if s["metrics"] else []) + ([] if s["slots"] else ["--no-slots"])
     argv += _attn_batch_flags(s)
     argv += list(s["extra_args"])
     return argv
