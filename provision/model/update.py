@@ -118,14 +118,16 @@ def task_update(ctx: Any, opts: UpdateOptions) -> bool:
     changes = step.plan(ctx.cfg, new, rig, st, staged=staged, fns=ms.fns())
     assert changes and changes[-1].data.get("commit") == new["commit"], "the plan ends with the switch"
     restart = "restart llama-server, check /health and one completion; roll back on failure"
-    for c in changes:
-        ctx.say(f"model: {'would change' if opts.check else 'change'}: {c.description}")
     if opts.check:
-        ctx.say(f"model: {'would' if opts.check else 'will'} then {restart}; keep {m['keep_versions']} copies"
+        for c in changes:
+            ctx.say(f"model: would change: {c.description}")
+        ctx.say(f"model: would then {restart}; keep {m['keep_versions']} copies"
                 + (f"; set model.revision: {new['commit']} in {opts.inventory_path}" if pinned else ""))
         return True
     for c in changes[:-1]:
+        ctx.say(f"model: change: {c.description}")
         c.apply(ctx)
+    ctx.say(f"model: change: {changes[-1].description}, then {restart}")
     switch_and_restart(ctx, new, st)
     after_success(ctx, new, opts, pinned)
     return True
