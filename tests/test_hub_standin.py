@@ -554,3 +554,16 @@ OUT["n"] = len(list(HfApi().list_repo_tree("org/many", path_in_repo="d", recursi
 """, env)
     assert out["ok"] and out["n"] == 1203, out
     assert len([r for r in hub.requests if "/tree/" in r.path]) == 2  # Link: rel="next" followed
+
+
+def test_list_repo_commits_walks_the_history(hub, shards, env):
+    s2 = hub.commit(REPO, {"extra.txt": b"x"}, message="add extra")
+    s3 = hub.commit(REPO, {"extra.txt": b"y"}, message="fix extra")
+    out = run_hf(f"""
+from huggingface_hub import HfApi
+OUT["main"] = [(c.commit_id, c.title) for c in HfApi().list_repo_commits({REPO!r})]
+OUT["mid"] = [c.commit_id for c in HfApi().list_repo_commits({REPO!r}, revision={s2!r})]
+""", env)
+    assert out["ok"], out
+    assert [tuple(x) for x in out["main"][:3]] == [(s3, "fix extra"), (s2, "add extra"), (shards.sha, "upload UD-Q6_K_XL")]
+    assert out["mid"] == [s2, shards.sha]
