@@ -356,6 +356,9 @@ def pause(seconds: float) -> None:
 
 def run(app: Any, host: str | None, all_hosts: bool, *, watch: bool = False, interval: float = 5.0,
         as_json: bool = False) -> ExitStatus:
+    from .errors import UsageError
+    if watch and not interval >= 0.5:
+        raise UsageError(f"command line: --interval: must be at least 0.5 seconds, got {interval:g}")
     hosts = app.hosts(host, all_hosts or not host)
     fleet = Fleet(hosts, app.target_factory, app.lock_dir())
     con = app.console

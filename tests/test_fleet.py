@@ -331,3 +331,9 @@ def test_an_unreadable_key_file_is_a_note_not_an_unreachable_host(local_box, tmp
     assert st["reachable"] and st["health"] == 200 and st["metrics_http"] == 401 and st["metrics"] == {}
     assert st["notes"] == [f"server.api_key_file: cannot read {tmp_path / 'no-such-key'}: No such file or directory"
                            " (/metrics and /props not read)"]
+
+
+def test_bad_interval_is_one_line_exit_2_before_any_host(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "invoke", "status", "--watch", "--interval", "0",
+                        "--inventory", str(ROOT / "hosts.yaml")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "command line: --interval: must be at least 0.5 seconds, got 0"
