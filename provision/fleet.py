@@ -383,7 +383,7 @@ def run(app: Any, host: str | None, all_hosts: bool, *, watch: bool = False, int
                 while True:
                     pause(interval)
                     statuses = fleet.read()
-                    live.update(rich_table(statuses, title()))
+                    live.update(rich_table(statuses, title()), refresh=True)
         while True:
             if as_json:
                 con.line(json.dumps({"at": time.time(), "hosts": statuses}, sort_keys=True))
