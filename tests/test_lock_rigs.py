@@ -180,7 +180,7 @@ def test_b_from_a_lock_gets_a_commit_after_upstream_moved(pair):
     info = pair.b.sh(f"cat {PREFIX}/llama.cpp/current/llama-rig-build.json").stdout
     assert '"compiled"' in info  # really built on B (configure + build + smoke test)
     # the model bytes on B are the lock's (hashed here, outside the library)
-    ldir = f"/var/lib/llama-rig/models/{pair.shards.repo_id.replace('/', '__')}"
+    ldir = f"/var/lib/llama-rig/models/{pair.shards.repo_id.replace('/', '__')}/current"
     for f in lock_a["lock"]["model"]["files"]:
         got = pair.b.sh(f"sha256sum '{ldir}/{f['path']}'").stdout.split()[0]
         assert got == f["sha256"]
