@@ -59,10 +59,13 @@ class App:
     # -- provisioning ----------------------------------------------------------------------
     def provision(self, host: str | None, all_hosts: bool = False, check: bool = False,
                   diff: bool = False, only: str | None = None, skip: str | None = None,
-                  parallel: int = 4, steps=None, lock: str | None = None) -> ExitStatus:
+                  parallel: int = 4, steps=None, lock: str | None = None,
+                  source: str | None = None) -> ExitStatus:
         """Run the steps on the hosts. `lock` (a lock file; else each host's `lock:` key) makes
         them reproduce a locked rig. After a successful non-check run each host's lock is written
-        to <inventory dir>/locks/<host>.lock.yaml."""
+        to <inventory dir>/locks/<host>.lock.yaml. `source` (`--from`): a host of the inventory
+        whose verified shards and matching builds are copied instead of downloaded / built
+        (provision/transfer/)."""
         def go() -> ExitStatus:
             from . import lock as lk
             from .engine import active_steps, select_steps
@@ -78,8 +81,18 @@ class App:
             ran = [s.name for s in active_steps(the_steps, opts.only, opts.skip)]
             opts.before_host = lk.BeforeHost(locks)
             opts.after_host = lk.AfterHost(locks, ran, self.lock_dir())
-            status, self.last_reports = run_steps(hosts, the_steps, self.console, opts,
-                                                  self.target_factory)
+            sessions = None
+            if source is not None:  # --from: each host gets the source rig (provision/transfer/)
+                from .transfer import source as tsrc
+                src = tsrc.check_source(source, hosts, self.inventory().hosts, "command line")
+                sessions = tsrc.Sessions(src, self.target_factory, self.console)
+                opts.before_host = tsrc.Attach(sessions, opts.before_host)
+            try:
+                status, self.last_reports = run_steps(hosts, the_steps, self.console, opts,
+                                                      self.target_factory)
+            finally:
+                if sessions is not None:
+                    sessions.close()
             return status
         return self.guarded(go)
 

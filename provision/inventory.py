@@ -232,6 +232,12 @@ SCHEMA: dict[str, dict[str, F]] = {
         "state_dir": F("str", "/var/lib/llama-rig"),
         "service_user": F("str", "llama"),
     },
+    # how other rigs copy from this one (`invoke provision --host B --from THIS`, provision/transfer/)
+    "transfer": {
+        "mode": F("str", "auto", choices=("auto", "direct", "relay")),
+        "address": F("str", None),  # where the other rigs reach this one (default: connection.address)
+        "rate_limit_mb": F("num", 0, 0, 1000000),  # MB/s read here for a copy; 0 = no limit
+    },
     "opencode": {
         "enabled": F("bool", True),
         "user": F("str", None),

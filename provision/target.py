@@ -23,11 +23,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import CommandError, ConnectError
 from .inventory import Host
 from .secrets import redact, register
+
+if TYPE_CHECKING:
+    from .pipe import Pipe
 
 LineCallback = Callable[[str], None]
 
@@ -255,6 +258,19 @@ class Target(abc.ABC):
         self.commands_run += 1
         return self._start(line, stdin, timeout)
 
+    def pipe(self, command: str, *, sudo: bool = False, timeout: float | None = None) -> "Pipe":
+        """Start a command whose stdin and stdout are byte streams (provision/pipe.py): for
+        copies streamed between boxes (provision/transfer/). `timeout` bounds each read/write."""
+        line = self.wrap(command, sudo=sudo)
+        self.commands_run += 1
+        p = self._pipe(line, timeout)
+        if self._sudo_password is not None and line.startswith("sudo -S"):
+            p.write((self._sudo_password + "\n").encode())
+        return p
+
+    def _pipe(self, line: str, timeout: float | None) -> "Pipe":
+        raise NotImplementedError(f"{type(self).__name__} cannot stream")
+
     # -- files -------------------------------------------------------------
     def exists(self, path: str, sudo: bool = False) -> bool:
         return self.run(f"test -e {quote(path)}", sudo=sudo, check=False).ok
@@ -377,6 +393,10 @@ class LocalTarget(Target):
     def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
         return _LocalHeld(command, stdin, timeout)
 
+    def _pipe(self, line: str, timeout: float | None):
+        from .pipe import LocalPipe
+        return LocalPipe(line, timeout)
+
     def _upload(self, local_path: str, remote_tmp: str) -> None:
         import shutil
         # created 0600 (and never an existing file or link) before any byte is written
@@ -486,6 +506,15 @@ class SSHTarget(Target):
         except (paramiko.SSHException, EOFError, OSError) as e:
             self.conn.close()
             raise ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}") from None
+
+    def _pipe(self, line: str, timeout: float | None):
+        from .pipe import PipeError, SSHPipe
+        if not self.conn.is_connected:
+            self.connect()
+        try:
+            return SSHPipe(self.conn.client.get_transport(), line, timeout)
+        except PipeError as e:
+            raise ConnectError(f"{self.name} ({self.address}): connection lost: {e}") from None
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
         if not self.conn.is_connected:

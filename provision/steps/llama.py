@@ -24,6 +24,7 @@ from ..engine import Call, Change, Context, Step
 from ..errors import CommandError, StepError
 from ..facts import host as hostfacts
 from ..target import join, quote
+from ..transfer import build_copy
 
 NOTIFY = ("llama-server.restart",)
 GOOD_MARK = "llama-rig-build.json"
@@ -48,6 +49,16 @@ class RigView:
             if b.fingerprint == fp:
                 return b
         return None
+
+    def match(self, w: "Want") -> lb.BuildInfo | None:
+        """The good build that IS `w`: the same fingerprint, or a build made before glibc joined
+        the fingerprint (no `glibc` in its record) whose fingerprint without glibc is w's -- on
+        its own rig glibc only moved forward since, and a binary runs on a newer glibc."""
+        have = self.with_fingerprint(w.fingerprint)
+        if have is None and w.glibc and w.legacy_fingerprint:
+            have = next((b for b in self.builds.values()
+                         if "glibc" not in b.extra and b.fingerprint == w.legacy_fingerprint), None)
+        return have
 
 
 def view_script(base: str) -> str:
@@ -110,15 +121,18 @@ class Want:
     fingerprint: str
     name: str
     summary: str  # "CUDA 86, FA all quants"
+    glibc: str | None = None
+    legacy_fingerprint: str | None = None  # the same without glibc (see RigView.match)
 
     def record(self) -> dict[str, Any]:
         return {"commit": self.commit, "build_number": self.build_number, "archs": self.archs,
                 "targets": self.targets, "cmake_args": self.args, "gcc": self.gcc,
-                "nvcc": self.nvcc, "fingerprint": self.fingerprint, "name": self.name}
+                "nvcc": self.nvcc, "glibc": self.glibc, "fingerprint": self.fingerprint,
+                "name": self.name}
 
 
 def want(cfg: dict, commit: str, tree: lb.TreeFacts, compute_caps: list[str | None],
-         gcc: str | None, nvcc: str | None, ref: str | None = None) -> Want:
+         gcc: str | None, nvcc: str | None, ref: str | None = None, glibc: str | None = None) -> Want:
     """Pure: the build the inventory asks for, given the tree and the box."""
     lc = cfg["llama_cpp"]
     archs = lb.gpu_archs(lc["cuda_architectures"], compute_caps) if lc["cuda"] else []
@@ -133,9 +147,10 @@ def want(cfg: dict, commit: str, tree: lb.TreeFacts, compute_caps: list[str | No
     targets, missing = lb.build_targets(cfg, tree)
     args = lb.cmake_args(cfg, tree, archs, pass_number, pass_commit)
     nv = nvcc if lc["cuda"] else None
-    fp = lb.fingerprint(commit, args, gcc, nv, archs, targets)
+    fp = lb.fingerprint(commit, args, gcc, nv, archs, targets, glibc)
     return Want(commit, tree, number, archs, targets, missing, args, gcc, nv, fp,
-                lb.build_dir_name(number, commit, fp), lb.describe(cfg, tree, archs))
+                lb.build_dir_name(number, commit, fp), lb.describe(cfg, tree, archs), glibc,
+                lb.fingerprint(commit, args, gcc, nv, archs, targets))
 
 
 def plan(cfg: dict, view: RigView, w: Want | None, commit: str | None,
@@ -149,7 +164,7 @@ def plan(cfg: dict, view: RigView, w: Want | None, commit: str | None,
         return [Call(f"fetch and build llama.cpp {cfg['llama_cpp']['ref']} @ {what} → {base}b?-{what}-…",
                      fn=build, data={"action": "build", "commit": commit, "name": None},
                      notify=NOTIFY)]
-    have = view.with_fingerprint(w.fingerprint)
+    have = view.match(w)
     if have is not None:
         if view.current == have.name:
             return []
@@ -307,6 +322,9 @@ class Llama:
         self.git("clean -q -ffdx")
         return sha
 
+    def glibc(self) -> str | None:
+        return self.ctx.fact("llama.glibc", lambda: lb.parse_glibc(self.sh(lb.GLIBC_CMD, check=False).stdout))
+
     def tree(self, sha: str) -> lb.TreeFacts:
         return lb.parse_tree(self.sh(lb.tree_script(self.src, sha), check=False).stdout)
 
@@ -318,7 +336,7 @@ class Llama:
             caps = [g.compute_cap for g in gf.gpus]
         try:
             return want(self.cfg, sha, self.tree(sha), caps, hf.gcc_version, hf.nvcc_version,
-                        self.lc["ref"])
+                        self.lc["ref"], self.glibc())
         except lb.BuildConfigError as e:
             raise StepError(str(e)) from None
 
@@ -436,7 +454,7 @@ class Llama:
             "current": current, "build_dir": f"{self.builds_dir}/{current}",
             "commit": d.get("commit"), "build_number": d.get("build_number"),
             "fingerprint": d.get("fingerprint"), "cmake_args": d.get("cmake_args"),
-            "gcc": d.get("gcc"), "nvcc": d.get("nvcc"), "archs": d.get("archs"),
+            "gcc": d.get("gcc"), "nvcc": d.get("nvcc"), "glibc": d.get("glibc"), "archs": d.get("archs"),
             "targets": d.get("targets"), "ref": self.lc["ref"], "repo": self.lc["repo"],
             "previous": previous if previous in v.builds else None,
             "builds": sorted(v.builds, key=lambda n: v.builds[n].built_at),
@@ -449,7 +467,7 @@ class Llama:
         if sha is None:
             sha = self.sync(view)
         w = self.want(sha)
-        have = view.with_fingerprint(w.fingerprint)
+        have = view.match(w)
         previous = view.current
         if have is not None:
             out = Outcome(have.name, sha, previous=previous, info=have.extra)
@@ -460,7 +478,9 @@ class Llama:
             elif self.ctx.state.get("llama", {}).get("current") != have.name:
                 self.record(have.name, self.ctx.state.get("llama", {}).get("previous"))
             return out
-        info = self.build(w, view.current)
+        # [--from SOURCE] the source rig's build of this fingerprint is copied, else its ccache
+        # seeds ours (provision/transfer/build_copy.py); without --from this is self.build()
+        info = build_copy.obtain(self, w, view.current)
         self.switch(w.name)
         self.prune(w.name, previous)
         self.record(w.name, previous)
@@ -519,7 +539,8 @@ class LlamaStep(Step):
         def do_switch(c: Context) -> None:
             Llama(c).ensure()
 
-        return plan(ctx.cfg, view, w, sha, build=do_build, switch=do_switch)
+        # [--from SOURCE] the plan says whether the build is copied or ccache-seeded, and why
+        return build_copy.annotate(ctx, plan(ctx.cfg, view, w, sha, build=do_build, switch=do_switch), w)
 
 
 # ---------------------------------------------------------------------------------------------

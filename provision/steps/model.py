@@ -36,6 +36,7 @@ from ..errors import StepError
 from ..facts import host as hostfacts
 from ..secrets import register
 from ..target import quote
+from ..transfer import model_copy
 
 RESTART = ("llama-server.restart",)
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -410,8 +411,9 @@ def venv_commands(cfg: dict) -> list[str]:
 
 
 def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, full: bool = False,
-         fns: dict[str, Callable] | None = None) -> list[Change]:
-    """Manifest + rig facts + host state in -> changes out (pure; `fns` are the apply functions)."""
+         fns: dict[str, Callable] | None = None, source: Any = None) -> list[Change]:
+    """Manifest + rig facts + host state in -> changes out (pure; `fns` are the apply functions).
+    `source`: with `--from`, what the source rig offers (a transfer.model_copy.Offer)."""
     fns = fns or {}
     stored = state_model or {}
     verified = dict(stored.get("verified") or {})
@@ -431,17 +433,25 @@ def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, full: 
     if fetch:
         preflight(rig.free_bytes, need_bytes(groups, rig), float(cfg["model"]["free_space_margin_gb"]),
                   rig.disk_path or cfg["model"]["dir"])
+    # [--from SOURCE] what the source rig has verified is copied from it (provision/transfer/)
+    copy = [f for f in fetch if source is not None and f["path"] in source.files]
+    if copy:
+        changes.append(model_copy.change(source, copy, [f["path"] for f in groups["stale"] if f in copy],
+                                         fns.get("copy"), RESTART))
+        fetch = [f for f in fetch if f not in copy]
+    if fetch:
         if not venv_ok(rig.venv_version, cfg["model"]["hub_requirement"]):
             changes.append(Run(f"python venv {venv_dir(cfg)} with {cfg['model']['hub_requirement']}",
                                commands=venv_commands(cfg), timeout=1800))
         total = sum(f["size"] for f in fetch)
-        stale = f" (replacing {len(groups['stale'])} stale)" if groups["stale"] else ""
+        n_stale = len([f for f in groups["stale"] if f in fetch])
+        stale = f" (replacing {n_stale} stale)" if n_stale else ""
         changes.append(Call(f"download {len(fetch)} file{'s' if len(fetch) != 1 else ''} "
                             f"({human(total)}) from {where}{stale}", fn=fns.get("download"),
                             data={"files": [f["path"] for f in fetch], "bytes": total,
-                                  "stale": [f["path"] for f in groups["stale"]]},
+                                  "stale": [f["path"] for f in groups["stale"] if f in fetch]},
                             notify=RESTART))
-    check = fetch + groups["verify"]
+    check = copy + fetch + groups["verify"]
     if check:
         changes.append(Call(f"verify sha256 of {len(check)} file{'s' if len(check) != 1 else ''} "
                             f"({human(sum(f['size'] for f in check))})", fn=fns.get("verify"),
@@ -653,7 +663,8 @@ class ModelStep(Step):
         stored = ctx.state.get(STATE_KEY)
         changes = plan(ctx.cfg, man, rig, stored, full=self.full,
                        fns={"pin": self._pin, "clean": self._clean, "download": self._download,
-                            "verify": self._verify})
+                            "verify": self._verify, "copy": self._copy},
+                       source=model_copy.offer(ctx, man))  # [--from] None without a source rig
         ctx.facts["model.rig"] = rig
         ctx.facts["model.hashed_bytes"] = 0
         total = sum(f["size"] for f in man["files"])
@@ -695,7 +706,11 @@ class ModelStep(Step):
         self._drop_markers(ctx, [f["path"] for f in fetch])
         clean_debris(ctx)
         run_pull(ctx, man, fetch, self.token(ctx))
-        ctx.facts["model.attempts"] = {f["path"]: 1 for f in fetch}
+        ctx.facts.setdefault("model.attempts", {}).update({f["path"]: 1 for f in fetch})
+
+    def _copy(self, ctx: Context) -> None:
+        """[--from SOURCE] copy, verify here, fall back to the hub (provision/transfer/model_copy.py)."""
+        model_copy.apply(ctx, self, self.manifest(ctx))
 
     def _drop_markers(self, ctx: Context, paths: list[str]) -> None:
         st = self._state(ctx)
@@ -710,6 +725,7 @@ class ModelStep(Step):
         todo = groups["stale"] + groups["fetch"] + groups["verify"]
         attempts: dict[str, int] = dict(ctx.facts.get("model.attempts") or {})
         verify_files(ctx, self, man, todo, attempts, refetch=True)
+        model_copy.report(ctx, attempts)  # [--from] which shard came from where
 
     def verify(self, ctx: Context) -> None:
         """After applying: every file present with a valid marker."""
