@@ -501,10 +501,14 @@ class Receiver:
         rd.payload_into(n, self.sink.write)
         self.cur["bytes"] += n
         now = time.monotonic()
-        if self.spec.get("kind") == "file" and now - self.last >= self.progress_s:
+        if now - self.last >= self.progress_s:  # also a sign of life for the control machine
             self.last = now
-            emit({"event": "progress", "id": self.iid, "path": self.spec["dest"],
-                  "bytes": self.sink.offset + self.sink.n, "total": self.cur.get("size")})
+            if self.spec.get("kind") == "file":
+                emit({"event": "progress", "id": self.iid, "path": self.spec["dest"],
+                      "bytes": self.sink.offset + self.sink.n, "total": self.cur.get("size")})
+            else:
+                emit({"event": "progress", "id": self.iid, "path": self.spec["dest"],
+                      "bytes": self.cur["bytes"], "total": None})
 
     def on_file(self, hdr: dict) -> None:
         offset = int(hdr.get("offset") or 0)

@@ -204,6 +204,42 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------
+# commands with input
+
+
+def run_input(target, command: str, data: str, *, sudo: bool = False, timeout: float = PIPE_TIMEOUT,
+              on_line: Callable[[str], None] | None = None) -> tuple[int, str, str]:
+    """`command` with `data` on its stdin, through a Pipe: Target.run(stdin=) over SSH hands the
+    text to invoke, which feeds a non-tty stream ONE byte per 10 ms (~100 bytes/s); a 25 kB request
+    would take minutes. Returns (exit status, stdout, stderr); ConnectError if the box is gone."""
+    p = target.pipe(command, sudo=sudo, timeout=timeout)
+    out = bytearray()
+    try:
+        try:
+            p.write(data.encode())
+            p.close_stdin()
+            buf = b""
+            while True:
+                b = p.read(65536)
+                if not b:
+                    break
+                out += b
+                if on_line is not None:
+                    buf += b
+                    *lines, buf = buf.split(b"\n")
+                    for ln in lines:
+                        on_line(ln.decode(errors="replace"))
+            if on_line is not None and buf:
+                on_line(buf.decode(errors="replace"))
+            rc = p.wait(30)
+        except PipeError as e:
+            raise ConnectError(f"{target.name}: {e}") from None
+        return rc, out.decode(errors="replace"), p.stderr_text()
+    finally:
+        p.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # helpers on the destination
 
 
@@ -221,13 +257,13 @@ def install_helper(ctx: Context, name: str) -> str:
 def probe(ctx: Context, paths: list[str], df: str) -> tuple[dict[str, int | None], int]:
     """Sizes of `paths` here (partials to resume) and the free bytes at `df`."""
     helper = install_helper(ctx, "rig_copy.py")
-    r = ctx.target.run(f"python3 {quote(helper)} probe", sudo=True, check=False,
-                       stdin=json.dumps({"paths": paths, "df": df}) + "\n")
-    for ln in r.stdout.splitlines():
+    rc, out, err = run_input(ctx.target, f"python3 {quote(helper)} probe",
+                             json.dumps({"paths": paths, "df": df}) + "\n", sudo=True)
+    for ln in out.splitlines():
         if ln.startswith("{"):
             d = json.loads(ln)
             return {p: d["sizes"].get(p) for p in paths}, int(d.get("free") or 0)
-    raise StepError(f"cannot read the disk here: {(r.stderr.strip() or r.stdout.strip())[-300:]}")
+    raise StepError(f"cannot read the disk here (exit {rc}): {(err.strip() or out.strip())[-300:]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +383,11 @@ def _read_events(dst, events: list[dict], progress: Callable[[dict], None], done
             progress(ev)
 
 
+REACH = ("import socket, sys\n"
+         "try:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()\n"
+         "except OSError as e:\n    sys.exit(f'{type(e).__name__}: {e.strerror or e}')\n")
+
+
 class DirectKey:
     """The temporary key of one direct copy: made on the destination, allowed on the source."""
 
@@ -367,6 +408,13 @@ class DirectKey:
                 "-o", "Compression=no", "-o", "LogLevel=ERROR", "-p", str(self.port), f"{self.user}@{self.addr}"]
 
     def open(self, items: Sequence[Item]) -> None:
+        # can the destination reach the source's sshd at all? (before anything is written anywhere)
+        r = self.ctx.target.run(f"python3 -c {quote(REACH)} {quote(self.addr)} {self.port}", check=False,
+                                timeout=30)
+        if not r.ok:
+            why = (r.stderr.strip().splitlines() or [f"exit {r.exited}"])[-1]
+            raise DirectUnavailable(f"{self.ctx.host.name} cannot reach {self.src.name} at "
+                                    f"{self.addr}:{self.port} ({why[-200:]})")
         d = quote(self.dir)
         r = self.ctx.target.run(
             f"umask 077; rm -rf {d} && mkdir -p {d} && ssh-keygen -q -t ed25519 -N '' -C {quote(self.tag)} "
@@ -384,11 +432,10 @@ class DirectKey:
         req = {"tag": self.tag, "pubkey": pub.strip(), "from": addrs.split(), "minutes": KEY_MINUTES,
                "items": [sender_item(it) for it in items], "rate": self.src.rate,
                "script": remote.source("rig_copy.py")}
-        r = self.src.run(f"python3 -c {quote(remote.source('rig_keys.py'))} add", check=False,
-                         stdin=json.dumps(req) + "\n")
-        if not r.ok or '"added"' not in r.stdout:
+        rc, out, err = self.keys("add", req)
+        if rc != 0 or '"added"' not in out:
             raise DirectUnavailable(f"cannot add a copy key for {self.user} on {self.src.name}: "
-                                    f"{(r.stderr.strip().splitlines() or [r.stdout.strip() or '?'])[-1][-200:]}")
+                                    f"{(err.strip().splitlines() or [out.strip() or '?'])[-1][-200:]}")
         self.added = True
         self.ctx.target.write_file(f"{self.dir}/known_hosts", "\n".join(known) + "\n", mode=0o600)
         r = self.ctx.target.run(join(self.argv + ["ping"]), sudo=True, check=False, timeout=40)
@@ -397,11 +444,19 @@ class DirectKey:
             raise DirectUnavailable(f"{self.ctx.host.name} cannot reach {self.src.name} at "
                                     f"{self.addr}:{self.port} over SSH ({why[-200:]})")
 
+    def keys(self, action: str, req: dict) -> tuple[int, str, str]:
+        """remote/rig_keys.py on the source, as its login user (no sudo: its own authorized_keys)."""
+        ctx = self.src.ctx()
+        try:
+            return run_input(ctx.target, f"python3 -c {quote(remote.source('rig_keys.py'))} {action}",
+                             json.dumps(req) + "\n", timeout=60)
+        except ConnectError as e:
+            raise self.src.lost(e) from None
+
     def close(self) -> None:
         if self.added:
             try:
-                self.src.run(f"python3 -c {quote(remote.source('rig_keys.py'))} remove", check=False,
-                             stdin=json.dumps({"tag": self.tag}) + "\n")
+                self.keys("remove", {"tag": self.tag})
             except SourceUnavailable as e:
                 self.ctx.warn(f"transfer: could not remove the copy key {self.tag} on {self.src.name} "
                               f"({e}); sshd refuses it after its expiry-time anyway")
@@ -429,10 +484,10 @@ def _direct(ctx: Context, src: SourceRig, items: Sequence[Item], offsets: dict[s
                 events.append(ev)
                 progress(ev)
 
-        r = ctx.target.run(f"python3 {quote(helper)} recv", sudo=True, check=False,
-                           stdin=json.dumps(cfg) + "\n", on_stdout=feed)
+        rc, _out, _err = run_input(ctx.target, f"python3 {quote(helper)} recv", json.dumps(cfg) + "\n",
+                                   sudo=True, on_line=feed)
         via = next((e.get("error") for e in events if e.get("event") == "via_error"), "")
-        why = f"the copy over ssh from {src.name} ended early (exit {r.exited})" + (f": {via}" if via else "")
+        why = f"the copy over ssh from {src.name} ended early (exit {rc})" + (f": {via}" if via else "")
         return results_from(events, items, why)
     finally:
         key.close()
