@@ -53,13 +53,14 @@ class Pair:
         self.hub, self.shards, self.wheels, self.tmp = hub, shards, wheels, tmp
         self.ldir = f"{MODELS}/{shards.repo_id.replace('/', '__')}"
 
-    def write_inventory(self, a_transfer: dict | None = None) -> Path:
+    def write_inventory(self, a_transfer: dict | None = None, extra: dict | None = None) -> Path:
         def entry(rig, **extra):
             llama = dict(llama_settings(self.url), ref=self.commit)
             model = {"repo": self.shards.repo_id, "endpoint": self.hub.endpoint, "pip_find_links": self.wheels,
                      "free_space_margin_gb": 0, "token_env": "LLAMA_RIG_TEST_NO_TOKEN"}
             return rig.inventory_entry(connection={"connect_timeout": 5}, llama_cpp=llama, model=model, **extra)
-        hosts = {"rig": entry(self.a, **({"transfer": a_transfer} if a_transfer else {})), "rig2": entry(self.b)}
+        hosts = {"rig": entry(self.a, **({"transfer": a_transfer} if a_transfer else {})), "rig2": entry(self.b),
+                 **(extra or {})}
         p = self.tmp / "hosts.yaml"
         p.write_text(yaml.safe_dump({"hosts": hosts}, sort_keys=False))
         return p
@@ -158,6 +159,12 @@ def linked(a, b):
 def test_rig2_from_rig_lock_gets_everything_from_rig_and_nothing_from_the_hub(pair):
     before_a = pair.a_snapshot()
     n0 = len(pair.hub.requests)
+    # --check: the plan says what would be copied; nothing changes on either rig
+    r = pair.provision("--host", "rig2", "--only", STEPS, "--lock", "locks/rig.lock.yaml", "--from", "rig", "--check")
+    assert r.returncode == 0, r.stdout
+    assert f"[rig2] model: would change: copy 3 files ({sum(SIZES) / 1e6:.1f} MB) from rig, " in r.stdout
+    assert "then rig's build if it has the same fingerprint, else a build with a ccache seeded from rig's" in r.stdout
+    assert pair.b.sh("test -e /var/lib/llama-rig/state.json", check=False).returncode != 0
     r = pair.provision("--host", "rig2", "--only", STEPS, "--lock", "locks/rig.lock.yaml", "--from", "rig")
     out = r.stdout
     assert r.returncode == 0, out
@@ -227,6 +234,21 @@ def test_a_shard_tampered_on_rig_comes_from_the_hub(pair):
     finally:
         pair.a.sh(f"python3 -c \"{flip}\" '{path}'")  # flip it back
     assert pair.a.sh(f"sha256sum '{path}'").stdout.split()[0] == pair.shards.sha256[victim]
+
+
+def test_an_unreachable_source_is_one_warning_then_the_hub(pair):
+    pair.write_inventory(extra={"gone": {"connection": {"address": "127.0.0.1", "port": 1, "connect_timeout": 3}}})
+    pair.wipe_b_model()
+    n0 = len(pair.hub.requests)
+    r = pair.provision("--host", "rig2", "--only", "model", "--from", "gone")
+    out = r.stdout
+    assert r.returncode == 0, out
+    warn = [ln for ln in out.splitlines() if ln.startswith("warning: [rig2] model: source gone is unreachable")]
+    assert len(warn) == 1 and warn[0].endswith(": the shards come from the hub"), out
+    assert "Traceback" not in out
+    assert pair.hub_files(n0) == sorted(pair.shards.shards)
+    assert "model: from the hub: 3 file(s)" in out
+    pair.write_inventory()
 
 
 def test_another_cmake_flag_builds_on_rig2_with_a_ccache_seeded_from_rig(pair):

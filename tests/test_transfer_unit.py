@@ -17,9 +17,8 @@ import pytest
 
 from provision import inventory as inv
 from provision import llama_build as lb
-from provision.app import App
 from provision.console import Console, Environment
-from provision.engine import Call, Context, Run
+from provision.engine import Context, Run
 from provision.remote import rig_copy
 from provision.steps import llama as ls
 from provision.steps import model as M

@@ -664,7 +664,7 @@ class ModelStep(Step):
         changes = plan(ctx.cfg, man, rig, stored, full=self.full,
                        fns={"pin": self._pin, "clean": self._clean, "download": self._download,
                             "verify": self._verify, "copy": self._copy},
-                       source=model_copy.offer(ctx, man))  # [--from] None without a source rig
+                       source=model_copy.offer(ctx, man, rig, stored, self.full))  # [--from]
         ctx.facts["model.rig"] = rig
         ctx.facts["model.hashed_bytes"] = 0
         total = sum(f["size"] for f in man["files"])

@@ -71,12 +71,16 @@ def match(want: list[dict], src_model: dict[str, Any], src_stats: dict[str, tupl
     return files, why
 
 
-def offer(ctx: Context, man: dict) -> Offer | None:
-    """What the source can give (None without --from). Reads the source only."""
+def offer(ctx: Context, man: dict, rig: Any, stored: dict | None, full: bool = False) -> Offer | None:
+    """What the source can give of the files this rig has to fetch (None without --from, or when
+    nothing is to be fetched: then the source is not even contacted). Reads the source only."""
     src = source_of(ctx)
     if src is None:
         return None
     M = _model()
+    groups = M.classify(man, rig, dict((stored or {}).get("verified") or {}), full)
+    if not groups["fetch"] + groups["stale"]:
+        return None
     off = Offer(src.name, src.route_text())
     try:
         st = src.state(M.STATE_KEY)
