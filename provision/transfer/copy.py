@@ -170,6 +170,7 @@ class Progress:
         self.ctx, self.prefix, self.source = ctx, prefix, source
         self.labels = {it.id: it.label or os.path.basename(it.dest) for it in items}
         self.every_s = every_s
+        self.started = time.monotonic()
         self.t0: dict[str, float] = {}
         self.base: dict[str, int] = {}
         self.last: dict[str, float] = {}
@@ -188,7 +189,7 @@ class Progress:
                 return
             self.last[iid] = now
             done, total = int(ev.get("bytes") or 0), ev.get("total")
-            el = max(now - self.t0.get(iid, now), 1e-6)
+            el = max(now - self.t0.get(iid, self.started), 1e-6)
             rate = (done - self.base.get(iid, 0)) / el
             eta = (int(total) - done) / rate if total and rate > 0 else None
             from ..steps.model import duration
