@@ -189,10 +189,12 @@ def report(ctx: Context, attempts: dict[str, int]) -> None:
         ctx.say(f"model: from {off.source}: {len(from_src)} file(s), {human(sum(size.get(p, 0) for p in from_src))}: "
                 f"{names(from_src)}")
     if from_hub:
-        why = [f"{os.path.basename(p)} ({origin.get(p, ('hub', off.why_not.get(p, '')))[1] or 'from the hub'})"
-               for p in from_hub]
+        by_why: dict[str, list[str]] = {}
+        for p in from_hub:
+            why = origin[p][1] if p in origin and origin[p][0] == "hub" else off.why_not.get(p, "")
+            by_why.setdefault(why or "not offered", []).append(p)
         ctx.say(f"model: from the hub: {len(from_hub)} file(s), {human(sum(size.get(p, 0) for p in from_hub))}: "
-                f"{'; '.join(why)}")
+                + "; ".join(f"{names(ps)} ({why})" for why, ps in by_why.items()))
     if not from_src and not from_hub:
         ctx.say("model: nothing to fetch (all verified here already)")
     ctx.facts["transfer.model_report"] = {"source": from_src, "hub": from_hub, "at": time.time()}
