@@ -36,12 +36,13 @@ def _each(inventory, set, host, all, fn, title: str, changes: bool = False) -> N
     "skip": "skip these steps (comma-separated)",
     "parallel": "hosts handled at once (default 4)",
     "lock": "reproduce this lock file (llama.cpp commit + flags, model sha + bytes); else each host's lock: key",
+    "reboot": "reboot a host that needs it (a new NVIDIA driver), wait for SSH, and go on",
 })
 def provision(c, host=None, all=False, check=False, diff=False, only=None, skip=None,
-              inventory="hosts.yaml", set=None, parallel=4, lock=None):
+              inventory="hosts.yaml", set=None, parallel=4, lock=None, reboot=False):
     """Bring hosts to the state in hosts.yaml (idempotent; --check to preview)."""
     _exit(_app(inventory, set).provision(host, all, check=check, diff=diff, only=only, skip=skip,
-                                         parallel=int(parallel), lock=lock))
+                                         parallel=int(parallel), lock=lock, reboot=reboot))
 
 
 @task(auto_shortflags=False, iterable=["set"], help=HOST_HELP)

@@ -59,7 +59,8 @@ class App:
     # -- provisioning ----------------------------------------------------------------------
     def provision(self, host: str | None, all_hosts: bool = False, check: bool = False,
                   diff: bool = False, only: str | None = None, skip: str | None = None,
-                  parallel: int = 4, steps=None, lock: str | None = None) -> ExitStatus:
+                  parallel: int = 4, steps=None, lock: str | None = None,
+                  reboot: bool = False) -> ExitStatus:
         """Run the steps on the hosts. `lock` (a lock file; else each host's `lock:` key) makes
         them reproduce a locked rig. After a successful non-check run each host's lock is written
         to <inventory dir>/locks/<host>.lock.yaml."""
@@ -70,7 +71,7 @@ class App:
             hosts = self.hosts(host, all_hosts)
             the_steps = steps or all_steps()
             opts = RunOptions(check=check, diff=diff, only=_csv(only), skip=_csv(skip),
-                              parallel=parallel, what=" ".join(
+                              parallel=parallel, reboot=reboot, what=" ".join(
                                   ["provision"] + ([f"--only {only}"] if only else [])
                                   + ([f"--skip {skip}"] if skip else [])))
             select_steps(the_steps, opts.only, opts.skip)

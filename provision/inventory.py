@@ -9,6 +9,7 @@ import copy
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -170,8 +171,13 @@ SCHEMA: dict[str, dict[str, F]] = {
         "packages": F("list_str", DEFAULT_PACKAGES),
         "extra_packages": F("list_str", []),
         "cuda_toolkit": F("str", "cuda-toolkit-12-8"),
+        "cuda_repo": F("str", "https://developer.download.nvidia.com/compute/cuda/repos"),
+        "cuda_repo_key": F("str", None),  # fingerprint; default: the one pinned for NVIDIA's repo
+        "driver": F("str", "require", choices=("require", "install")),
+        "driver_package": F("str", None),  # default nvidia-open (NVIDIA's repo)
         "kernel_headers": F("bool", None),
         "apt_proxy": F("str", None),
+        "reboot_timeout": F("int", 900, 30, 7200),  # provision --reboot: wait this long for SSH
     },
     "llama_cpp": {
         "repo": F("str", "https://github.com/ggml-org/llama.cpp"),
@@ -389,6 +395,10 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
             raise InventoryError(f"{where}: paths.{k}: must be an absolute path, got {cfg['paths'][k]!r}")
     if not str(cfg["model"]["dir"]).startswith("/"):
         raise InventoryError(f"{where}: model.dir: must be an absolute path, got {cfg['model']['dir']!r}")
+    key = cfg["system"]["cuda_repo_key"]
+    if key is not None and not re.fullmatch(r"(0[xX])?([0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})", key.replace(" ", "")):
+        raise InventoryError(f"{where}: system.cuda_repo_key: must be a full key fingerprint "
+                             f"(40 or 64 hex digits), got {key!r}")
     su = cfg["paths"]["service_user"]
     if not su or su == "root" or not su.replace("-", "").replace("_", "").isalnum():
         raise InventoryError(f"{where}: paths.service_user: must be an unprivileged user name, got {su!r}")

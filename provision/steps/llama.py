@@ -19,7 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import functools
+
 from .. import llama_build as lb
+from .. import llama_cuda_subset as cuda_subset
+from .. import reach
 from ..engine import Call, Change, Context, Step
 from ..errors import CommandError, StepError
 from ..facts import host as hostfacts
@@ -224,6 +228,20 @@ class Outcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _git_reach(fn):
+    """A clone/fetch that cannot reach the remote is one line naming it."""
+    @functools.wraps(fn)
+    def wrapped(self: "Llama", *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except CommandError as e:
+            if " clone " in f" {e.command} " or " fetch " in f" {e.command} ":
+                raise StepError(reach.git_unreachable(self.ctx.host.name, self.lc["repo"],
+                                                      e.stderr or e.stdout)) from None
+            raise
+    return wrapped
+
+
 class Llama:
     """Everything the step and the tasks do on one rig."""
 
@@ -250,6 +268,23 @@ class Llama:
         # basedir = the llama.cpp dir, so paths into src AND into the (new) build dir are relative
         return {"CCACHE_DIR": self.ccache_dir, "CCACHE_BASEDIR": self.base}
 
+    def build_env(self) -> dict[str, str]:
+        """ccache, and for CUDA where the toolkit is. NVIDIA's packages do not put nvcc on a
+        non-login shell's PATH, and CMake finds the CUDA compiler only through CUDACXX,
+        CMAKE_CUDA_COMPILER, PATH or $CUDA_PATH/bin: the toolkit's location is a fact (the facts
+        look on PATH, in /usr/local/cuda and /usr/local/cuda-*), handed to CMake here."""
+        env = dict(self.ccache_env)
+        if self.lc["cuda"]:
+            hf = hostfacts.host_facts(self.ctx)
+            if not hf.nvcc_path:
+                raise StepError("llama_cpp.cuda is on but there is no nvcc on this host (looked on "
+                                "PATH, in /usr/local/cuda/bin and /usr/local/cuda-*/bin): the system "
+                                "step installs system.cuda_toolkit")
+            env["CUDACXX"] = hf.nvcc_path
+            if hf.cuda_home:
+                env["CUDAToolkit_ROOT"] = hf.cuda_home
+        return env
+
     def view(self) -> RigView:
         return parse_view(self.sh(view_script(self.base), check=False).stdout)
 
@@ -269,9 +304,13 @@ class Llama:
             local = self.resolve_local(ref)
             if local:
                 return local
+        if r.exited == 127 and self.ctx.check:
+            return None  # no git yet on a bare box: the system step installs it before this step
+        if r.exited == 127:
+            raise StepError("git is not installed on this host (the system step installs it: "
+                            "keep git in system.packages)")
         if not r.ok:
-            raise StepError(f"cannot reach {self.lc['repo']}: "
-                            f"{(r.stderr.strip().splitlines() or ['git ls-remote failed'])[-1]}")
+            raise StepError(reach.git_unreachable(self.ctx.host.name, self.lc["repo"], r.stderr))
         raise StepError(f"llama_cpp.ref {ref!r} not found in {self.lc['repo']}")
 
     def resolve_local(self, ref: str) -> str | None:
@@ -284,6 +323,7 @@ class Llama:
     def has_commit(self, sha: str) -> bool:
         return self.git(f"cat-file -e {quote(sha + '^{commit}')}", check=False).ok
 
+    @_git_reach
     def sync(self, view: RigView) -> str:
         """Clone or fetch, resolve ref, check the commit out. Returns the 40-hex commit."""
         repo = self.lc["repo"]
@@ -351,10 +391,16 @@ class Llama:
         self.sh(f"mkdir -p {quote(self.logs)} {quote(self.builds_dir)} {quote(self.ccache_dir)} && "
                 f"rm -rf {quote(d)} && mkdir -p {quote(d)} && : > {quote(log)}")
         before = self.ccache_stats()
+        env = self.build_env()
         t0 = time.monotonic()
-        configure = f"cmake -S {quote(self.src)} -B {quote(d)} {join(w.args)}"
+        args, subset_info = w.args, None
+        if self.lc["cuda"] and cuda_subset.CI_CUDA_SUBSET is not None:  # test seam, see there
+            subset_info = cuda_subset.build(self, w, d, log, current, env)
+            args = want(cuda_subset.cpu_cfg(self.cfg), w.commit, w.tree, [], w.gcc, None,
+                        self.lc["ref"]).args
+        configure = f"cmake -S {quote(self.src)} -B {quote(d)} {join(args)}"
         self.ctx.say(f"llama: configure {w.name} ({w.summary})")
-        r = self.sh(f"{configure} >> {quote(log)} 2>&1", env=self.ccache_env, check=False,
+        r = self.sh(f"{configure} >> {quote(log)} 2>&1", env=env, check=False,
                     timeout=3600)
         if not r.ok:
             self.sh(f"rm -rf {quote(d)}", check=False)
@@ -366,7 +412,7 @@ class Llama:
         script = f"set -o pipefail; {build_cmd} 2>&1 | tee -a {quote(log)}"
         t1 = time.monotonic()
         try:
-            r = self.sh(f"bash -c {quote(script)}", env=self.ccache_env, check=False,
+            r = self.sh(f"bash -c {quote(script)}", env=env, check=False,
                         on_stdout=prog, timeout=None)
         finally:
             prog.close()
@@ -381,6 +427,8 @@ class Llama:
                      "build_seconds": round(t_build, 2), "compiled": prog.compiled,
                      "ccache": lb.stats_delta(before, after) if before and after else {},
                      "log": log, "ref": self.lc["ref"], "repo": self.lc["repo"]})
+        if subset_info is not None:
+            info["ci_cuda_subset"] = subset_info
         self.ctx.target.write_file(f"{d}/{GOOD_MARK}", json.dumps(info, indent=2, sort_keys=True) + "\n")
         cc = info["ccache"]
         self.ctx.say(f"llama: built {w.name} in {t_conf + t_build:.0f}s ({prog.compiled} objects compiled"
