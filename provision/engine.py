@@ -363,9 +363,10 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
                     held.close()
                 except RigError:
                     pass
-                commands_before += ctx.target.commands_run
-                ctx.target = reboot_host(ctx, rb, target_factory,
-                                         float(host.cfg["system"]["reboot_timeout"]))
+                old = ctx.target
+                ctx.target, probes = reboot_host(ctx, rb, target_factory,
+                                                 float(host.cfg["system"]["reboot_timeout"]))
+                commands_before += old.commands_run + probes
                 ctx.rebooted += 1
                 ctx.facts.clear()
                 ctx._state = None
@@ -410,13 +411,14 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
 
 
 REBOOT_MARK = "/run/llama-rig.reboot"  # /run is a tmpfs: gone once the host has rebooted
+REBOOT_POLL_S = 2.0
 
 
 def reboot_host(ctx: Context, rb: RebootHost, target_factory: Callable[[Host], Target],
-                timeout: float) -> Target:
+                timeout: float) -> tuple[Target, int]:
     """Reboot the host (provision --reboot), wait (bounded) until SSH answers from the NEW system
-    and systemd has finished booting; return the new session. ConnectError if it does not come
-    back in time."""
+    and systemd has finished booting; return the new session (and the remote commands of the
+    sessions that found the old system still up). ConnectError if it does not come back in time."""
     host = ctx.host
     t = ctx.target
     t.run(f"echo llama-rig > {REBOOT_MARK}", sudo=True)
@@ -428,27 +430,30 @@ def reboot_host(ctx: Context, rb: RebootHost, target_factory: Callable[[Host], T
         pass  # the session may die under the command
     t.close()
     deadline = t0 + timeout
+    probes = 0
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise ConnectError(f"{host.name}: did not come back within {timeout:.0f}s after the "
                                "reboot (system.reboot_timeout)")
-        time.sleep(min(2.0, max(left, 0)))
+        time.sleep(min(REBOOT_POLL_S, max(left, 0)))
         try:
             nt = target_factory(host)
         except ConnectError:
             continue
         try:
             if nt.run(f"test -e {REBOOT_MARK}", check=False).ok:
+                probes += nt.commands_run
                 nt.close()  # still the old system on its way down
                 continue
             nt.run("systemctl is-system-running --wait >/dev/null 2>&1", check=False,
                    timeout=max(5.0, deadline - time.monotonic()))
         except ConnectError:
+            probes += nt.commands_run
             nt.close()
             continue
         ctx.say(f"back after {time.monotonic() - t0:.1f}s; reading the facts again")
-        return nt
+        return nt, probes
 
 
 def _call_guarded(ctx: Context, label: str, fn: Callable[[Context], None]) -> StepResult | None:

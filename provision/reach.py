@@ -23,7 +23,18 @@ PYPI = "https://pypi.org/simple/"
 # -- apt --------------------------------------------------------------------------------------
 
 _FETCH_RE = re.compile(r"Failed to fetch (\S+)\s+(.*)$")
-_ERR_RE = re.compile(r"^Err:\d+\s+(\S+)")
+_ERR_RE = re.compile(r"^Err:\d+\s+(\S+)\s+(.*)$")
+
+
+def _err_url(uri: str, rest: str) -> str:
+    """`Err:1 http://deb.debian.org/debian bookworm InRelease` -> the InRelease URL; a flat repo
+    (`Err:2 http://x/repos/debian12/x86_64  InRelease`) too; a .deb line keeps its URI."""
+    parts = rest.split()
+    if len(parts) >= 2 and parts[-1] in ("InRelease", "Release", "Release.gpg"):
+        return f"{uri.rstrip('/')}/dists/{parts[0]}/{parts[-1]}"
+    if len(parts) == 1 and parts[0] in ("InRelease", "Release", "Release.gpg"):
+        return f"{uri.rstrip('/')}/{parts[0]}"
+    return uri
 
 
 def apt_fetch_failures(output: str) -> list[tuple[str, str]]:
@@ -37,8 +48,7 @@ def apt_fetch_failures(output: str) -> list[tuple[str, str]]:
             continue
         m = _ERR_RE.match(ln.strip())
         if m and i + 1 < len(lines) and lines[i + 1].startswith(" "):
-            url = m.group(1)
-            out.setdefault(url, lines[i + 1].strip())
+            out.setdefault(_err_url(m.group(1), m.group(2)), lines[i + 1].strip())
     return list(out.items())
 
 

@@ -182,9 +182,9 @@ def test_driver_not_answering_fails_the_system_step(box, tmp_path):
         box.sh("rm -f /etc/fake-nvidia-smi/gpus.json")
     assert r.returncode == 1, r.stdout + r.stderr
     assert r.stderr.splitlines() == [
-        f"[{HOST}] system: FAILED: the NVIDIA driver does not answer: nvidia-smi failed (exit 9): "
+        f"[{HOST}] system: FAILED: the NVIDIA driver does not answer (nvidia-smi failed (exit 9): "
         "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure "
-        "that the latest NVIDIA driver is installed and running. — install the driver (and reboot "
-        "if it was just installed)"]
+        "that the latest NVIDIA driver is installed and running.) — install it: set system.driver: "
+        "install (nvidia-open from NVIDIA's repo), or install a driver yourself and reboot"]
     row = recap(r.stdout)
     assert (row["result"], row["failed"]) == ("FAILED", "1")

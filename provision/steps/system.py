@@ -59,8 +59,9 @@ class AptInstall(Change):
         out = r.stdout + "\n" + r.stderr
         if not r.ok:
             why = reach.apt_unreachable(host, upd + "\n" + out, self.sources, self.proxy)
-            raise StepError(f"cannot install {' '.join(self.packages)}: "
-                            + (why or reach.apt_error(out)))
+            if why:
+                raise StepError(f"{why} — could not install {' '.join(self.packages)}")
+            raise StepError(f"cannot install {' '.join(self.packages)}: {reach.apt_error(out)}")
         stale = reach.apt_unreachable(host, upd, self.sources, self.proxy)
         if stale:  # installed anyway (from lists fetched earlier): still worth a line
             ctx.warn(f"apt: {stale}")
@@ -346,12 +347,13 @@ class SystemStep(Step):
     def plan(self, ctx: Context) -> list[Change]:
         hf = hostfacts.host_facts(ctx)
         gf = hostfacts.gpu(ctx)
-        if hf.reboot_required:
-            ctx.warn("reboot required (" + (", ".join(hf.reboot_packages) or "see /var/run/reboot-required")
-                     + ") — not rebooting for it; do it when the rig may go down")
         proxy_now = ctx.target.read_file(PROXY_FILE) if ctx.cfg["system"]["apt_proxy"] else None
         notes: list[str] = []
         changes = plan(ctx.cfg, hf, gf, proxy_now, notes)
+        if hf.reboot_required and not any(isinstance(c, RebootHost) for c in changes):
+            notes.append("a reboot is pending (" + (", ".join(hf.reboot_packages) or "/var/run/reboot-required")
+                         + "): llama-rig reboots only to load a driver (provision --reboot); "
+                         "reboot when the rig may go down")
         for n in notes:
             ctx.warn(f"system: {n}")
         if ctx.check:
