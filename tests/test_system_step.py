@@ -307,7 +307,7 @@ def test_apt_proxy_file():
     c = cfg(system={"apt_proxy": "http://10.0.0.1:3142"}, llama_cpp={"cuda": False})
     want = 'Acquire::http::Proxy "http://10.0.0.1:3142";\n'
     assert system.plan(c, hf(), GF_NONE, proxy_now=None) == [
-        WriteFile("apt proxy http://10.0.0.1:3142", path="/etc/apt/apt.conf.d/01llama-rig-proxy",
+        WriteFile("apt proxy http://10.0.0.1:3142", path="/etc/apt/apt.conf.d/99llama-rig-proxy",
                   content=want, before=None)]
     old = 'Acquire::http::Proxy "http://10.0.0.9:3142";\n'
     (ch,) = system.plan(c, hf(), GF_NONE, proxy_now=old)

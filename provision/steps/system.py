@@ -23,7 +23,8 @@ APT_ENV = "DEBIAN_FRONTEND=noninteractive"
 # a fresh Ubuntu box runs unattended-upgrades right after boot: wait for the dpkg lock instead
 # of failing with "Could not get lock /var/lib/dpkg/lock-frontend"
 APT_GET = f"{APT_ENV} apt-get -o DPkg::Lock::Timeout=600"
-PROXY_FILE = "/etc/apt/apt.conf.d/01llama-rig-proxy"
+# read last: system.apt_proxy wins over a proxy set by an earlier file in apt.conf.d
+PROXY_FILE = "/etc/apt/apt.conf.d/99llama-rig-proxy"
 NOUVEAU_FILE = "/etc/modprobe.d/llama-rig-blacklist-nouveau.conf"
 NOUVEAU_CONF = "# written by llama-rig: the NVIDIA driver needs the GPUs\nblacklist nouveau\noptions nouveau modeset=0\n"
 UBUNTU_2604_DRIVER = "nvidia-driver-595-open"
