@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from provision import engine, llama_cuda_subset, nvidia
+from provision import engine, llama_cuda_subset
 from provision.app import App
 from provision.console import Environment
 from provision.target import connect

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import nvidia, reach
-from ..engine import Call, Change, Context, RebootHost, Run, Step, WriteFile
+from ..engine import Change, Context, RebootHost, Run, Step, WriteFile
 from ..errors import StepError
 from ..facts import host as hostfacts
 from ..facts.gpu import GpuFacts
@@ -209,7 +209,8 @@ def driver_problem(cfg: dict, hf: HostFacts, gf: GpuFacts) -> str:
         hints.append("nouveau (the open-source driver) is loaded: system.driver: install blacklists "
                      "it, or blacklist it yourself and reboot")
     if installed:
-        hints.append(f"{', '.join(installed)} installed but not loaded: reboot (or run again with --reboot)")
+        hints.append(f"{', '.join(installed)} installed but not loaded: reboot it (with system.driver: "
+                     "install, provision --reboot does)")
     else:
         hints.append("install it: set system.driver: install (nvidia-open from NVIDIA's repo), or "
                      "install a driver yourself and reboot")

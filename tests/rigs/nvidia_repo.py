@@ -32,15 +32,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import io
 import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
