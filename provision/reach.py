@@ -23,7 +23,7 @@ PYPI = "https://pypi.org/simple/"
 # -- apt --------------------------------------------------------------------------------------
 
 _FETCH_RE = re.compile(r"Failed to fetch (\S+)\s+(.*)$")
-_ERR_RE = re.compile(r"^Err:\d+\s+(\S+)\s+(.*)$")
+_ERR_RE = re.compile(r"^Err:\d+\s+(\S+)(?:\s+(.*))?$")
 
 
 def _err_url(uri: str, rest: str) -> str:
@@ -48,7 +48,7 @@ def apt_fetch_failures(output: str) -> list[tuple[str, str]]:
             continue
         m = _ERR_RE.match(ln.strip())
         if m and i + 1 < len(lines) and lines[i + 1].startswith(" "):
-            out.setdefault(_err_url(m.group(1), m.group(2)), lines[i + 1].strip())
+            out.setdefault(_err_url(m.group(1), m.group(2) or ""), lines[i + 1].strip())
     return list(out.items())
 
 

@@ -349,3 +349,79 @@ def test_inventory_keys():
     with pytest.raises(InventoryError, match=r"system.cuda_repo_key: must be a full key fingerprint"):
         cfg(system={"cuda_repo_key": "3BF863CC"})
     assert cfg(system={"cuda_repo_key": "EB69 3B30 35CD 5710 E231  E123 A4B4 6996 3BF8 63CC"})
+
+
+class _Box:
+    """A fake rig for AddCudaRepo.apply: records commands, serves a keyring file."""
+
+    def __init__(self, keyring: bytes, download_rc: int = 0):
+        import base64 as b64
+        from provision.target import Result
+        self.R = Result
+        self.ran: list[str] = []
+        self.written: dict[str, str] = {}
+        self.keyring = b64.b64encode(keyring).decode()
+        self.download_rc = download_rc
+
+    def run(self, cmd, **kw):
+        self.ran.append(cmd)
+        if cmd.startswith("base64 -w0"):
+            return self.R(cmd, 0, self.keyring, "")
+        if "download-file" in cmd and self.download_rc:
+            return self.R(cmd, 90, "Err:1 http://x/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb\n"
+                          "  Could not connect to x:80 (10.0.0.9). - connect (111: Connection refused)\n", "")
+        return self.R(cmd, 0, "", "")
+
+    def read_file(self, path, sudo=False):
+        return self.written.get(path)
+
+    def write_file(self, path, content, **kw):
+        self.written[path] = content
+
+
+def _ctx(box):
+    class C:
+        target = box
+        host = type("H", (), {"name": "rig"})()
+
+        def say(self, t):
+            pass
+    return C()
+
+
+def test_add_cuda_repo_private_tempdir_pinned_key_or_purge():
+    from pathlib import Path
+    from provision import openpgp
+    data = Path(__file__).with_name("data")
+    asc = (data / "keyring-two-keys.asc").read_text()
+    raw = openpgp.dearmor(asc)
+    fprs = (data / "keyring-two-keys.fpr").read_text().split()
+    # a keyring with exactly the first key: build it from its packets (public key + uid + sig)
+    one = b""
+    for tag, body in openpgp.packets(raw):
+        if tag == 6 and one:
+            break
+        hdr = bytes([0xC0 | tag]) + (bytes([len(body)]) if len(body) < 192 else
+                                     bytes([((len(body) - 192) >> 8) + 192, (len(body) - 192) & 0xFF]))
+        one += hdr + body
+    assert openpgp.primary_fingerprints(one) == fprs[:1]
+    ch = repo_change(fpr=fprs[0], base="http://x/repos")
+    box = _Box(one)
+    ch.apply(_ctx(box))
+    script = box.ran[0]
+    assert "d=$(mktemp -d)" in script and 'rm -rf "$d"' in script and '"$d/cuda-keyring.deb"' in script
+    assert "/tmp/" not in script
+    assert box.written == {ch.list_path: ch.list_line}
+    assert not any(c.startswith("dpkg -P") for c in box.ran)
+    # two keys where one is pinned: purged, stopped
+    box = _Box(raw)
+    with pytest.raises(StepError) as ei:
+        ch.apply(_ctx(box))
+    assert f"holds {fprs[0]}, {fprs[1]}, not the pinned key {fprs[0]}: removed it" in str(ei.value)
+    assert "dpkg -P cuda-keyring" in box.ran and box.written == {}
+    # the repo unreachable: one line naming it
+    box = _Box(one, download_rc=90)
+    with pytest.raises(StepError) as ei:
+        ch.apply(_ctx(box))
+    assert str(ei.value) == ("unreachable from rig: NVIDIA CUDA repo http://x/repos/debian12/x86_64/: "
+                             "Could not connect to x:80 (10.0.0.9). - connect (111: Connection refused)")
