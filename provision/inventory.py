@@ -395,6 +395,10 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
             raise InventoryError(f"{where}: paths.{k}: must be an absolute path, got {cfg['paths'][k]!r}")
     if not str(cfg["model"]["dir"]).startswith("/"):
         raise InventoryError(f"{where}: model.dir: must be an absolute path, got {cfg['model']['dir']!r}")
+    repo = cfg["system"]["cuda_repo"]
+    if not re.fullmatch(r"(https?|file)://[^\s\"'\\]+", repo or ""):
+        raise InventoryError(f"{where}: system.cuda_repo: must be an http(s):// or file:// URL without "
+                             f"spaces or quotes, got {repo!r}")
     key = cfg["system"]["cuda_repo_key"]
     if key is not None and not re.fullmatch(r"(0[xX])?([0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})", key.replace(" ", "")):
         raise InventoryError(f"{where}: system.cuda_repo_key: must be a full key fingerprint "

@@ -207,7 +207,7 @@ def test_bare_box_to_serving_rig(journey):
     for line in ("system: would change: install packages: build-essential",
                  f"system: would change: add the NVIDIA CUDA apt repo {journey['repo'].repo_url}",
                  "system: would change: install cuda-toolkit-13-0 (nvcc missing)",
-                 "llama: would change: fetch and build llama.cpp master",
+                 "llama: would change: clone and build llama.cpp master (no git on the box yet",
                  "model: would change: download 4 files"):
         assert line in out, out
     assert rig.sh("dpkg -s cmake", check=False).returncode != 0  # nothing installed

@@ -150,7 +150,10 @@ def plan(cfg: dict, view: RigView, w: Want | None, commit: str | None,
     base = "builds/"
     if w is None:
         what = commit[:7] if commit else cfg["llama_cpp"]["ref"]
-        return [Call(f"fetch and build llama.cpp {cfg['llama_cpp']['ref']} @ {what} → {base}b?-{what}-…",
+        desc = (f"fetch and build llama.cpp {cfg['llama_cpp']['ref']} @ {what} → {base}b?-{what}-…" if commit
+                else f"clone and build llama.cpp {cfg['llama_cpp']['ref']} (no git on the box yet: "
+                     "the commit is resolved after the system step installs it)")
+        return [Call(desc,
                      fn=build, data={"action": "build", "commit": commit, "name": None},
                      notify=NOTIFY)]
     have = view.with_fingerprint(w.fingerprint)

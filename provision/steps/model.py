@@ -685,8 +685,8 @@ class ModelStep(Step):
             # --check: the venv would be made: can the rig reach where pip downloads from? (a GET)
             url = reach.pip_probe_url(ctx.cfg["model"])
             r = ctx.target.run(reach.url_probe_command(url), check=False, timeout=60)
-            why = reach.parse_url_probe(r.stdout + "\n" + r.stderr)
-            if why:
+            why = reach.parse_url_probe(r.stdout + "\n" + r.stderr) if r.exited != 127 else None
+            if why:  # (no python3 yet: the system step installs it; nothing to probe with)
                 raise StepError(f"{reach.pip_where(ctx.cfg['model'])} unreachable from "
                                 f"{ctx.host.name}: {why}")
         total = sum(f["size"] for f in man["files"])
