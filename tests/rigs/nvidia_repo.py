@@ -387,6 +387,11 @@ def debs_dir() -> tuple[Path, dict]:
 # signing key
 
 
+def _stop_agent(home: Path) -> None:
+    """gpg starts a gpg-agent for this home; it would outlive the tests."""
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True)
+
+
 def signing_key() -> tuple[Path, str]:
     """(GNUPGHOME, fingerprint) of the repo's test key (made once, cached)."""
     home = ROOT / "gnupg"
@@ -403,6 +408,7 @@ def signing_key() -> tuple[Path, str]:
             out = sh(["gpg", "--homedir", home, "--batch", "--with-colons", "--list-secret-keys"]).stdout
             fpr = next(ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:"))
             fpr_file.write_text(fpr + "\n")
+            _stop_agent(home)
         return home, fpr_file.read_text().strip()
 
 
@@ -484,6 +490,7 @@ def serve(host: str = PROXY_ADDR) -> NvidiaRepo:
         g = ["gpg", "--homedir", home, "--batch", "--yes", "--local-user", fpr]
         sh([*g, "--clearsign", "-o", d / "InRelease", d / "Release"])
         sh([*g, "--armor", "--detach-sign", "-o", d / "Release.gpg", d / "Release"])
+        _stop_agent(home)
         threading.Thread(target=httpd.serve_forever, daemon=True, name="nvidia-repo").start()
     except BaseException:
         repo.stop()
