@@ -350,9 +350,11 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
                                   "yourself and run again)")
                     continue
                 if ctx.rebooted or host.is_local:
-                    msg = (rb.after or f"still needs a reboot after rebooting: {rb.description}"
-                           if ctx.rebooted else f"{rb.description}: llama-rig does not reboot the "
-                           "machine it runs on (connection: local) — reboot it yourself and run again")
+                    if ctx.rebooted:
+                        msg = rb.after or f"still needs a reboot after rebooting: {rb.description}"
+                    else:
+                        msg = (f"{rb.description}: llama-rig does not reboot the machine it runs on "
+                               "(connection: local) — reboot it yourself and run again")
                     console.error(f"[{host.name}] {step.name}: FAILED: {msg}")
                     res.status, res.message = "failed", msg
                     failed = True
