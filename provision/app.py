@@ -185,6 +185,15 @@ class App:
         def go() -> ExitStatus:
             from . import lock as lk
             name, doc = self.lock_doc(spec)
+            body = doc.get("lock") or {}
+            if name in self.inventory().hosts and not body.get("llama_cpp") and not body.get("model"):
+                # read live from a rig that was never provisioned: no lock to show (a YAML comment,
+                # so `lock.show rig > rig.lock.yaml` does not make a lock full of nulls)
+                state = self.inventory().hosts[name].cfg["paths"]["state_dir"]
+                self.console.line(f"# {name}: nothing provisioned yet (no llama.cpp build or model "
+                                  f"recorded in {state}/state.json) — run `invoke provision --host "
+                                  f"{name}` first")
+                return ExitStatus.OK
             for ln in lk.dump(doc, self.lock_dir() / f"{doc['host']['name']}.lock.yaml").splitlines():
                 self.console.line(ln)
             return ExitStatus.OK

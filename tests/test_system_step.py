@@ -50,14 +50,14 @@ def test_some_missing_exactly_one_run():
     changes = system.plan(cfg(llama_cpp={"cuda": False}), hf(packages=pk), GF_NONE)
     assert changes == [Run("install packages: cmake ninja-build ccache", commands=[
         f"{APT_GET} update -q",
-        f"{APT_GET} install -y -q --no-install-recommends cmake ninja-build ccache",
+        f"{APT_GET} install -y -q --no-install-recommends -- cmake ninja-build ccache",
     ], timeout=3600)]
     assert changes[0].sudo is True and changes[0].notify == ()
 
 
 def test_nothing_installed_keeps_the_configured_order():
     (ch,) = system.plan(cfg(llama_cpp={"cuda": False}), hf(packages={}), GF_NONE)
-    assert ch.commands[1].endswith("--no-install-recommends " + " ".join(inv.DEFAULT_PACKAGES))
+    assert ch.commands[1].endswith("--no-install-recommends -- " + " ".join(inv.DEFAULT_PACKAGES))
 
 
 def test_extra_packages_and_duplicates():
@@ -77,7 +77,7 @@ def _keyring_run(distro, arch="x86_64"):
 def _toolkit_run(toolkit="cuda-toolkit-12-8"):
     return Run(f"install {toolkit} (nvcc missing)", commands=[
         f"{APT_GET} update -q",
-        f"{APT_GET} install -y -q --no-install-recommends {toolkit}",
+        f"{APT_GET} install -y -q --no-install-recommends -- {toolkit}",
     ], timeout=7200)
 
 

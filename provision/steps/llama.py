@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from .. import llama_build as lb
 from ..engine import Call, Change, Context, Step
-from ..errors import CommandError, StepError
+from .. import values
+from ..errors import CommandError, StepError, UnsafeValue
 from ..facts import host as hostfacts
 from ..target import join, quote
 
@@ -254,13 +255,22 @@ class Llama:
         return parse_view(self.sh(view_script(self.base), check=False).stdout)
 
     # -- source ----------------------------------------------------------------------------
+    def source(self) -> tuple[str, str]:
+        """llama_cpp.repo and .ref, checked again (the inventory did already): a repo or ref that
+        git could read as an option never reaches a command line."""
+        repo, ref = self.lc["repo"], self.lc["ref"]
+        for key, err in (("repo", values.git_url(repo)), ("ref", values.git_ref(ref))):
+            if err:
+                raise UnsafeValue(f"llama_cpp.{key}: {err}")
+        return repo, ref
+
     def resolve_readonly(self, view: RigView) -> str | None:
         """The commit `ref` names now, without changing the box (ls-remote / the clone)."""
-        ref = self.lc["ref"]
+        repo, ref = self.source()
         kind = lb.ref_kind(ref)
         if kind == "commit":
             return ref
-        r = self.sh(f"git ls-remote {quote(self.lc['repo'])} {quote(ref)} {quote(ref + '^{}')}",
+        r = self.sh(f"git ls-remote -- {quote(repo)} {quote(ref)} {quote(ref + '^{}')}",
                     check=False, timeout=120)
         sha = lb.parse_ls_remote(r.stdout, ref) if r.ok else None
         if sha:
@@ -286,20 +296,19 @@ class Llama:
 
     def sync(self, view: RigView) -> str:
         """Clone or fetch, resolve ref, check the commit out. Returns the 40-hex commit."""
-        repo = self.lc["repo"]
-        ref = self.lc["ref"]
+        repo, ref = self.source()
         if view.src_url is None:
             self.ctx.say(f"llama: cloning {repo} (full history, for real build numbers)")
             self.sh(f"mkdir -p {quote(self.base)} && rm -rf {quote(self.src)} && "
-                    f"git clone -q --no-checkout {quote(repo)} {quote(self.src)}", timeout=7200)
+                    f"git clone -q --no-checkout -- {quote(repo)} {quote(self.src)}", timeout=7200)
         else:
             if view.src_url != repo:
-                self.git(f"remote set-url origin {quote(repo)}")
+                self.git(f"remote set-url -- origin {quote(repo)}")
             self.git("fetch -q --prune --tags --force origin "
                      "'+refs/heads/*:refs/remotes/origin/*'", timeout=3600)
         sha = self.resolve_local(ref)
         if sha is None and lb.ref_kind(ref) == "commit":
-            self.git(f"fetch -q origin {quote(ref)}", check=False, timeout=3600)
+            self.git(f"fetch -q -- origin {quote(ref)}", check=False, timeout=3600)
             sha = self.resolve_local(ref)
         if sha is None:
             raise StepError(f"llama_cpp.ref {ref!r} not found in {repo}")
@@ -543,7 +552,7 @@ def task_update(ctx: Context, max_log: int = 30) -> bool:
     view = ll.view()
     old = view.builds.get(view.current) if view.current else None
     sha = ll.sync(view)
-    if old and old.commit and old.commit != sha:
+    if old and old.commit and lb.SHA_RE.match(old.commit) and old.commit != sha:
         r = ll.git(f"rev-list --count {old.commit}..{sha}", check=False)
         n = r.stdout.strip() if r.ok else "?"
         lg = ll.git(f"log --oneline --no-decorate -n {max_log} {old.commit}..{sha}", check=False)
@@ -605,6 +614,11 @@ def task_rollback(ctx: Context) -> bool:
 def task_status(ctx: Context) -> bool:
     ll = Llama(ctx)
     view = ll.view()
+    name = ctx.host.name
+    if view.current is None and not view.builds and view.src_url is None:
+        ctx.say(f"llama: nothing built on {name} yet (no llama.cpp clone or build under {ll.base})"
+                f" — run `invoke provision --host {name}` (or `invoke llama.build --host {name}`)")
+        return False
     st = ctx.state.get("llama") or {}
     sizes: dict[str, str] = {}
     r = ll.sh(f"cd {quote(ll.base)} 2>/dev/null && du -sh builds/* src 2>/dev/null; "
@@ -619,15 +633,25 @@ def task_status(ctx: Context) -> bool:
         mark = "current" if b.name == view.current else ("previous" if b.name == st.get("previous") else "")
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(b.built_at)) if b.built_at else "-"
         rows.append([b.name, mark, f"b{b.build_number}", b.commit[:9], b.fingerprint[:12],
-                     sizes.get(f"builds/{b.name}", "?"), when])
-    ctx.console.table(f"llama.cpp builds: {ctx.host.name}",
-                      ["build", "", "number", "commit", "fingerprint", "size", "built (UTC)"], rows)
+                     sizes.get(f"builds/{b.name}", "-"), when])
+    if rows:
+        ctx.console.table(f"llama.cpp builds: {name}",
+                          ["build", "", "number", "commit", "fingerprint", "size", "built (UTC)"], rows)
     cur = view.builds.get(view.current) if view.current else None
-    ctx.say(f"llama: current {view.current or 'none'}"
-            + (f" — commit {cur.commit}, fingerprint {cur.fingerprint[:16]}, "
-               f"{cur.extra.get('version', '')}" if cur else ""))
-    ctx.say(f"llama: disk used {sizes.get(ll.base, '?')} ({ll.base}; source {sizes.get('src', '?')}), "
-            f"ccache {sizes.get(ll.ccache_dir, '?')}")
+    if cur:
+        ctx.say(f"llama: current {view.current} — commit {cur.commit}, fingerprint "
+                f"{cur.fingerprint[:16]}, {cur.extra.get('version', '')}".rstrip(", "))
+    elif view.current:
+        ctx.say(f"llama: current → {view.current}, which is not a good build (no {GOOD_MARK})"
+                f" — run `invoke llama.build --host {name}`")
+    else:
+        ctx.say(f"llama: no build is current yet (the clone is there) — run "
+                f"`invoke llama.build --host {name}`")
+    used = [f"disk used {sizes[ll.base]} ({ll.base}"
+            + (f"; source {sizes['src']})" if "src" in sizes else ")")] if ll.base in sizes else []
+    used.append(f"ccache {sizes[ll.ccache_dir]}" if ll.ccache_dir in sizes
+                else f"ccache: nothing cached yet ({ll.ccache_dir})")
+    ctx.say("llama: " + ", ".join(used))
     cs = ll.sh("command -v ccache >/dev/null && ccache -s", env=ll.ccache_env, check=False)
     if cs.ok:
         for ln in cs.stdout.splitlines():

@@ -3,11 +3,12 @@ and a driver that answers. Reboots are reported, never done."""
 from __future__ import annotations
 
 from ..engine import Change, Context, Run, Step, WriteFile
-from ..errors import StepError
+from ..errors import StepError, UnsafeValue
 from ..facts import host as hostfacts
 from ..facts.gpu import GpuFacts
 from ..facts.host import HostFacts
 from ..target import join
+from ..values import proxy_url
 
 NVIDIA_REPOS = {"ubuntu2204", "ubuntu2404", "debian12"}
 NVIDIA_ARCH = {"x86_64": "x86_64", "aarch64": "sbsa"}
@@ -34,6 +35,8 @@ def plan(cfg: dict, hf: HostFacts, gf: GpuFacts, proxy_now: str | None = None) -
     changes: list[Change] = []
     sysc = cfg["system"]
     if sysc["apt_proxy"]:
+        if proxy_url(sysc["apt_proxy"]):  # the inventory refused it already; never a second line
+            raise UnsafeValue(f"system.apt_proxy: {proxy_url(sysc['apt_proxy'])}")
         want = f'Acquire::http::Proxy "{sysc["apt_proxy"]}";\n'
         if proxy_now != want:
             changes.append(WriteFile(f"apt proxy {sysc['apt_proxy']}", path=PROXY_FILE,
@@ -45,7 +48,7 @@ def plan(cfg: dict, hf: HostFacts, gf: GpuFacts, proxy_now: str | None = None) -
     if missing:
         changes.append(Run(f"install packages: {' '.join(missing)}", commands=[
             f"{APT_GET} update -q",
-            f"{APT_GET} install -y -q --no-install-recommends {join(missing)}",
+            f"{APT_GET} install -y -q --no-install-recommends -- {join(missing)}",
         ], timeout=3600))
     if cfg["llama_cpp"]["cuda"] and not hf.nvcc_path:
         toolkit = sysc["cuda_toolkit"]
@@ -68,7 +71,7 @@ def plan(cfg: dict, hf: HostFacts, gf: GpuFacts, proxy_now: str | None = None) -
             ]))
         changes.append(Run(f"install {toolkit} (nvcc missing)", commands=[
             f"{APT_GET} update -q",
-            f"{APT_GET} install -y -q --no-install-recommends {toolkit}",
+            f"{APT_GET} install -y -q --no-install-recommends -- {join([toolkit])}",
         ], timeout=7200))
     return changes
 
