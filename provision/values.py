@@ -293,12 +293,13 @@ def name(s: str) -> str | None:
     return None
 
 
-_CMAKE_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CMAKE_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?::[A-Z]+)?$")
 
 
 def cmake_var(s: str) -> str | None:
+    """`NAME` or `NAME:TYPE` (cmake -D NAME:TYPE=VALUE)."""
     if not isinstance(s, str) or not _CMAKE_VAR.match(s) or len(s) > 200:
-        return f"must be a CMake variable name (letters, digits, '_'), got {cut(s)}"
+        return f"must be a CMake variable name (letters, digits, '_'; optionally :TYPE), got {cut(s)}"
     return None
 
 
@@ -321,6 +322,9 @@ def alias(s: str) -> str | None:
         return err
     if len(s) > 256:
         return f"must be at most 256 characters, got {len(s)}: {cut(s)}"
+    if "{env:" in s or "{file:" in s:
+        # opencode expands these in its config (where the alias becomes the model id)
+        return f"must not hold opencode's {{env:...}} or {{file:...}}, got {cut(s)}"
     return None
 
 
