@@ -633,7 +633,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,63}$")
 
 def _good_name(n: Any) -> bool:
     """A host or group name: it names files (locks/<host>.lock.yaml) and appears in every line."""
-    return isinstance(n, str) and bool(_NAME_RE.match(n))
+    return isinstance(n, str) and bool(_NAME_RE.fullmatch(n))
 
 
 def walk_schema(fn: Callable[[str, str, F], None]) -> None:

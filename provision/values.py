@@ -85,7 +85,7 @@ def deb_package(s: str) -> str | None:
     err = _plain(s, "a Debian package name", "cuda-toolkit-12-8")
     if err:
         return err
-    if not DEB_RE.match(s):
+    if not DEB_RE.fullmatch(s):
         return ("must be a Debian package name (lower-case letters, digits, '+', '-', '.'; "
                 f"at least 2 characters), got {cut(s)}")
     return None
@@ -104,6 +104,8 @@ def git_url(s: str) -> str | None:
     err = _plain(s, what, "https://github.com/ggml-org/llama.cpp")
     if err:
         return err
+    if s.startswith("/"):
+        return abs_path(s)
     if any(c.isspace() for c in s):
         return f"must be {what} without spaces, got {cut(s)}"
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", s)
@@ -121,12 +123,10 @@ def git_url(s: str) -> str | None:
             if not host or host_error(host):
                 return f"must be {what}, got no valid host in {cut(s)}"
         return None
-    if s.startswith("/"):
-        return abs_path(s)
     if "::" in s.split("/", 1)[0]:
         # <transport>::<address> runs a remote helper (ext:: runs any command)
         return f"must be {what}; git's '<transport>::' form is not allowed, got {cut(s)}"
-    m = _SCP_RE.match(s)
+    m = _SCP_RE.fullmatch(s)
     if m and "/" not in s.split(":", 1)[0] and not host_error(m.group("host")):
         return None
     return f"must be {what}, got {cut(s)}"
@@ -143,7 +143,7 @@ def git_ref(s: str) -> str | None:
     err = _plain(s, what, "master, b6895 or a commit")
     if err:
         return err
-    if SHA_RE.match(s):
+    if SHA_RE.fullmatch(s):
         return None
     why = None
     if _REF_BAD.search(s):
@@ -204,7 +204,7 @@ def host_error(s: str) -> str | None:
     if len(h) > 253 or not h:
         return "length"
     labels = h[:-1].split(".") if h.endswith(".") else h.split(".")
-    if all(_LABEL.match(lb) for lb in labels) and not h.startswith("-"):
+    if all(_LABEL.fullmatch(lb) for lb in labels) and not h.startswith("-"):
         return None
     return "name"
 
@@ -228,7 +228,7 @@ def unix_user(s: str) -> str | None:
     err = _plain(s, "a user name", "llama")
     if err:
         return err
-    if not _USER_RE.match(s):
+    if not _USER_RE.fullmatch(s):
         return f"must be a user name (lower-case letters, digits, '_', '-'; at most 32), got {cut(s)}"
     return None
 
@@ -244,7 +244,7 @@ def login_user(s: str) -> str | None:
     err = _plain(s, "a user name", "root")
     if err:
         return err
-    if not _LOGIN_RE.match(s):
+    if not _LOGIN_RE.fullmatch(s):
         return f"must be a user name (letters, digits, '.', '_', '-'), got {cut(s)}"
     return None
 
@@ -256,7 +256,7 @@ def env_name(s: str) -> str | None:
     err = _plain(s, "an environment variable name", "HF_TOKEN")
     if err:
         return err
-    if not _ENV_RE.match(s):
+    if not _ENV_RE.fullmatch(s):
         return f"must be an environment variable name (letters, digits, '_'), got {cut(s)}"
     return None
 
@@ -271,7 +271,7 @@ def hf_model_id(s: str) -> str | None:
     if err:
         return err
     parts = s.split("/")
-    ok = (len(parts) == 2 and all(_HF_PART.match(p) and p[0] not in "-." and p[-1] not in "-."
+    ok = (len(parts) == 2 and all(_HF_PART.fullmatch(p) and p[0] not in "-." and p[-1] not in "-."
                                   for p in parts)
           and "--" not in s and ".." not in s and not s.endswith(".git"))
     if not ok:
@@ -288,7 +288,7 @@ def name(s: str) -> str | None:
     err = _plain(s, "a name", "llama-server")
     if err:
         return err
-    if not _NAME_RE.match(s) or len(s) > 200:
+    if not _NAME_RE.fullmatch(s) or len(s) > 200:
         return f"must be a name (letters, digits, '_', '.', '+', '-'), got {cut(s)}"
     return None
 
@@ -298,7 +298,7 @@ _CMAKE_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?::[A-Z]+)?$")
 
 def cmake_var(s: str) -> str | None:
     """`NAME` or `NAME:TYPE` (cmake -D NAME:TYPE=VALUE)."""
-    if not isinstance(s, str) or not _CMAKE_VAR.match(s) or len(s) > 200:
+    if not isinstance(s, str) or not _CMAKE_VAR.fullmatch(s) or len(s) > 200:
         return f"must be a CMake variable name (letters, digits, '_'; optionally :TYPE), got {cut(s)}"
     return None
 
@@ -310,7 +310,7 @@ def cuda_arch(s: str) -> str | None:
     err = text(s)
     if err:
         return err
-    if not _ARCH_RE.match(s):
+    if not _ARCH_RE.fullmatch(s):
         return f"must be a CUDA architecture like 86, 90a, 120-real, native or all, got {cut(s)}"
     return None
 
@@ -356,7 +356,7 @@ def proxy_url(s: str) -> str | None:
     err = _plain(s, what, "http://10.0.0.1:3142")
     if err:
         return err
-    m = _PROXY_RE.match(s)
+    m = _PROXY_RE.fullmatch(s)
     if not m or host_error(m.group("host")) or (m.group("port") and not 0 < int(m.group("port")) < 65536):
         return f"must be {what} (http or https, host[:port], no quotes or spaces), got {cut(s)}"
     return None
@@ -368,7 +368,7 @@ def http_url(s: str) -> str | None:
     err = _plain(s, what, "https://huggingface.co")
     if err:
         return err
-    if not _URL_SAFE.match(s) or "'" in s:
+    if not _URL_SAFE.fullmatch(s) or "'" in s:
         return f"must be {what} without spaces or quotes, got {cut(s)}"
     u = urlsplit(s)
     try:

@@ -552,10 +552,11 @@ def task_update(ctx: Context, max_log: int = 30) -> bool:
     view = ll.view()
     old = view.builds.get(view.current) if view.current else None
     sha = ll.sync(view)
-    if old and old.commit and lb.SHA_RE.match(old.commit) and old.commit != sha:
-        r = ll.git(f"rev-list --count {old.commit}..{sha}", check=False)
+    if old and old.commit and lb.SHA_RE.fullmatch(old.commit) and old.commit != sha:
+        span = quote(f"{old.commit}..{sha}")  # the old commit comes from the rig: checked, quoted
+        r = ll.git(f"rev-list --count {span}", check=False)
         n = r.stdout.strip() if r.ok else "?"
-        lg = ll.git(f"log --oneline --no-decorate -n {max_log} {old.commit}..{sha}", check=False)
+        lg = ll.git(f"log --oneline --no-decorate -n {max_log} {span}", check=False)
         ctx.say(f"llama: {n} new commit(s) {old.commit[:9]}..{sha[:9]}:")
         for ln in lg.stdout.splitlines():
             ctx.say(f"llama:   {ln}")
