@@ -6,10 +6,9 @@ OUTCOMES collects what each case did; conftest.py prints the summary line at the
 """
 from __future__ import annotations
 
-OUTCOMES: dict[str, str] = {}  # case id -> "refused" | "harmless"
-SIZE: dict[str, int] = {}  # catalog part -> number of cases it holds
+OUTCOMES: dict[tuple[str, str], str] = {}  # (catalog part, case) -> "refused" | "harmless"
 
 
-def record(case: str, outcome: str) -> None:
+def record(part: str, case: str, outcome: str) -> None:
     assert outcome in ("refused", "harmless"), outcome
-    OUTCOMES[case] = outcome
+    OUTCOMES[(part, case)] = outcome

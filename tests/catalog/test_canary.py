@@ -24,9 +24,10 @@ from provision.engine import Context
 from provision.errors import InventoryError, StepError
 from provision.steps import llama as llama_step
 from provision.target import LocalTarget
-from tests.catalog import SIZE, record
+from tests.catalog import record
 from tests.catalog.cases import CASES
 
+PART = "canary runs"
 REPO = Path(__file__).resolve().parents[2]
 RIG_KEYS = ("llama_cpp.ref", "llama_cpp.cmake_options", "model.revision", "model.include", "model.dir",
             "model.pip_find_links", "server.alias", "server.extra_args", "paths.prefix", "paths.state_dir")
@@ -46,9 +47,6 @@ def accepted_payloads(canary: str) -> dict[str, list]:
         out[c.path].append(v)
     out["llama_cpp.ref"].append("master")  # one host in four gets past the llama step's resolve
     return out
-
-
-SIZE["canary runs"] = sum(len(v) for v in accepted_payloads("/CANARY").values()) - 1 + 4 + 3 + 1
 
 
 def git_repo(path: Path) -> Path:
@@ -99,7 +97,7 @@ def test_local_check_runs_no_hostile_value(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["hosts.yaml", next(
         x.name for x in tmp_path.iterdir() if x.name.startswith("repo "))]  # --check made nothing
     for i in range(n_values - 1):
-        record(f"canary local --check value {i}", "harmless")
+        record(PART, f"canary local --check value {i}", "harmless")
 
 
 @pytest.mark.sshd
@@ -117,7 +115,7 @@ def test_ssh_check_through_the_cli_runs_no_hostile_value(sshd, tmp_path):
     assert "UNREACHABLE" not in r.stdout + r.stderr
     assert not Path(canary).exists()
     for h in first:
-        record(f"canary ssh --check host {h}", "harmless")
+        record(PART, f"canary ssh --check host {h}", "harmless")
 
 
 @pytest.mark.parametrize("ref_payload", ["$(touch${IFS}{canary})", "%n-%h-%u", "$HOME${PATH}"])
@@ -145,7 +143,7 @@ def test_llama_sync_applied_with_hostile_ref_and_prefix(tmp_path, ref_payload):
     with pytest.raises(StepError):
         ll.sync(ll.view())
     assert not Path(canary).exists()
-    record(f"canary llama sync {ref_payload}", "harmless")
+    record(PART, f"canary llama sync {ref_payload}", "harmless")
 
 
 def test_llama_second_fence_if_validation_were_bypassed(tmp_path):
@@ -165,4 +163,4 @@ def test_llama_second_fence_if_validation_were_bypassed(tmp_path):
     r = subprocess.run(f"git ls-remote -- '--upload-pack=touch {canary};' master", shell=True,
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode != 0 and not canary.exists()
-    record("canary llama second fence", "refused")
+    record(PART, "canary llama second fence", "refused")

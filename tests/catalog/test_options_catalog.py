@@ -17,8 +17,9 @@ from invoke.exceptions import Exit
 
 import tasks
 from provision import values
-from tests.catalog import SIZE, record
+from tests.catalog import record
 
+PART = "task options"
 REPO = Path(__file__).resolve().parents[2]
 NO_INVENTORY = "/nonexistent/hosts.yaml"
 
@@ -75,7 +76,6 @@ BAD = [  # (task, option, value, message after "command line: ")
     ("service_argv", "model", "/m/x\nExecStartPre=/bin/sh", "--model: must be one line of text without "
      "control characters, got a newline in '/m/x\\nExecStartPre=/bin/sh'"),
 ]
-SIZE["task options"] = len(BAD) + 3 + 7  # + the file cases and the CLI cases below
 
 
 @pytest.mark.parametrize("task,option,value,message", BAD,
@@ -87,7 +87,7 @@ def test_bad_option_is_one_line_exit_2_before_any_host(request, task, option, va
     assert ei.value.code == 2
     assert ei.value.message == "command line: " + message
     assert values.bad_char(ei.value.message) is None
-    record(request.node.callspec.id, "refused")
+    record(PART, request.node.callspec.id, "refused")
 
 
 def test_bad_baseline_and_results_files(tmp_path):
@@ -96,14 +96,14 @@ def test_bad_baseline_and_results_files(tmp_path):
     with pytest.raises(Exit) as ei:
         tasks.bench(Context(), host="rig", inventory=NO_INVENTORY, baseline=str(bad))
     assert ei.value.code == 2 and ei.value.message.startswith(f"baseline {bad}: not JSON")
-    record("bench --baseline not-json", "refused")
+    record(PART, "bench --baseline not-json", "refused")
     f = tmp_path / "file"
     f.write_text("x")
     for task in (tasks.bench, tasks.tune):
         with pytest.raises(Exit) as ei:
             task(Context(), host="rig", inventory=NO_INVENTORY, results=str(f))
         assert ei.value.code == 2 and ei.value.message == f"command line: --results: {f} is a file, not a folder"
-        record(f"{task.name} --results file", "refused")
+        record(PART, f"{task.name} --results file", "refused")
 
 
 def test_good_options_reach_the_inventory_step():
@@ -174,7 +174,7 @@ def test_cli_bad_input_exit_2_nobody_contacted(watched, tmp_path, argv, line):
     assert r.stdout == ""
     assert _nobody_connected(sock)
     assert not (tmp_path / "pwned").exists()
-    record("cli " + " ".join(argv), "refused")
+    record(PART, "cli " + " ".join(argv), "refused")
 
 
 def test_help_names_the_valid_values():

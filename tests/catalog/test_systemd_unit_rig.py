@@ -11,8 +11,9 @@ import pytest
 
 from provision import inventory as inv
 from provision.steps import service
-from tests.catalog import SIZE, record
+from tests.catalog import record
 
+PART = "real systemd"
 pytestmark = pytest.mark.rig
 
 DUMP = "/usr/local/bin/llama-rig-argv-dump"
@@ -21,7 +22,6 @@ ALIAS = f"x; touch {CANARY} $(id) %n %% $HOME ${{PATH}} \"dq\" 'sq' \\ \\; ; `id
 EXTRA = [";", "\\;", "$HOME", "${PATH}", "%n", "%%", "a b", '"', "'", "\\", "", f"--x=$(touch {CANARY})",
          f"`touch {CANARY}`", "&&", "|", ">", "#not-a-comment", "=", "\\n"]
 MODEL = "/models/a b/%n/$HOME/x;y'z\"q\\.gguf"
-SIZE["systemd (real)"] = 1 + len(EXTRA)
 
 
 def _put(rig, path: str, text: str, mode: str = "0644") -> None:
@@ -50,6 +50,6 @@ def test_systemd_passes_exactly_our_argv(rig_factory):
     assert rig.sh(f"test -e {CANARY}", check=False).returncode == 1
     assert len(unit.split("\n")) == len(service.render_unit(
         inv.from_data({"hosts": {"r": {"connection": {"type": "local"}}}}).hosts["r"].cfg, "/m.gguf").split("\n"))
-    record("systemd alias", "harmless")
+    record(PART, "systemd alias", "harmless")
     for w in EXTRA:
-        record(f"systemd extra_arg {w!r}", "harmless")
+        record(PART, f"systemd extra_arg {w!r}", "harmless")

@@ -9,8 +9,9 @@ from provision import inventory as inv
 from provision import lock as lk
 from provision import values
 from provision.errors import ExitStatus, InventoryError, UsageError
-from tests.catalog import SIZE, record
+from tests.catalog import record
 
+PART = "YAML loading"
 H = "hosts:\n  rig:\n    connection: {address: 10.0.0.5}\n"
 
 ACCEPTED = [  # (id, text, {dotted path on host 'rig' (or 'host:path'): expected value})
@@ -139,7 +140,6 @@ hosts:
     ("x_prefix_only_top_level", H.replace("connection", "x-conn: {}\n    connection"),
      "hosts.yaml: host 'rig': x-conn: unknown key"),
 ]
-SIZE["YAML loading"] = len(ACCEPTED) + len(REFUSED) + 3  # + the file size / lock / CLI tests below
 
 
 def _write(tmp_path, text: str):
@@ -159,7 +159,7 @@ def test_yaml_accepted(tmp_path, request, text, expect):
     for path, want in expect.items():
         host, _, dotted = path.rpartition(":")
         assert _get(i.hosts[host or "rig"].cfg, dotted) == want, path
-    record(request.node.callspec.id, "harmless")
+    record(PART, request.node.callspec.id, "harmless")
 
 
 @pytest.mark.parametrize("text,message", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
@@ -173,7 +173,7 @@ def test_yaml_refused_one_line(tmp_path, request, text, message):
         assert msg == message
     assert ei.value.status == ExitStatus.BAD_INPUT
     assert values.bad_char(msg) is None and len(msg) < 400
-    record(request.node.callspec.id, "refused")
+    record(PART, request.node.callspec.id, "refused")
 
 
 def test_file_size_bounded(tmp_path):
@@ -181,7 +181,7 @@ def test_file_size_bounded(tmp_path):
     with pytest.raises(InventoryError) as ei:
         inv.load(p)
     assert str(ei.value) == "hosts.yaml: 2.0 MiB is too large for an inventory (at most 1 MiB)"
-    record("yaml file_size_2MiB", "refused")
+    record(PART, "yaml file_size_2MiB", "refused")
 
 
 def test_lock_file_uses_the_same_loader(tmp_path):
@@ -194,7 +194,7 @@ def test_lock_file_uses_the_same_loader(tmp_path):
     with pytest.raises(UsageError) as ei:
         lk.load(p)
     assert "duplicate key 'format'" in str(ei.value)
-    record("yaml lock_file_depth_and_duplicates", "refused")
+    record(PART, "yaml lock_file_depth_and_duplicates", "refused")
 
 
 def test_set_values_use_the_same_loader():
@@ -204,4 +204,4 @@ def test_set_values_use_the_same_loader():
     with pytest.raises(InventoryError) as ei:
         inv.from_data({"hosts": {"rig": {"connection": {"address": "10.0.0.5"}}}}, overrides=over)
     assert str(ei.value).startswith("command line: server.extra_args: must be a list of strings, got a string")
-    record("yaml set_value_depth", "refused")
+    record(PART, "yaml set_value_depth", "refused")
