@@ -175,7 +175,10 @@ class App:
         [h] = self.hosts(spec)[:1]
         if h.cfg.get("lock"):
             lk.apply_to_cfg(h.cfg, lk.load(self.lock_file(h.cfg["lock"])))
-        target = self.target_factory(h)
+        try:
+            target = self.target_factory(h)
+        except ConnectError as e:
+            raise ConnectError(f"[{h.name}] UNREACHABLE: {e}") from None
         try:
             return h.name, lk.from_rig(Context(h, target, self.console))
         finally:
