@@ -35,8 +35,8 @@ BAD = [  # (task, option, value, message after "command line: ")
     ("bench", "depths", "foo", "--depths: not a token count: 'foo'"),
     ("bench", "depths", "4096,x", "--depths: not a token count: 'x'"),
     ("bench", "depths", ",", "--depths: empty"),
-    ("bench", "depths", "0", "--depths: each depth must be between 1 and 16777216 tokens, got 0"),
-    ("bench", "depths", "99999999999", "--depths: each depth must be between 1 and 16777216 tokens, got 99999999999"),
+    ("bench", "depths", "16K,99999999", "--depths: each depth must be between 0 and 16777216 tokens, got 99999999"),
+    ("bench", "depths", "99999999999", "--depths: each depth must be between 0 and 16777216 tokens, got 99999999999"),
     ("bench", "depths", "-1", "--depths: not a token count: '-1'"),
     ("bench", "depths", "4K;rm -rf /", "--depths: not a token count: '4K;rm -rf /'"),
     ("bench", "reps", "0", "--reps: must be an integer between 1 and 100, got 0"),
@@ -110,7 +110,7 @@ def test_good_options_reach_the_inventory_step():
     """Good values pass the options check: the next thing that speaks is the inventory (exit 2,
     file not found) -- so the check above really ran first."""
     for fn, kw in ((tasks.provision, {"parallel": "8"}), (tasks.gpu_power, {"watts": "350"}),
-                   (tasks.service_logs, {"n": "20"}), (tasks.bench, {"depths": "4K,8192", "reps": "1",
+                   (tasks.service_logs, {"n": "20"}), (tasks.bench, {"depths": "0,4K,8192", "reps": "1",
                                                                      "service": "keep"}),
                    (tasks.tune, {"pairs": "512/2048", "depth": "4096"}),
                    (tasks.service_argv, {"model": "/m/a.gguf"})):
