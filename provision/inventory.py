@@ -319,7 +319,9 @@ class Inventory:
     def select(self, spec: str | None, all_hosts: bool = False) -> list[Host]:
         """`rig`, `rig,rig2`, a group name, or all_hosts. Unknown names -> InventoryError."""
         if all_hosts:
-            return list(self.hosts.values())
+            out = list(self.hosts.values())
+            check_control_files(out)
+            return out
         if not spec:
             raise InventoryError(f"{self.path.name}: no host given (use --host NAME, a group, or --all)")
         out: list[Host] = []

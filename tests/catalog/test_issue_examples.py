@@ -261,3 +261,17 @@ def test_service_argv_with_model_needs_no_rig(tmp_path, listener):
     assert words[words.index("--alias") + 1] == "a b"
     assert _nobody_connected(listener)
     record(PART, "issue: service.argv --model offline", "harmless")
+
+
+def test_missing_key_file_is_bad_input_for_every_way_of_selecting(tmp_path):
+    i = inv.from_data({"hosts": {"rig": {"connection": {"address": "10.0.0.5", "key": str(tmp_path / "nope")}},
+                                 "box": {"connection": {"type": "local"}}},
+                       "groups": {"g": {"hosts": ["rig"]}}})
+    for how in (lambda: i.select("rig"), lambda: i.select("g"), lambda: i.select("box,rig"),
+                lambda: i.select(None, all_hosts=True)):
+        with pytest.raises(InventoryError) as ei:
+            how()
+        assert str(ei.value) == f"hosts.yaml: host 'rig': connection.key: no such file: {tmp_path / 'nope'}"
+        assert ei.value.status == ExitStatus.BAD_INPUT
+    assert [h.name for h in i.select("box")] == ["box"]  # a local host needs no key
+    record(PART, "issue: missing connection.key, any selection", "refused")
