@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import llama_build as lb
-from ..engine import Call, Change, Context, Step
 from .. import values
+from ..engine import Call, Change, Context, Step
 from ..errors import CommandError, StepError, UnsafeValue
 from ..facts import host as hostfacts
 from ..target import join, quote

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..engine import Call, Change, Context, Run, Step, WriteFile
 from .. import values
+from ..engine import Call, Change, Context, Run, Step, WriteFile
 from ..errors import CommandError, StepError, UsageError
 from ..facts import host as hostfacts
 from ..facts.gpu import GpuFacts
