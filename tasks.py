@@ -4,13 +4,21 @@ from __future__ import annotations
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from provision import options as opt
 from provision.app import App
+from provision.cli import bad_input_is_exit_2
+from provision.errors import UsageError
+from provision.inventory import STEP_SECTIONS
+from provision.steps import step_names
+
+bad_input_is_exit_2()  # invoke's own parse errors (unknown flag, missing value) exit 2 as well
 
 HOST_HELP = {
     "host": "host name(s) from hosts.yaml, comma-separated, or a group name",
     "all": "every host in the inventory",
     "inventory": "inventory file (default: hosts.yaml)",
-    "set": "override an inventory key for this run: SECTION.KEY=VALUE (repeatable)",
+    "set": "override an inventory key for this run: SECTION.KEY=VALUE (repeatable); SECTION is one "
+           "of " + ", ".join(STEP_SECTIONS),
 }
 
 
@@ -23,6 +31,14 @@ def _exit(status) -> None:
         raise Exit(code=int(status))
 
 
+def _options(build):
+    """Read and check a task's options before any host is contacted: one line and exit 2."""
+    try:
+        return opt.parse(build)
+    except UsageError as e:
+        raise Exit(str(e), code=2) from None
+
+
 def _each(inventory, set, host, all, fn, title: str, changes: bool = False) -> None:
     """fn(ctx) on each selected host; `changes`: it may change the rig (held under the run lock)."""
     _exit(_app(inventory, set).each_host(host, fn, title=title, all_hosts=all, changes=changes))
@@ -32,17 +48,18 @@ def _each(inventory, set, host, all, fn, title: str, changes: bool = False) -> N
     **HOST_HELP,
     "check": "show the plan, change nothing",
     "diff": "show unified diffs of the files that change",
-    "only": "run only these steps (comma-separated)",
-    "skip": "skip these steps (comma-separated)",
-    "parallel": "hosts handled at once (default 4)",
+    "only": "run only these steps (comma-separated): " + ", ".join(step_names()),
+    "skip": "skip these steps (comma-separated): " + ", ".join(step_names()),
+    "parallel": f"hosts handled at once, {opt.PARALLEL[0]} to {opt.PARALLEL[1]} (default 4)",
     "lock": "reproduce this lock file (llama.cpp commit + flags, model sha + bytes); else each host's lock: key",
     "reboot": "reboot a host that needs it (a new NVIDIA driver), wait for SSH, and go on",
 })
 def provision(c, host=None, all=False, check=False, diff=False, only=None, skip=None,
-              inventory="hosts.yaml", set=None, parallel=4, lock=None, reboot=False):
+              inventory="hosts.yaml", set=None, parallel=None, lock=None, reboot=False):
     """Bring hosts to the state in hosts.yaml (idempotent; --check to preview)."""
+    n = _options(lambda: opt.integer("--parallel", parallel, 4, *opt.PARALLEL))
     _exit(_app(inventory, set).provision(host, all, check=check, diff=diff, only=only, skip=skip,
-                                         parallel=int(parallel), lock=lock, reboot=reboot))
+                                         parallel=n, lock=lock, reboot=reboot))
 
 
 @task(auto_shortflags=False, iterable=["set"], help=HOST_HELP)
@@ -104,7 +121,7 @@ ns.add_collection(llama)
     "service": "auto (stop llama-server only if its VRAM is needed), stop, or keep",
     "baseline": "baseline JSON to compare with (default: the seed's table), or none",
     "binary": "llama-bench path on the rig (default <prefix>/llama.cpp/current/bin/llama-bench)",
-    "model": "model path on the rig (default: the service's shard 1)",
+    "model": "model path on the rig (default: the service's shard 1, only once verified)",
     "results": "results folder on this machine (default results/)",
     "prompt": "prompt tokens per prefill test (-p, default 512)",
     "gen": "generated tokens per decode test (-n, default 128)",
@@ -112,34 +129,59 @@ ns.add_collection(llama)
 def bench(c, host=None, all=False, depths=None, reps=3, ttft=True, service="auto", baseline=None,
           binary=None, model=None, results="results", prompt=512, gen=128, inventory="hosts.yaml", set=None):
     """Context sweep with llama-bench: prefill/decode t/s, TTFT, GPU power, tokens/kWh, charts."""
-    from provision import bench as b
-    opts = b.BenchOptions(depths=b.parse_depths(depths), reps=int(reps), ttft=ttft, service=service,
-                          binary=binary, model=model, results_root=results, n_prompt=int(prompt),
-                          n_gen=int(gen), baseline=baseline or str(b.DEFAULT_BASELINE))
-    _exit(_app(inventory, set).each_host(host, lambda ctx: b.run_bench(ctx, opts) and False,
-                                         title="bench", all_hosts=all, parallel=1, changes=True))
+    from provision.bench import flags as bf, guard, results as br, sweep
+    app = _app(inventory, set)
+
+    def go():
+        opts = sweep.BenchOptions(
+            depths=bf.parse_depths(depths), reps=bf.parse_count(reps, "reps"), ttft=ttft,
+            service=guard.parse_service_policy(service), binary=binary, model=model, results_root=results,
+            n_prompt=bf.parse_count(prompt, "prompt"), n_gen=bf.parse_count(gen, "gen"),
+            baseline=baseline or str(br.DEFAULT_BASELINE))
+        return app.each_host(host, lambda ctx: sweep.run_bench(ctx, opts) and False, title="bench",
+                             all_hosts=all, parallel=1, changes=True)
+    _exit(app.guarded(go))
 
 
 @task(auto_shortflags=False, iterable=["set"], help={
     **HOST_HELP,
-    "depth": "prompt length the batch flags are tuned for (pp<depth> from an empty cache, default 8192)",
-    "reps": "repetitions per flag set (default 3)",
-    "pairs": "ubatch/batch pairs to try, e.g. 512/2048,4096/4096 (default: 8 pairs from 512/2048 up)",
-    "apply": "write the best batch_size/ubatch_size (and tensor_split) into the host's entry in the inventory",
+    "power": "sweep GPU power limits instead: decode/prefill t/s, W and tokens/kWh per limit, the knee",
+    "watts": "with --power: the limits to try, e.g. 250,275,300,350 (default: min..default limit in 6 steps)",
+    "keep": "with --power: the knee keeps this share of the best decode t/s (default 0.95)",
+    "depth": "batch: prompt length tuned for (pp<depth>, default 8192); --power: context depth (default 4096)",
+    "reps": "separate llama-bench runs of every point (default 3; a winner needs 3)",
+    "pairs": "ubatch/batch pairs to try, e.g. 512/2048,4096/4096 (default: 11 pairs from 512/2048 up)",
+    "splits": "with several GPUs also try -ts variants and split modes (--no-splits: pairs only)",
+    "apply": "write the winner into the host's entry in the inventory (only a gain beyond the noise)",
     "service": "auto (stop llama-server only if its VRAM is needed), stop, or keep",
     "binary": "llama-bench path on the rig",
-    "model": "model path on the rig (default: the service's shard 1)",
+    "model": "model path on the rig (default: the service's shard 1, only once verified)",
     "results": "results folder on this machine (default results/)",
 })
-def tune(c, host=None, all=False, depth=8192, reps=3, pairs=None, apply=False, service="auto",
-         binary=None, model=None, results="results", inventory="hosts.yaml", set=None):
-    """Sweep -ub/-b (and -ts) at one depth; report the best vs the seed's flags; --apply writes it."""
-    from provision import tune as t
-    opts = t.TuneOptions(depth=int(depth), reps=int(reps), pairs=t.parse_pairs(pairs), apply=apply,
-                         service=service, binary=binary, model=model, results_root=results,
-                         inventory_path=inventory)
-    _exit(_app(inventory, set).each_host(host, lambda ctx: t.run_tune(ctx, opts) and apply,
-                                         title="tune", all_hosts=all, parallel=1, changes=True))
+def tune(c, host=None, all=False, power=False, watts=None, keep=None, depth=None, reps=3, pairs=None,
+         splits=True, apply=False, service="auto", binary=None, model=None, results="results",
+         inventory="hosts.yaml", set=None):
+    """Sweep -ub/-b, -ts and split modes (or --power limits) vs the current flags; --apply writes a significant win."""
+    from provision.bench import flags as bf, guard
+    from provision.tune import options as o
+    app = _app(inventory, set)
+
+    def go():
+        opts = o.TuneOptions(power=power, watts=o.parse_watts(watts), keep=o.parse_keep(keep),
+                             depth=None if depth is None else bf.parse_count(depth, "depth", minimum=0),
+                             reps=o.parse_reps(reps), pairs=o.parse_pairs(pairs), splits=splits,
+                             apply=apply, service=guard.parse_service_policy(service), binary=binary,
+                             model=model, results_root=results, inventory_path=inventory)
+        o.check_mode(opts, watts=watts, keep=keep, pairs=pairs)
+
+        def run(ctx):
+            if power:
+                from provision.tune.power import run_power_tune
+                return bool(run_power_tune(ctx, opts)["applied"])
+            from provision.tune.batch import run_batch_tune
+            return bool(run_batch_tune(ctx, opts)["applied"])
+        return app.each_host(host, run, title="tune", all_hosts=all, parallel=1, changes=True)
+    _exit(app.guarded(go))
 
 
 ns.add_task(bench)
@@ -150,11 +192,12 @@ ns.add_task(tune)
 
 
 @task(name="power", auto_shortflags=False, iterable=["set"],
-      help={**HOST_HELP, "watts": "set every GPU to this limit for now (validated; boot unit unchanged)"})
+      help={**HOST_HELP, "watts": f"set every GPU to this limit for now, {opt.WATTS[0]} to {opt.WATTS[1]} W"
+                                  " and within each board's own range (boot unit unchanged)"})
 def gpu_power(c, host=None, all=False, watts=None, inventory="hosts.yaml", set=None):
     """Apply persistence mode and power limits (inventory, or --watts N for all GPUs now)."""
     from provision.steps import gpu as g
-    w = float(watts) if watts is not None else None
+    w = _options(lambda: opt.number("--watts", watts, *opt.WATTS))
     _each(inventory, set, host, all, lambda ctx: g.apply_now(ctx, w), "gpu.power", changes=True)
 
 
@@ -173,11 +216,12 @@ def service_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
 
 
 @task(name="logs", auto_shortflags=False, iterable=["set"],
-      help={**HOST_HELP, "n": "how many journal lines (default 50)"})
-def service_logs(c, host=None, all=False, n=50, inventory="hosts.yaml", set=None):
+      help={**HOST_HELP, "n": f"how many journal lines, {opt.LOG_LINES[0]} to {opt.LOG_LINES[1]} (default 50)"})
+def service_logs(c, host=None, all=False, n=None, inventory="hosts.yaml", set=None):
     """Show the last lines of llama-server's journal."""
     from provision.steps import service as s
-    _each(inventory, set, host, all, lambda ctx: s.logs(ctx, int(n)), "service.logs")
+    lines = _options(lambda: opt.integer("-n", n, 50, *opt.LOG_LINES))
+    _each(inventory, set, host, all, lambda ctx: s.logs(ctx, lines), "service.logs")
 
 
 @task(name="restart", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
@@ -188,11 +232,22 @@ def service_restart(c, host=None, all=False, inventory="hosts.yaml", set=None):
 
 
 @task(name="argv", auto_shortflags=False, iterable=["set"],
-      help={**HOST_HELP, "model": "model shard 1 path (default: the model step's verified shard 1)"})
+      help={**HOST_HELP, "model": "model shard 1 path on the rig (default: the model step's verified "
+                                  "shard 1, read from the rig); with --model the rig is not contacted"})
 def service_argv(c, host=None, all=False, model=None, inventory="hosts.yaml", set=None):
     """Print the rendered llama-server command line (the unit's ExecStart=)."""
     from provision.steps import service as s
-    _each(inventory, set, host, all, lambda ctx: s.print_argv(ctx, model), "service.argv")
+    path = _options(lambda: opt.rig_path("--model", model))
+    if path:  # nothing to read from the rig: render it here
+        app = _app(inventory, set)
+
+        def show() -> int:
+            for h in app.hosts(host, all):
+                app.console.line(s.argv_for(h.cfg, path))
+            return 0
+        _exit(app.guarded(show))
+        return
+    _each(inventory, set, host, all, lambda ctx: s.print_argv(ctx, None), "service.argv")
 
 
 @task(name="config", auto_shortflags=False, iterable=["set"],
@@ -224,8 +279,7 @@ ns.add_collection(opencode)
 
 # -- lock files ---------------------------------------------------------------------------------
 
-LOCK_HELP = {"inventory": "inventory file (default: hosts.yaml)",
-             "set": "override an inventory key for this run: SECTION.KEY=VALUE (repeatable)"}
+LOCK_HELP = {"inventory": HOST_HELP["inventory"], "set": HOST_HELP["set"]}
 
 
 @task(name="diff", auto_shortflags=False, iterable=["set"], help={

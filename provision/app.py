@@ -176,7 +176,10 @@ class App:
         [h] = self.hosts(spec)[:1]
         if h.cfg.get("lock"):
             lk.apply_to_cfg(h.cfg, lk.load(self.lock_file(h.cfg["lock"])))
-        target = self.target_factory(h)
+        try:
+            target = self.target_factory(h)
+        except ConnectError as e:
+            raise ConnectError(f"[{h.name}] UNREACHABLE: {e}") from None
         try:
             return h.name, lk.from_rig(Context(h, target, self.console))
         finally:
@@ -186,6 +189,15 @@ class App:
         def go() -> ExitStatus:
             from . import lock as lk
             name, doc = self.lock_doc(spec)
+            body = doc.get("lock") or {}
+            if name in self.inventory().hosts and not body.get("llama_cpp") and not body.get("model"):
+                # read live from a rig that was never provisioned: no lock to show (a YAML comment,
+                # so `lock.show rig > rig.lock.yaml` does not make a lock full of nulls)
+                state = self.inventory().hosts[name].cfg["paths"]["state_dir"]
+                self.console.line(f"# {name}: nothing provisioned yet (no llama.cpp build or model "
+                                  f"recorded in {state}/state.json) — run `invoke provision --host "
+                                  f"{name}` first")
+                return ExitStatus.OK
             for ln in lk.dump(doc, self.lock_dir() / f"{doc['host']['name']}.lock.yaml").splitlines():
                 self.console.line(ln)
             return ExitStatus.OK

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("hf_pull.py", "sha256_files.py")
+SCRIPTS = ("hf_pull.py", "sha256_files.py", "ttft_probe.py")
 
 
 @lru_cache(maxsize=None)

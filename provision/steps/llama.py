@@ -14,18 +14,17 @@ next `invoke provision`; pin a tag (b6895 / v0.5.0) or a 40-hex commit to freeze
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import functools
-
 from .. import llama_build as lb
 from .. import llama_cuda_subset as cuda_subset
-from .. import reach
+from .. import reach, values
 from ..engine import Call, Change, Context, Step
-from ..errors import CommandError, StepError
+from ..errors import CommandError, StepError, UnsafeValue
 from ..facts import host as hostfacts
 from ..target import join, quote
 
@@ -292,13 +291,22 @@ class Llama:
         return parse_view(self.sh(view_script(self.base), check=False).stdout)
 
     # -- source ----------------------------------------------------------------------------
+    def source(self) -> tuple[str, str]:
+        """llama_cpp.repo and .ref, checked again (the inventory did already): a repo or ref that
+        git could read as an option never reaches a command line."""
+        repo, ref = self.lc["repo"], self.lc["ref"]
+        for key, err in (("repo", values.git_url(repo)), ("ref", values.git_ref(ref))):
+            if err:
+                raise UnsafeValue(f"llama_cpp.{key}: {err}")
+        return repo, ref
+
     def resolve_readonly(self, view: RigView) -> str | None:
         """The commit `ref` names now, without changing the box (ls-remote / the clone)."""
-        ref = self.lc["ref"]
+        repo, ref = self.source()
         kind = lb.ref_kind(ref)
         if kind == "commit":
             return ref
-        r = self.sh(f"git ls-remote {quote(self.lc['repo'])} {quote(ref)} {quote(ref + '^{}')}",
+        r = self.sh(f"git ls-remote -- {quote(repo)} {quote(ref)} {quote(ref + '^{}')}",
                     check=False, timeout=120)
         sha = lb.parse_ls_remote(r.stdout, ref) if r.ok else None
         if sha:
@@ -329,20 +337,19 @@ class Llama:
     @_git_reach
     def sync(self, view: RigView) -> str:
         """Clone or fetch, resolve ref, check the commit out. Returns the 40-hex commit."""
-        repo = self.lc["repo"]
-        ref = self.lc["ref"]
+        repo, ref = self.source()
         if view.src_url is None:
             self.ctx.say(f"llama: cloning {repo} (full history, for real build numbers)")
             self.sh(f"mkdir -p {quote(self.base)} && rm -rf {quote(self.src)} && "
-                    f"git clone -q --no-checkout {quote(repo)} {quote(self.src)}", timeout=7200)
+                    f"git clone -q --no-checkout -- {quote(repo)} {quote(self.src)}", timeout=7200)
         else:
             if view.src_url != repo:
-                self.git(f"remote set-url origin {quote(repo)}")
+                self.git(f"remote set-url -- origin {quote(repo)}")
             self.git("fetch -q --prune --tags --force origin "
                      "'+refs/heads/*:refs/remotes/origin/*'", timeout=3600)
         sha = self.resolve_local(ref)
         if sha is None and lb.ref_kind(ref) == "commit":
-            self.git(f"fetch -q origin {quote(ref)}", check=False, timeout=3600)
+            self.git(f"fetch -q -- origin {quote(ref)}", check=False, timeout=3600)
             sha = self.resolve_local(ref)
         if sha is None:
             raise StepError(f"llama_cpp.ref {ref!r} not found in {repo}")
@@ -594,10 +601,11 @@ def task_update(ctx: Context, max_log: int = 30) -> bool:
     view = ll.view()
     old = view.builds.get(view.current) if view.current else None
     sha = ll.sync(view)
-    if old and old.commit and old.commit != sha:
-        r = ll.git(f"rev-list --count {old.commit}..{sha}", check=False)
+    if old and old.commit and lb.SHA_RE.fullmatch(old.commit) and old.commit != sha:
+        span = quote(f"{old.commit}..{sha}")  # the old commit comes from the rig: checked, quoted
+        r = ll.git(f"rev-list --count {span}", check=False)
         n = r.stdout.strip() if r.ok else "?"
-        lg = ll.git(f"log --oneline --no-decorate -n {max_log} {old.commit}..{sha}", check=False)
+        lg = ll.git(f"log --oneline --no-decorate -n {max_log} {span}", check=False)
         ctx.say(f"llama: {n} new commit(s) {old.commit[:9]}..{sha[:9]}:")
         for ln in lg.stdout.splitlines():
             ctx.say(f"llama:   {ln}")
@@ -656,6 +664,11 @@ def task_rollback(ctx: Context) -> bool:
 def task_status(ctx: Context) -> bool:
     ll = Llama(ctx)
     view = ll.view()
+    name = ctx.host.name
+    if view.current is None and not view.builds and view.src_url is None:
+        ctx.say(f"llama: nothing built on {name} yet (no llama.cpp clone or build under {ll.base})"
+                f" — run `invoke provision --host {name}` (or `invoke llama.build --host {name}`)")
+        return False
     st = ctx.state.get("llama") or {}
     sizes: dict[str, str] = {}
     r = ll.sh(f"cd {quote(ll.base)} 2>/dev/null && du -sh builds/* src 2>/dev/null; "
@@ -670,15 +683,25 @@ def task_status(ctx: Context) -> bool:
         mark = "current" if b.name == view.current else ("previous" if b.name == st.get("previous") else "")
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(b.built_at)) if b.built_at else "-"
         rows.append([b.name, mark, f"b{b.build_number}", b.commit[:9], b.fingerprint[:12],
-                     sizes.get(f"builds/{b.name}", "?"), when])
-    ctx.console.table(f"llama.cpp builds: {ctx.host.name}",
-                      ["build", "", "number", "commit", "fingerprint", "size", "built (UTC)"], rows)
+                     sizes.get(f"builds/{b.name}", "-"), when])
+    if rows:
+        ctx.console.table(f"llama.cpp builds: {name}",
+                          ["build", "", "number", "commit", "fingerprint", "size", "built (UTC)"], rows)
     cur = view.builds.get(view.current) if view.current else None
-    ctx.say(f"llama: current {view.current or 'none'}"
-            + (f" — commit {cur.commit}, fingerprint {cur.fingerprint[:16]}, "
-               f"{cur.extra.get('version', '')}" if cur else ""))
-    ctx.say(f"llama: disk used {sizes.get(ll.base, '?')} ({ll.base}; source {sizes.get('src', '?')}), "
-            f"ccache {sizes.get(ll.ccache_dir, '?')}")
+    if cur:
+        ctx.say(f"llama: current {view.current} — commit {cur.commit}, fingerprint "
+                f"{cur.fingerprint[:16]}, {cur.extra.get('version', '')}".rstrip(", "))
+    elif view.current:
+        ctx.say(f"llama: current → {view.current}, which is not a good build (no {GOOD_MARK})"
+                f" — run `invoke llama.build --host {name}`")
+    else:
+        ctx.say(f"llama: no build is current yet (the clone is there) — run "
+                f"`invoke llama.build --host {name}`")
+    used = [f"disk used {sizes[ll.base]} ({ll.base}"
+            + (f"; source {sizes['src']})" if "src" in sizes else ")")] if ll.base in sizes else []
+    used.append(f"ccache {sizes[ll.ccache_dir]}" if ll.ccache_dir in sizes
+                else f"ccache: nothing cached yet ({ll.ccache_dir})")
+    ctx.say("llama: " + ", ".join(used))
     cs = ll.sh("command -v ccache >/dev/null && ccache -s", env=ll.ccache_env, check=False)
     if cs.ok:
         for ln in cs.stdout.splitlines():

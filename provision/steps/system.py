@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 from .. import nvidia, reach
 from ..engine import Change, Context, RebootHost, Run, Step, WriteFile
-from ..errors import StepError
+from ..errors import StepError, UnsafeValue
 from ..facts import host as hostfacts
 from ..facts.gpu import GpuFacts
 from ..facts.host import HostFacts
 from ..openpgp import KeyringError, primary_fingerprints
 from ..target import join, quote
+from ..values import proxy_url
 
 APT_ENV = "DEBIAN_FRONTEND=noninteractive"
 # a fresh Ubuntu box runs unattended-upgrades right after boot: wait for the dpkg lock instead
@@ -225,6 +226,8 @@ def plan(cfg: dict, hf: HostFacts, gf: GpuFacts, proxy_now: str | None = None,
     changes: list[Change] = []
     proxy = sysc["apt_proxy"]
     if proxy:
+        if proxy_url(proxy):  # the inventory refused it already; never a second line
+            raise UnsafeValue(f"system.apt_proxy: {proxy_url(proxy)}")
         want = f'Acquire::http::Proxy "{proxy}";\n'
         if proxy_now != want:
             changes.append(WriteFile(f"apt proxy {proxy}", path=PROXY_FILE, content=want,

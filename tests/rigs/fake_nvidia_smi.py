@@ -12,7 +12,8 @@ Config  ($FAKE_NVIDIA_SMI_CONFIG, default /etc/fake-nvidia-smi/gpus.json), read 
    "used_memory": 20000}]}
   Missing file -> 6 x NVIDIA GeForce RTX 3090. Every GPU dict key is optional:
   name, uuid, pci_bus_id, compute_cap, memory_total (MiB), memory_used (MiB), memory_reserved
-  (MiB, subtracted from free), power_min, power_max, power_default, power_draw (W),
+  (MiB, subtracted from free), power_min, power_max, power_default, power_draw (W; reported
+  as min(power_draw, the current power limit), as a board's firmware holds it),
   power_limit_supported (bool), temperature (C), utilization (%), fan (%), pstate.
 State   ($FAKE_NVIDIA_SMI_STATE, default /run/fake-nvidia-smi/state.json): persistence mode and
   power limit per GPU (keyed by UUID). /run is tmpfs, so a reboot - or deleting the file - resets
@@ -149,6 +150,15 @@ def _w(v):
     return None if v is None else "%.2f" % float(v)
 
 
+def _draw(g, st):
+    """What the board draws: the configured draw, held under its power limit (a real board's
+    firmware keeps the average draw at or below the limit)."""
+    d = g["power_draw"]
+    if d is None or not g.get("power_limit_supported", True):
+        return d
+    return min(float(d), st["power_limit"])
+
+
 def _fields():
     """canonical field -> (unit or None, getter(g, st, cfg))"""
     return {
@@ -175,7 +185,7 @@ def _fields():
         "utilization.memory": ("%", lambda g, s, c: "0"),
         "power.management": (None, lambda g, s, c: "Enabled" if g["power_limit_supported"]
                              else "[Not Supported]"),
-        "power.draw": ("W", lambda g, s, c: _w(g["power_draw"])),
+        "power.draw": ("W", lambda g, s, c: _w(_draw(g, s))),
         "power.limit": ("W", lambda g, s, c: _w(s["power_limit"])),
         "enforced.power.limit": ("W", lambda g, s, c: _w(s["power_limit"])),
         "power.default_limit": ("W", lambda g, s, c: _w(g["power_default"])),
@@ -402,7 +412,7 @@ def summary(cfg, gpus, state):
         name = g["name"][:28]
         lines.append("| %3d  %-29s %4s | %18s Off | %20s |\n" % (
             g["index"], name, "On" if st["persistence"] else "Off", g["pci_bus_id"], "N/A"))
-        pwr = "%dW / %4dW" % (round(float(g["power_draw"])), round(st["power_limit"]))
+        pwr = "%dW / %4dW" % (round(float(_draw(g, st))), round(st["power_limit"]))
         mem = "%dMiB / %6dMiB" % (int(g["memory_used"]), int(g["memory_total"]))
         lines.append("| %3s%%  %3dC    %-4s %20s | %22s | %6s%%      Default |\n" % (
             g["fan"], int(g["temperature"]), g["pstate"], pwr, mem, g["utilization"]))
@@ -463,7 +473,7 @@ def query_text(cfg, gpus, state, display):
         if want("POWER"):
             na = "N/A" if g["power_limit_supported"] else "[Not Supported]"
             out.append("    GPU Power Readings")
-            kv(8, "Power Draw", "%.2f W" % float(g["power_draw"]))
+            kv(8, "Power Draw", "%.2f W" % float(_draw(g, st)))
             kv(8, "Current Power Limit", "%.2f W" % st["power_limit"]
                if g["power_limit_supported"] else na)
             kv(8, "Requested Power Limit", "%.2f W" % st["power_limit"]
