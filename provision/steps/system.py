@@ -46,18 +46,23 @@ class AptInstall(Change):
     proxy: str | None = None
     timeout: float = 3600
 
+    @property
+    def commands(self) -> list[str]:
+        """The exact command lines, in order (update first when asked for)."""
+        install = f"{APT_GET} install -y -q --no-install-recommends -- {join(self.packages)}"
+        return [f"{APT_GET} update -q", install] if self.update else [install]
+
     def apply(self, ctx: Context) -> None:
         t = ctx.target
         host = ctx.host.name
         upd = ""
         if self.update:
-            r = t.run(f"{APT_GET} update -q", sudo=True, check=False, timeout=self.timeout)
+            r = t.run(self.commands[0], sudo=True, check=False, timeout=self.timeout)
             upd = r.stdout + "\n" + r.stderr
             if not r.ok:
                 raise StepError(reach.apt_unreachable(host, upd, self.sources, self.proxy)
                                 or f"apt-get update failed on {host}: {reach.apt_error(upd)}")
-        r = t.run(f"{APT_GET} install -y -q --no-install-recommends -- {join(self.packages)}",
-                  sudo=True, check=False, timeout=self.timeout)
+        r = t.run(self.commands[-1], sudo=True, check=False, timeout=self.timeout)
         out = r.stdout + "\n" + r.stderr
         if not r.ok:
             why = reach.apt_unreachable(host, upd + "\n" + out, self.sources, self.proxy)
