@@ -152,7 +152,7 @@ def test_plan_fresh_rig():
     m = man(cfg=cfg)
     rig = M.RigView(free_bytes=10**9)
     ch = M.plan(cfg, m, rig, None)
-    assert [type(c) for c in ch] == [Call, Run, Call, Call]
+    assert [type(c) for c in ch] == [Call, M.PipVenv, Call, Call] and isinstance(ch[1], Run)
     assert ch[0].description.startswith(f"pin {REPO}@aaaaaaa (main): 4 files")
     assert ch[1].description == "python venv /opt/llama-rig/hf-venv with huggingface-hub>=2.4,<3"
     assert ch[2].description == f"download 4 files (10.0 kB) from {REPO}@aaaaaaa"

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .. import remote
+from .. import reach, remote
 from ..engine import Call, Change, Context, Run, Step
 from ..errors import StepError
 from ..facts import host as hostfacts
@@ -252,9 +252,9 @@ def resolve(cfg: dict, token: str | None, api: Any = None) -> dict:
                         f"{m['token_env']} or model.token_file)") from None
     except HfHubHTTPError as e:
         raise StepError(f"{where}: hub error: {' '.join(str(e).split())[:300]}") from None
-    except OSError as e:
-        raise StepError(f"{where}: cannot reach the hub ({m['endpoint'] or 'default endpoint'}): "
-                        f"{type(e).__name__}: {e}") from None
+    except reach.network_errors() as e:  # httpx2.ConnectError is no OSError
+        raise StepError(f"the hub {m['endpoint'] or 'https://huggingface.co'} unreachable from this "
+                        f"machine (resolving {where}): {type(e).__name__}: {e}") from None
     files = match_files(entries, m["include"], where)
     return make_manifest(cfg, commit, files)
 
@@ -410,6 +410,23 @@ def venv_commands(cfg: dict) -> list[str]:
     ]
 
 
+@dataclass
+class PipVenv(Run):
+    """The rig's venv with huggingface_hub: pip on the rig; an index/wheelhouse it cannot reach
+    is one line naming it."""
+
+    pip: dict = field(default_factory=dict)  # the model section's pip settings (for the message)
+
+    def apply(self, ctx: Context) -> None:
+        for c in self.commands:
+            r = ctx.target.run(c, sudo=self.sudo, timeout=self.timeout, check=False)
+            if not r.ok:
+                out = r.stdout + "\n" + r.stderr
+                why = reach.pip_unreachable(ctx.host.name, out, self.pip)
+                tail = [ln.strip() for ln in out.splitlines() if ln.strip()][-1:] or [f"exit {r.exited}"]
+                raise StepError(why or f"python venv {venv_dir(ctx.cfg)} on {ctx.host.name}: {tail[0][:300]}")
+
+
 def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, full: bool = False,
          fns: dict[str, Callable] | None = None, source: Any = None) -> list[Change]:
     """Manifest + rig facts + host state in -> changes out (pure; `fns` are the apply functions).
@@ -441,8 +458,9 @@ def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, full: 
         fetch = [f for f in fetch if f not in copy]
     if fetch:
         if not venv_ok(rig.venv_version, cfg["model"]["hub_requirement"]):
-            changes.append(Run(f"python venv {venv_dir(cfg)} with {cfg['model']['hub_requirement']}",
-                               commands=venv_commands(cfg), timeout=1800))
+            changes.append(PipVenv(f"python venv {venv_dir(cfg)} with {cfg['model']['hub_requirement']}",
+                                   commands=venv_commands(cfg), timeout=1800,
+                                   pip={k: cfg["model"][k] for k in ("pip_index_url", "pip_find_links")}))
         total = sum(f["size"] for f in fetch)
         n_stale = len([f for f in groups["stale"] if f in fetch])
         stale = f" (replacing {n_stale} stale)" if n_stale else ""
@@ -608,6 +626,13 @@ def run_pull(ctx: Context, man: dict, files: list[dict], token: str | None) -> d
             if ev.get("event") == "summary":
                 fetched = int(ev.get("fetched") or 0)
     bad = [p for p in (f["path"] for f in files) if events.get(p, {}).get("event") != "done"]
+    net = [events[p] for p in bad if re.search(r"Connect|Timeout|Network|Transport|LocalEntryNotFound",
+                                                events.get(p, {}).get("type", ""))]
+    if bad and len(net) == len(bad):
+        e = net[0]
+        raise StepError(f"the hub {m['endpoint'] or 'https://huggingface.co'} unreachable from "
+                        f"{ctx.host.name} (downloading {len(bad)} file(s)): {e.get('type')}: "
+                        f"{str(e.get('error'))[:200]}")
     if bad:
         why = "; ".join(f"{p.rsplit('/', 1)[-1]}: {events.get(p, {}).get('error') or 'no result'}" for p in bad[:3])
         tail = (r.stderr.strip().splitlines() or [""])[-1]
@@ -667,6 +692,14 @@ class ModelStep(Step):
                        source=model_copy.offer(ctx, man, rig, stored, self.full))  # [--from]
         ctx.facts["model.rig"] = rig
         ctx.facts["model.hashed_bytes"] = 0
+        if ctx.check and any(isinstance(c, PipVenv) for c in changes):
+            # --check: the venv would be made: can the rig reach where pip downloads from? (a GET)
+            url = reach.pip_probe_url(ctx.cfg["model"])
+            r = ctx.target.run(reach.url_probe_command(url), check=False, timeout=60)
+            why = reach.parse_url_probe(r.stdout + "\n" + r.stderr) if r.exited != 127 else None
+            if why:  # (no python3 yet: the system step installs it; nothing to probe with)
+                raise StepError(f"{reach.pip_where(ctx.cfg['model'])} unreachable from "
+                                f"{ctx.host.name}: {why}")
         total = sum(f["size"] for f in man["files"])
         if not changes:
             ctx.say(f"model: {man['repo']}@{man['commit'][:7]}: {len(man['files'])} file(s), {human(total)}, "
