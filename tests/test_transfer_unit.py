@@ -331,8 +331,8 @@ def test_model_plan_copies_what_the_source_offers_and_downloads_the_rest():
     off = mc.Offer("rig", "relayed through this machine",
                    files={"Q/a-00001-of-00004.gguf": "/x/1", "Q/a-00003-of-00004.gguf": "/x/3"})
     ch = M.plan(cfg_local(free_space_margin_gb=0), man, rig, None, source=off)
-    kinds = [(type(c).__name__, c.description.split(" ")[0]) for c in ch]
-    assert kinds == [("Call", "pin"), ("Call", "copy"), ("Run", "python"), ("Call", "download"), ("Call", "verify")]
+    kinds = [(isinstance(c, Run), c.description.split(" ")[0]) for c in ch]
+    assert kinds == [(False, "pin"), (False, "copy"), (True, "python"), (False, "download"), (False, "verify")]
     copy_ch, dl = ch[1], ch[3]
     assert copy_ch.data == {"files": ["Q/a-00001-of-00004.gguf", "Q/a-00003-of-00004.gguf"], "bytes": 4000,
                             "source": "rig", "stale": []}

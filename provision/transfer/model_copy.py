@@ -165,8 +165,9 @@ def apply(ctx: Context, step: Any, man: dict) -> None:
             origin[f["path"]] = ("hub", failed[f["path"]])
             ctx.warn(f"model: {os.path.basename(f['path'])}: from the hub instead ({failed[f['path']]})")
         M.remove_files(ctx, [f["path"] for f in hub])
-        for c in M.venv_commands(ctx.cfg):
-            ctx.target.run(c, sudo=True, timeout=1800)
+        cfg = ctx.cfg
+        M.PipVenv(f"python venv {M.venv_dir(cfg)}", commands=M.venv_commands(cfg), timeout=1800,
+                  pip={k: cfg["model"][k] for k in ("pip_index_url", "pip_find_links")}).apply(ctx)
         M.run_pull(ctx, man, hub, step.token(ctx))
         attempts = ctx.facts.setdefault("model.attempts", {})
         for f in hub:
