@@ -4,13 +4,21 @@ from __future__ import annotations
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from provision import options as opt
 from provision.app import App
+from provision.cli import bad_input_is_exit_2
+from provision.errors import UsageError
+from provision.inventory import STEP_SECTIONS
+from provision.steps import step_names
+
+bad_input_is_exit_2()  # invoke's own parse errors (unknown flag, missing value) exit 2 as well
 
 HOST_HELP = {
     "host": "host name(s) from hosts.yaml, comma-separated, or a group name",
     "all": "every host in the inventory",
     "inventory": "inventory file (default: hosts.yaml)",
-    "set": "override an inventory key for this run: SECTION.KEY=VALUE (repeatable)",
+    "set": "override an inventory key for this run: SECTION.KEY=VALUE (repeatable); SECTION is one "
+           "of " + ", ".join(STEP_SECTIONS),
 }
 
 
@@ -23,6 +31,14 @@ def _exit(status) -> None:
         raise Exit(code=int(status))
 
 
+def _options(build):
+    """Read and check a task's options before any host is contacted: one line and exit 2."""
+    try:
+        return opt.parse(build)
+    except UsageError as e:
+        raise Exit(str(e), code=2) from None
+
+
 def _each(inventory, set, host, all, fn, title: str, changes: bool = False) -> None:
     """fn(ctx) on each selected host; `changes`: it may change the rig (held under the run lock)."""
     _exit(_app(inventory, set).each_host(host, fn, title=title, all_hosts=all, changes=changes))
@@ -32,16 +48,19 @@ def _each(inventory, set, host, all, fn, title: str, changes: bool = False) -> N
     **HOST_HELP,
     "check": "show the plan, change nothing",
     "diff": "show unified diffs of the files that change",
-    "only": "run only these steps (comma-separated)",
-    "skip": "skip these steps (comma-separated)",
-    "parallel": "hosts handled at once (default 4)",
+    "only": "run only these steps (comma-separated): " + ", ".join(step_names()),
+    "skip": "skip these steps (comma-separated): " + ", ".join(step_names()),
+    "parallel": f"hosts handled at once, {opt.PARALLEL[0]} to {opt.PARALLEL[1]} (default 4)",
     "lock": "reproduce this lock file (llama.cpp commit + flags, model sha + bytes); else each host's lock: key",
+    "reboot": "reboot a host that needs it (a new NVIDIA driver), wait for SSH, and go on",
+    "from": "copy verified shards and a matching build from this rig of the inventory (else hub / build)",
 })
 def provision(c, host=None, all=False, check=False, diff=False, only=None, skip=None,
-              inventory="hosts.yaml", set=None, parallel=4, lock=None):
+              inventory="hosts.yaml", set=None, parallel=None, lock=None, reboot=False, from_=None):
     """Bring hosts to the state in hosts.yaml (idempotent; --check to preview)."""
+    n = _options(lambda: opt.integer("--parallel", parallel, 4, *opt.PARALLEL))
     _exit(_app(inventory, set).provision(host, all, check=check, diff=diff, only=only, skip=skip,
-                                         parallel=int(parallel), lock=lock))
+                                         parallel=n, lock=lock, reboot=reboot, source=from_))
 
 
 @task(auto_shortflags=False, iterable=["set"], help=HOST_HELP)
@@ -93,13 +112,15 @@ for _t in (llama_build, llama_update, llama_rollback, llama_status):
     "all": "every host in the inventory (the default)",
     "inventory": HOST_HELP["inventory"], "set": HOST_HELP["set"],
     "watch": "redraw the table every --interval seconds until Ctrl-C",
-    "interval": "seconds between refreshes with --watch (default 5)",
+    "interval": "seconds between refreshes with --watch: 0.5 to 86400 (default 5)",
     "json": "print JSON (one object per host) for scripts"})
-def status(c, host=None, all=False, watch=False, interval=5, json=False, inventory="hosts.yaml", set=None):
+def status(c, host=None, all=False, watch=False, interval=None, json=False, inventory="hosts.yaml", set=None):
     """One row per host: service, health, build, model, drift from its lock, GPUs, requests, tokens/s."""
     from provision import fleet
+    every = _options(lambda: opt.number("--interval", interval, *opt.INTERVAL))
     app = _app(inventory, set)
-    _exit(app.guarded(lambda: fleet.run(app, host, all, watch=watch, interval=float(interval), as_json=json)))
+    _exit(app.guarded(lambda: fleet.run(app, host, all, watch=watch, interval=5.0 if every is None else every,
+                                        as_json=json)))
 
 
 ns = Collection(provision, facts, status)
@@ -188,11 +209,12 @@ ns.add_task(tune)
 
 
 @task(name="power", auto_shortflags=False, iterable=["set"],
-      help={**HOST_HELP, "watts": "set every GPU to this limit for now (validated; boot unit unchanged)"})
+      help={**HOST_HELP, "watts": f"set every GPU to this limit for now, {opt.WATTS[0]} to {opt.WATTS[1]} W"
+                                  " and within each board's own range (boot unit unchanged)"})
 def gpu_power(c, host=None, all=False, watts=None, inventory="hosts.yaml", set=None):
     """Apply persistence mode and power limits (inventory, or --watts N for all GPUs now)."""
     from provision.steps import gpu as g
-    w = float(watts) if watts is not None else None
+    w = _options(lambda: opt.number("--watts", watts, *opt.WATTS))
     _each(inventory, set, host, all, lambda ctx: g.apply_now(ctx, w), "gpu.power", changes=True)
 
 
@@ -211,11 +233,12 @@ def service_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
 
 
 @task(name="logs", auto_shortflags=False, iterable=["set"],
-      help={**HOST_HELP, "n": "how many journal lines (default 50)"})
-def service_logs(c, host=None, all=False, n=50, inventory="hosts.yaml", set=None):
+      help={**HOST_HELP, "n": f"how many journal lines, {opt.LOG_LINES[0]} to {opt.LOG_LINES[1]} (default 50)"})
+def service_logs(c, host=None, all=False, n=None, inventory="hosts.yaml", set=None):
     """Show the last lines of llama-server's journal."""
     from provision.steps import service as s
-    _each(inventory, set, host, all, lambda ctx: s.logs(ctx, int(n)), "service.logs")
+    lines = _options(lambda: opt.integer("-n", n, 50, *opt.LOG_LINES))
+    _each(inventory, set, host, all, lambda ctx: s.logs(ctx, lines), "service.logs")
 
 
 @task(name="restart", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
@@ -226,11 +249,22 @@ def service_restart(c, host=None, all=False, inventory="hosts.yaml", set=None):
 
 
 @task(name="argv", auto_shortflags=False, iterable=["set"],
-      help={**HOST_HELP, "model": "model shard 1 path (default: the model step's verified shard 1)"})
+      help={**HOST_HELP, "model": "model shard 1 path on the rig (default: the model step's verified "
+                                  "shard 1, read from the rig); with --model the rig is not contacted"})
 def service_argv(c, host=None, all=False, model=None, inventory="hosts.yaml", set=None):
     """Print the rendered llama-server command line (the unit's ExecStart=)."""
     from provision.steps import service as s
-    _each(inventory, set, host, all, lambda ctx: s.print_argv(ctx, model), "service.argv")
+    path = _options(lambda: opt.rig_path("--model", model))
+    if path:  # nothing to read from the rig: render it here
+        app = _app(inventory, set)
+
+        def show() -> int:
+            for h in app.hosts(host, all):
+                app.console.line(s.argv_for(h.cfg, path))
+            return 0
+        _exit(app.guarded(show))
+        return
+    _each(inventory, set, host, all, lambda ctx: s.print_argv(ctx, None), "service.argv")
 
 
 @task(name="config", auto_shortflags=False, iterable=["set"],
@@ -262,8 +296,7 @@ ns.add_collection(opencode)
 
 # -- lock files ---------------------------------------------------------------------------------
 
-LOCK_HELP = {"inventory": "inventory file (default: hosts.yaml)",
-             "set": "override an inventory key for this run: SECTION.KEY=VALUE (repeatable)"}
+LOCK_HELP = {"inventory": HOST_HELP["inventory"], "set": HOST_HELP["set"]}
 
 
 @task(name="diff", auto_shortflags=False, iterable=["set"], help={
@@ -318,8 +351,9 @@ def model_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
 def model_update(c, host=None, all=False, revision=None, check=False, inventory="hosts.yaml", set=None):
     """New hub commit: stage changed shards while the old model serves, verify, switch, restart; roll back if unhealthy."""
     from provision.model.update import UpdateOptions, task_update
+    rev = _options(lambda: opt.revision("--revision", revision))
     app = _app(inventory, set)
-    opts = UpdateOptions(revision=revision, check=check, inventory_path=inventory, lock_dir=str(app.lock_dir()))
+    opts = UpdateOptions(revision=rev, check=check, inventory_path=inventory, lock_dir=str(app.lock_dir()))
     _exit(app.each_host(host, lambda ctx: task_update(ctx, opts), title="model.update", all_hosts=all,
                         parallel=1, changes=not check))
 

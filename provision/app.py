@@ -59,10 +59,13 @@ class App:
     # -- provisioning ----------------------------------------------------------------------
     def provision(self, host: str | None, all_hosts: bool = False, check: bool = False,
                   diff: bool = False, only: str | None = None, skip: str | None = None,
-                  parallel: int = 4, steps=None, lock: str | None = None) -> ExitStatus:
+                  parallel: int = 4, steps=None, lock: str | None = None,
+                  reboot: bool = False, source: str | None = None) -> ExitStatus:
         """Run the steps on the hosts. `lock` (a lock file; else each host's `lock:` key) makes
         them reproduce a locked rig. After a successful non-check run each host's lock is written
-        to <inventory dir>/locks/<host>.lock.yaml."""
+        to <inventory dir>/locks/<host>.lock.yaml. `source` (`--from`): a host of the inventory
+        whose verified shards and matching builds are copied instead of downloaded / built
+        (provision/transfer/)."""
         def go() -> ExitStatus:
             from . import lock as lk
             from .engine import active_steps, select_steps
@@ -70,7 +73,7 @@ class App:
             hosts = self.hosts(host, all_hosts)
             the_steps = steps or all_steps()
             opts = RunOptions(check=check, diff=diff, only=_csv(only), skip=_csv(skip),
-                              parallel=parallel, what=" ".join(
+                              parallel=parallel, reboot=reboot, what=" ".join(
                                   ["provision"] + ([f"--only {only}"] if only else [])
                                   + ([f"--skip {skip}"] if skip else [])))
             select_steps(the_steps, opts.only, opts.skip)
@@ -78,8 +81,18 @@ class App:
             ran = [s.name for s in active_steps(the_steps, opts.only, opts.skip)]
             opts.before_host = lk.BeforeHost(locks)
             opts.after_host = lk.AfterHost(locks, ran, self.lock_dir())
-            status, self.last_reports = run_steps(hosts, the_steps, self.console, opts,
-                                                  self.target_factory)
+            sessions = None
+            if source is not None:  # --from: each host gets the source rig (provision/transfer/)
+                from .transfer import source as tsrc
+                src = tsrc.check_source(source, hosts, self.inventory().hosts, "command line")
+                sessions = tsrc.Sessions(src, self.target_factory, self.console)
+                opts.before_host = tsrc.Attach(sessions, opts.before_host)
+            try:
+                status, self.last_reports = run_steps(hosts, the_steps, self.console, opts,
+                                                      self.target_factory)
+            finally:
+                if sessions is not None:
+                    sessions.close()
             return status
         return self.guarded(go)
 
@@ -175,7 +188,10 @@ class App:
         [h] = self.hosts(spec)[:1]
         if h.cfg.get("lock"):
             lk.apply_to_cfg(h.cfg, lk.load(self.lock_file(h.cfg["lock"])))
-        target = self.target_factory(h)
+        try:
+            target = self.target_factory(h)
+        except ConnectError as e:
+            raise ConnectError(f"[{h.name}] UNREACHABLE: {e}") from None
         try:
             return h.name, lk.from_rig(Context(h, target, self.console))
         finally:
@@ -185,6 +201,15 @@ class App:
         def go() -> ExitStatus:
             from . import lock as lk
             name, doc = self.lock_doc(spec)
+            body = doc.get("lock") or {}
+            if name in self.inventory().hosts and not body.get("llama_cpp") and not body.get("model"):
+                # read live from a rig that was never provisioned: no lock to show (a YAML comment,
+                # so `lock.show rig > rig.lock.yaml` does not make a lock full of nulls)
+                state = self.inventory().hosts[name].cfg["paths"]["state_dir"]
+                self.console.line(f"# {name}: nothing provisioned yet (no llama.cpp build or model "
+                                  f"recorded in {state}/state.json) — run `invoke provision --host "
+                                  f"{name}` first")
+                return ExitStatus.OK
             for ln in lk.dump(doc, self.lock_dir() / f"{doc['host']['name']}.lock.yaml").splitlines():
                 self.console.line(ln)
             return ExitStatus.OK

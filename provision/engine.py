@@ -92,6 +92,19 @@ class Call(Change):
         self.fn(ctx)
 
 
+@dataclass
+class RebootHost(Change):
+    """The host must reboot before the run can go on (a new driver to load). Applying it only
+    asks: the engine reboots with `provision --reboot` (and waits for SSH, re-reads the facts and
+    runs the step again), otherwise it reports the reboot and stops that host. `after` is the
+    error if the same step still wants a reboot after one."""
+
+    after: str = ""
+
+    def apply(self, ctx: "Context") -> None:
+        ctx.reboot_pending = self
+
+
 def file_diff(path: str, before: str | None, after: str) -> str:
     a = [] if before is None else before.splitlines(keepends=True)
     b = after.splitlines(keepends=True)
@@ -165,6 +178,8 @@ class Context:
     facts: dict[str, Any] = field(default_factory=dict)
     _state: HostState | None = None
     notified: list[str] = field(default_factory=list)  # handlers notified by changes this run
+    reboot_pending: "RebootHost | None" = None  # a step asked for a reboot (see RebootHost)
+    rebooted: int = 0  # reboots done in this run (at most one)
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -217,6 +232,7 @@ class StepResult:
     changes: list[str] = field(default_factory=list)
     message: str = ""
     seconds: float = 0.0
+    commands: int = 0  # remote commands the step ran
 
 
 @dataclass
@@ -226,13 +242,14 @@ class HostReport:
     unreachable: str = ""
     seconds: float = 0.0
     commands: int = 0
+    reboot_pending: str = ""  # the run stopped here: the host needs a reboot (no --reboot)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
 
     @property
     def failed(self) -> bool:
-        return bool(self.unreachable) or self.count("failed") > 0
+        return bool(self.unreachable) or self.count("failed") > 0 or bool(self.reboot_pending)
 
     @property
     def changed(self) -> int:
@@ -251,6 +268,7 @@ class RunOptions:
     before_host: Callable[[Context], None] | None = None
     after_host: Callable[[Context], None] | None = None
     what: str = "provision"  # what this run is, for the host's run lock (provision.runlock)
+    reboot: bool = False  # reboot a host that needs it (RebootHost), wait for SSH, go on
 
 
 def select_steps(steps: Sequence[Step], only: list[str] | None, skip: list[str] | None) -> None:
@@ -285,17 +303,25 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
     handlers: dict[str, Callable[[Context], None]] = {}
     active = active_steps(steps, opts.only, opts.skip)
     failed = False
+    waiting = ""  # a reboot the run waits for (no --reboot, or --check)
     watch = Watchdog(host, target)
     held = ExitStack()
+    commands_before = 0  # remote commands of sessions that ended in a reboot
+
+    def lock() -> bool:
+        if opts.check:  # one changing run at a time per host; --check changes nothing
+            return True
+        try:
+            held.enter_context(run_lock(ctx.target, host.name, host.cfg["paths"]["state_dir"],
+                                        opts.what, ctx.warn))
+            return True
+        except RunLockBusy as e:
+            console.error(f"[{host.name}] run lock: FAILED: {e}")
+            report.results.append(StepResult("run lock", "failed", message=str(e)))
+            return False
+
     try:
-        if not opts.check:  # one changing run at a time per host; --check changes nothing
-            try:
-                held.enter_context(run_lock(target, host.name, host.cfg["paths"]["state_dir"],
-                                            opts.what, ctx.warn))
-            except RunLockBusy as e:
-                console.error(f"[{host.name}] run lock: FAILED: {e}")
-                report.results.append(StepResult("run lock", "failed", message=str(e)))
-                failed = True
+        failed = not lock()
         if opts.before_host is not None and not failed:
             failed = not _run_hook(ctx, opts.before_host, report)
         for step in steps:
@@ -304,17 +330,70 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
                 continue
             # only the handlers of steps that run: `--only facts` must not restart anything
             handlers.update(step.handlers())
-            if failed:
-                report.results.append(StepResult(step.name, "skipped", message="an earlier step failed"))
+            if failed or waiting:
+                why = "an earlier step failed" if failed else f"after the reboot ({waiting})"
+                report.results.append(StepResult(step.name, "skipped", message=why))
                 continue
             res = _run_step(ctx, step)
             report.results.append(res)
             if res.status == "failed":
                 failed = True
-        if not failed:
+            elif ctx.reboot_pending is not None:
+                rb, ctx.reboot_pending = ctx.reboot_pending, None
+                if opts.check:
+                    waiting = rb.description
+                    continue
+                if not opts.reboot:
+                    waiting = report.reboot_pending = rb.description
+                    console.error(f"[{host.name}] {step.name}: needs a reboot to go on: {rb.description} "
+                                  f"— not rebooting; run again with --reboot (or reboot {host.name} "
+                                  "yourself and run again)")
+                    continue
+                if ctx.rebooted or host.is_local:
+                    if ctx.rebooted:
+                        msg = rb.after or f"still needs a reboot after rebooting: {rb.description}"
+                    else:
+                        msg = (f"{rb.description}: llama-rig does not reboot the machine it runs on "
+                               "(connection: local) — reboot it yourself and run again")
+                    console.error(f"[{host.name}] {step.name}: FAILED: {msg}")
+                    res.status, res.message = "failed", msg
+                    failed = True
+                    continue
+                # --reboot: the old session, its run lock and its watchdog go with the old system
+                watch.stop()
+                try:
+                    held.close()
+                except RigError:
+                    pass
+                old = ctx.target
+                ctx.target, probes = reboot_host(ctx, rb, target_factory,
+                                                 float(host.cfg["system"]["reboot_timeout"]))
+                commands_before += old.commands_run + probes
+                ctx.rebooted += 1
+                ctx.facts.clear()
+                ctx._state = None
+                watch = Watchdog(host, ctx.target)
+                held = ExitStack()
+                if not lock():
+                    failed = True
+                    continue
+                again = _run_step(ctx, step)  # re-read the box: the step must be done now
+                again.step = f"{step.name} (after reboot)"
+                report.results.append(again)
+                if again.status == "failed":
+                    failed = True
+                elif ctx.reboot_pending is not None:
+                    msg = ctx.reboot_pending.after or "still needs a reboot after rebooting"
+                    ctx.reboot_pending = None
+                    console.error(f"[{host.name}] {step.name}: FAILED: {msg}")
+                    again.status, again.message = "failed", msg
+                    failed = True
+        if not failed and not waiting:
             report.results.extend(_run_handlers(ctx, handlers, active))
             if opts.after_host is not None and not report.count("failed"):
                 _run_hook(ctx, opts.after_host, report)
+        elif not failed and opts.check:
+            _run_handlers(ctx, handlers, active)  # the plan shows what would run
     except ConnectError as e:
         report.unreachable = str(e)
         console.error(f"[{host.name}] UNREACHABLE: {e}")
@@ -327,10 +406,56 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
         if watch.lost and not report.unreachable:
             report.unreachable = watch.lost
             console.error(f"[{host.name}] UNREACHABLE: {watch.lost}")
-        report.commands = target.commands_run
-        target.close()
+        report.commands = commands_before + ctx.target.commands_run
+        ctx.target.close()
     report.seconds = time.monotonic() - t_start
     return report
+
+
+REBOOT_MARK = "/run/llama-rig.reboot"  # /run is a tmpfs: gone once the host has rebooted
+REBOOT_POLL_S = 2.0
+
+
+def reboot_host(ctx: Context, rb: RebootHost, target_factory: Callable[[Host], Target],
+                timeout: float) -> tuple[Target, int]:
+    """Reboot the host (provision --reboot), wait (bounded) until SSH answers from the NEW system
+    and systemd has finished booting; return the new session (and the remote commands of the
+    sessions that found the old system still up). ConnectError if it does not come back in time."""
+    host = ctx.host
+    t = ctx.target
+    t.run(f"echo llama-rig > {REBOOT_MARK}", sudo=True)
+    ctx.say(f"rebooting (--reboot): {rb.description}; waiting up to {timeout:.0f}s for SSH")
+    t0 = time.monotonic()
+    try:
+        t.run("systemctl reboot || reboot", sudo=True, check=False, timeout=30)
+    except ConnectError:
+        pass  # the session may die under the command
+    t.close()
+    deadline = t0 + timeout
+    probes = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectError(f"{host.name}: did not come back within {timeout:.0f}s after the "
+                               "reboot (system.reboot_timeout)")
+        time.sleep(min(REBOOT_POLL_S, max(left, 0)))
+        try:
+            nt = target_factory(host)
+        except ConnectError:
+            continue
+        try:
+            if nt.run(f"test -e {REBOOT_MARK}", check=False).ok:
+                probes += nt.commands_run
+                nt.close()  # still the old system on its way down
+                continue
+            nt.run("systemctl is-system-running --wait >/dev/null 2>&1", check=False,
+                   timeout=max(5.0, deadline - time.monotonic()))
+        except ConnectError:
+            probes += nt.commands_run
+            nt.close()
+            continue
+        ctx.say(f"back after {time.monotonic() - t0:.1f}s; reading the facts again")
+        return nt, probes
 
 
 def _call_guarded(ctx: Context, label: str, fn: Callable[[Context], None]) -> StepResult | None:
@@ -431,6 +556,13 @@ class Watchdog:
 
 
 def _run_step(ctx: Context, step: Step) -> StepResult:
+    c0 = ctx.target.commands_run
+    res = _run_step_inner(ctx, step)
+    res.commands = ctx.target.commands_run - c0
+    return res
+
+
+def _run_step_inner(ctx: Context, step: Step) -> StepResult:
     t0 = time.monotonic()
     name = ctx.host.name
     try:
@@ -449,11 +581,16 @@ def _run_step(ctx: Context, step: Step) -> StepResult:
             for h in ch.notify:
                 if h not in ctx.notified:
                     ctx.notified.append(h)
-            if not ctx.check:
-                if ch.notify:
-                    ctx.state.owe(ch.notify)
-                ch.apply(ctx)
-        if not ctx.check:
+            if ctx.check:
+                if isinstance(ch, RebootHost):
+                    ctx.reboot_pending = ch
+                continue
+            if ch.notify:
+                ctx.state.owe(ch.notify)
+            ch.apply(ctx)
+            if ctx.reboot_pending is not None:
+                break  # nothing after a reboot request runs before the reboot
+        if not ctx.check and ctx.reboot_pending is None:
             step.verify(ctx)
         res = StepResult(step.name, "changed", [c.description for c in changes],
                          seconds=time.monotonic() - t0)
@@ -524,7 +661,7 @@ def _run_host_safe(host: Host, steps: Sequence[Step], console: Console, opts: Ru
 
 
 def exit_status(reports: Sequence[HostReport]) -> ExitStatus:
-    if any(r.count("failed") for r in reports):
+    if any(r.count("failed") or r.reboot_pending for r in reports):
         return ExitStatus.FAILED
     if any(r.unreachable for r in reports):
         return ExitStatus.UNREACHABLE
@@ -534,11 +671,16 @@ def exit_status(reports: Sequence[HostReport]) -> ExitStatus:
 def print_recap(console: Console, reports: Sequence[HostReport], check: bool) -> None:
     rows = []
     for r in reports:
-        state = "UNREACHABLE" if r.unreachable else ("FAILED" if r.failed else "ok")
+        state = ("UNREACHABLE" if r.unreachable else "FAILED" if r.count("failed")
+                 else "REBOOT" if r.reboot_pending else "ok")
         rows.append([r.host, state, r.count("ok"), r.count("changed"), r.count("failed"),
                      r.count("skipped"), f"{r.seconds:.1f}s"])
     title = "recap (check mode: nothing was changed)" if check else "recap"
     console.table(title, ["host", "result", "ok", "changed", "failed", "skipped", "time"], rows)
-    bad = [r for r in reports if r.failed]
+    bad = [r for r in reports if r.unreachable or r.count("failed")]
     if len(reports) > 1 or bad:
         console.line(f"{len(bad)} of {len(reports)} host{'s' if len(reports) != 1 else ''} failed")
+    waiting = [r.host for r in reports if r.reboot_pending and r not in bad]
+    if waiting:
+        console.line(f"waiting for a reboot: {', '.join(waiting)} (run again with --reboot, or "
+                     "reboot and run again)")

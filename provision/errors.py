@@ -51,6 +51,12 @@ class StepError(RigError):
     """A step decided it cannot go on (message says why)."""
 
 
+class UnsafeValue(StepError):
+    """A value that cannot be written where it was going (a control character in a unit line,
+    an option where a name belongs). The inventory refuses these when it loads (exit 2); this is
+    the second fence, for values that come from a rig's own state."""
+
+
 def _short(cmd: str, n: int = 120) -> str:
     cmd = " ".join(cmd.split())
     return cmd if len(cmd) <= n else cmd[: n - 1] + "…"

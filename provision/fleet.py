@@ -188,7 +188,9 @@ def observe(name: str, raw: dict, lock_doc: dict | None) -> dict[str, Any]:
         seen["power.limits_w"] = gpus["power_limits_w"]
         seen["hardware.gpu_count"] = gpus["count"]
     words, details = drift(lock_doc, seen)
-    return {"host": name, "reachable": True, "error": None,
+    # nothing there yet (no state, no unit): like the other status tasks, not a failure
+    fresh = not st and not sd.get("UnitFileState") and active != "active"
+    return {"host": name, "reachable": True, "error": None, "provisioned": not fresh,
             "service": {"state": active, "sub": sd.get("SubState"), "uptime_s": up,
                         "restarts": _int(sd.get("NRestarts")), "enabled": sd.get("UnitFileState")},
             "health": hc, "serving": active == "active" and hc == 200,
@@ -220,6 +222,8 @@ def row(s: dict[str, Any]) -> list[str]:
         return [s["host"], "UNREACHABLE"] + ["-"] * (len(COLUMNS) - 2)
     sv, b, m, g, mt = s["service"], s["build"], s["model"], s["gpus"], s["metrics"]
     service = sv["state"] + (f" ({sv['sub']})" if sv.get("sub") and sv["sub"] not in ("running", "dead") else "")
+    if s.get("provisioned") is False:
+        service = "nothing yet"
     build = (b["name"] or "-") if b["name"] else "-"
     if b.get("commit") and b["name"] and b["commit"][:7] not in b["name"]:
         build += f" ({b['commit'][:7]})"
@@ -237,8 +241,8 @@ def row(s: dict[str, Any]) -> list[str]:
 def exit_status(statuses: Sequence[dict]) -> ExitStatus:
     if any(not s.get("reachable") for s in statuses):
         return ExitStatus.UNREACHABLE
-    if any(not s.get("serving") for s in statuses):
-        return ExitStatus.FAILED
+    if any(not s.get("serving") and s.get("provisioned", True) for s in statuses):
+        return ExitStatus.FAILED  # (a host with nothing provisioned yet is not broken: exit 0)
     return ExitStatus.OK
 
 
@@ -323,6 +327,8 @@ def notes(statuses: list[dict]) -> list[str]:
     for s in statuses:
         if not s.get("reachable"):
             out.append(f"{s['host']}: unreachable: {s.get('error')}")
+        elif s.get("provisioned") is False:
+            out.append(f"{s['host']}: nothing provisioned yet — run `invoke provision --host {s['host']}`")
         out += [f"{s['host']}: {n}" for n in s.get("notes") or []]
         for d in s.get("drift_details") or []:
             out.append(f"{s['host']}: drift: {d}")
@@ -343,7 +349,7 @@ def rich_table(statuses: list[dict], title: str) -> Any:
     for c in COLUMNS:
         t.add_column(Text(c))
     for s in statuses:
-        style = "red" if not s.get("reachable") or not s.get("serving") else (
+        style = "red" if not s.get("reachable") or (not s.get("serving") and s.get("provisioned", True)) else (
             "yellow" if s.get("drift") not in ("-",) else None)
         t.add_row(*[Text(redact(str(v))) for v in row(s)], style=style)
     return t

@@ -9,15 +9,20 @@ import copy
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from . import values
 from .errors import InventoryError
+from .values import cut
 
 _MISSING = object()
+MAX_FILE_BYTES = 1 << 20  # an inventory (or a lock file) is at most 1 MiB
+MAX_DEPTH = 64  # nesting levels of YAML collections
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,10 @@ class F:
     hi: float | None = None
     choices: tuple[str, ...] | None = None
     doc: str = ""
+    value: str = "text"  # what each string names: a checker in provision.values.CHECKS
+
+    def _text(self, s: str) -> str | None:
+        return values.CHECKS[self.value](s)
 
     def check(self, value: Any) -> tuple[Any, str | None]:
         """Return (normalised value, error text or None)."""
@@ -47,9 +56,11 @@ class F:
                 value = str(value)
             if not isinstance(value, str):
                 return value, f"must be a string, got {_tname(value)}"
-            if self.choices and value not in self.choices:
-                return value, f"must be one of {', '.join(self.choices)}, got {value!r}"
-            return value, None
+            if self.choices:
+                if value not in self.choices:
+                    return value, f"must be one of {', '.join(self.choices)}, got {cut(value)}"
+                return value, None
+            return value, self._text(value)
         if k == "bool":
             if not isinstance(value, bool):
                 return value, f"must be true or false, got {_tname(value)} {value!r}"
@@ -66,12 +77,17 @@ class F:
                     return value, "must be auto or a list of strings, got an empty string"
             if not isinstance(value, list):
                 return value, f"must be a list of strings, got {_tname(value)}"
+            if len(value) > 1000:
+                return value, f"has {len(value)} items (at most 1000)"
             out = []
             for i, v in enumerate(value):
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     v = str(v)
                 if not isinstance(v, str):
                     return value, f"item {i} must be a string, got {_tname(v)}"
+                err = self._text(v)
+                if err:
+                    return value, f"item {i} {err}"
                 out.append(v)
             return out, None
         if k in ("list_num", "num_or_list"):
@@ -81,9 +97,11 @@ class F:
                 try:
                     value = [float(x) for x in value.split(",")]
                 except ValueError:
-                    return value, f"must be a list of numbers, got {value!r}"
+                    return value, f"must be a list of numbers, got {cut(value)}"
             if not isinstance(value, list) or not value:
                 return value, f"must be a non-empty list of numbers, got {_tname(value)}"
+            if len(value) > 1000:
+                return value, f"has {len(value)} items (at most 1000)"
             out = []
             for i, v in enumerate(value):
                 nv, err = self._number(v, integer=False)
@@ -96,10 +114,16 @@ class F:
                 return value, f"must be a mapping, got {_tname(value)}"
             out = {}
             for kk, vv in value.items():
+                err = values.cmake_var(kk)
+                if err:
+                    return value, f"key {err}"
                 if isinstance(vv, bool):
                     vv = "ON" if vv else "OFF"
                 if not isinstance(vv, (str, int, float)):
                     return value, f"value of {kk!r} must be a string or number, got {_tname(vv)}"
+                err = values.text(str(vv))
+                if err:
+                    return value, f"value of {kk!r} {err}"
                 out[str(kk)] = str(vv)
             return out, None
         raise AssertionError(k)
@@ -112,13 +136,13 @@ class F:
         elif self.lo is not None:
             rng = f" of at least {_fmt(self.lo)}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return value, f"must be {what}{rng}, got {_tname(value)} {value!r}"
+            return value, f"must be {what}{rng}, got {_tname(value)} {cut(value)}"
         if integer and isinstance(value, float):
             if not value.is_integer():
-                return value, f"must be {what}{rng}, got {value!r}"
+                return value, f"must be {what}{rng}, got {cut(value)}"
             value = int(value)
         if isinstance(value, float) and not math.isfinite(value):
-            return value, f"must be {what}{rng}, got {value!r}"
+            return value, f"must be {what}{rng}, got {cut(value)}"
         if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
             return value, f"must be {what}{rng}, got {_fmt(value)}"
         return value, None
@@ -135,7 +159,19 @@ def _show_default(v: Any) -> str:
 
 
 def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
+    if isinstance(x, int):
+        text = str(x) if x.bit_length() <= 200 else cut(x)
+    else:
+        text = str(int(x)) if float(x).is_integer() else str(x)
+    return text if len(text) <= values.CUT else text[:values.CUT] + "…"
+
+
+def _key(k: Any) -> str:
+    """A key as it appears in a message: as written when plain, else repr; cut."""
+    s = str(k)
+    if isinstance(k, str) and values.bad_char(s) is None and len(s) <= values.CUT:
+        return s
+    return cut(k)
 
 
 def _tname(v: Any) -> str:
@@ -150,14 +186,14 @@ DEFAULT_PACKAGES = ["build-essential", "cmake", "git", "ninja-build", "ccache", 
 SCHEMA: dict[str, dict[str, F]] = {
     "connection": {
         "type": F("str", "ssh", choices=("ssh", "local")),
-        "address": F("str", None),
+        "address": F("str", None, value="host"),
         "port": F("int", 22, 1, 65535),
-        "user": F("str", "root"),
-        "key": F("str", None),
-        "known_hosts": F("str", "~/.ssh/known_hosts"),
+        "user": F("str", "root", value="login_user"),
+        "key": F("str", None, value="local_path"),
+        "known_hosts": F("str", "~/.ssh/known_hosts", value="local_path"),
         "host_key_policy": F("str", "strict", choices=("strict", "accept-new")),
         "sudo": F("bool", None),
-        "sudo_password_env": F("str", None),
+        "sudo_password_env": F("str", None, value="env_name"),
         "connect_timeout": F("num", 10, 1, 300),
     },
     "gpus": {
@@ -167,37 +203,42 @@ SCHEMA: dict[str, dict[str, F]] = {
         "persistence": F("bool", True),
     },
     "system": {
-        "packages": F("list_str", DEFAULT_PACKAGES),
-        "extra_packages": F("list_str", []),
-        "cuda_toolkit": F("str", "cuda-toolkit-12-8"),
+        "packages": F("list_str", DEFAULT_PACKAGES, value="deb_package"),
+        "extra_packages": F("list_str", [], value="deb_package"),
+        "cuda_toolkit": F("str", "cuda-toolkit-12-8", value="deb_package_or_empty"),
+        "cuda_repo": F("str", "https://developer.download.nvidia.com/compute/cuda/repos", value="http_url"),
+        "cuda_repo_key": F("str", None),  # fingerprint; default: the one pinned for NVIDIA's repo
+        "driver": F("str", "require", choices=("require", "install")),
+        "driver_package": F("str", None, value="deb_package"),  # default nvidia-open (NVIDIA's repo)
         "kernel_headers": F("bool", None),
-        "apt_proxy": F("str", None),
+        "apt_proxy": F("str", None, value="proxy_url"),
+        "reboot_timeout": F("int", 900, 30, 7200),  # provision --reboot: wait this long for SSH
     },
     "llama_cpp": {
-        "repo": F("str", "https://github.com/ggml-org/llama.cpp"),
-        "ref": F("str", "master"),
+        "repo": F("str", "https://github.com/ggml-org/llama.cpp", value="git_url"),
+        "ref": F("str", "master", value="git_ref"),
         "cuda": F("bool", True),
-        "cuda_architectures": F("str_or_list", "auto"),
+        "cuda_architectures": F("str_or_list", "auto", value="cuda_arch"),
         "fa_all_quants": F("bool", True),
         "native": F("bool", True),
         "rpc": F("bool", False),
         "prebuilt_ui": F("bool", True),
-        "targets": F("list_str", ["llama-server", "llama-bench", "llama-fit-params"]),
+        "targets": F("list_str", ["llama-server", "llama-bench", "llama-fit-params"], value="name"),
         "cmake_options": F("dict_str", {}),
         "keep_builds": F("int", 3, 1, 50),
         "jobs": F("int", None, 1, 1024),
     },
     "model": {
-        "repo": F("str", "unsloth/Qwen3.5-122B-A10B-GGUF"),
-        "revision": F("str", "main"),
-        "include": F("str", "UD-Q6_K_XL/*"),
-        "dir": F("str", "/var/lib/llama-rig/models"),
-        "token_env": F("str", "HF_TOKEN"),
-        "token_file": F("str", None),
-        "endpoint": F("str", None),
-        "hub_requirement": F("str", "huggingface-hub>=2.4,<3"),
-        "pip_index_url": F("str", None),
-        "pip_find_links": F("str", None),
+        "repo": F("str", "unsloth/Qwen3.5-122B-A10B-GGUF", value="hf_model_id"),
+        "revision": F("str", "main", value="git_ref"),
+        "include": F("str", "UD-Q6_K_XL/*", value="glob"),
+        "dir": F("str", "/var/lib/llama-rig/models", value="abs_path"),
+        "token_env": F("str", "HF_TOKEN", value="env_name"),
+        "token_file": F("str", None, value="local_path"),
+        "endpoint": F("str", None, value="http_url"),
+        "hub_requirement": F("str", "huggingface-hub>=2.4,<3", value="pip_requirement"),
+        "pip_index_url": F("str", None, value="http_url"),
+        "pip_find_links": F("str", None, value="url_or_path"),
         "free_space_margin_gb": F("num", 5, 0, 100000),
         "max_attempts": F("int", 3, 1, 20),
         "hash_workers": F("int", 4, 1, 64),
@@ -207,7 +248,7 @@ SCHEMA: dict[str, dict[str, F]] = {
         "keep_versions": F("int", 2, 1, 20),
     },
     "server": {
-        "host": F("str", "0.0.0.0"),
+        "host": F("str", "0.0.0.0", value="host"),
         "port": F("int", 8000, 1, 65535),
         "n_gpu_layers": F("int", 999, 0, 100000),
         "ctx_size": F("int", 262144, 0, 16777216),
@@ -223,30 +264,36 @@ SCHEMA: dict[str, dict[str, F]] = {
         "top_k": F("int", 20, 0, 100000),
         "min_p": F("num", 0.0, 0, 1),
         "jinja": F("bool", True),
-        "alias": F("str", "Qwen3.5-122B-A10B-UD-Q6_K_XL"),
-        "api_key_file": F("str", None),
+        "alias": F("str", "Qwen3.5-122B-A10B-UD-Q6_K_XL", value="alias"),
+        "api_key_file": F("str", None, value="local_path"),
         "batch_size": F("int", None, 1, 1048576),
         "ubatch_size": F("int", None, 1, 1048576),
-        "extra_args": F("list_str", []),
+        "extra_args": F("list_str", [], value="extra_arg"),
         "start_timeout": F("int", 1800, 5, 86400),
         "vram_margin_mib": F("int", 1536, 0, 1048576),
         "metrics": F("bool", True),
         "slots": F("bool", False),
     },
     "paths": {
-        "prefix": F("str", "/opt/llama-rig"),
-        "state_dir": F("str", "/var/lib/llama-rig"),
-        "service_user": F("str", "llama"),
+        "prefix": F("str", "/opt/llama-rig", value="abs_path"),
+        "state_dir": F("str", "/var/lib/llama-rig", value="abs_path"),
+        "service_user": F("str", "llama", value="service_user"),
+    },
+    # how other rigs copy from this one (`invoke provision --host B --from THIS`, provision/transfer/)
+    "transfer": {
+        "mode": F("str", "auto", choices=("auto", "direct", "relay")),
+        "address": F("str", None, value="host"),  # where other rigs reach this one (default: connection.address)
+        "rate_limit_mb": F("num", 0, 0, 1000000),  # MB/s read here for a copy; 0 = no limit
     },
     "opencode": {
         "enabled": F("bool", True),
-        "user": F("str", None),
-        "provider_id": F("str", "llama-cpp"),
-        "base_url": F("str", None),
+        "user": F("str", None, value="login_user"),
+        "provider_id": F("str", "llama-cpp", value="name"),
+        "base_url": F("str", None, value="http_url"),
         "output_limit": F("int", 32768, 1, 16777216),
     },
 }
-TOP_LEVEL_HOST_KEYS = {"lock": F("str", None), "description": F("str", None)}
+TOP_LEVEL_HOST_KEYS = {"lock": F("str", None, value="local_path"), "description": F("str", None)}
 STEP_SECTIONS = tuple(SCHEMA)
 
 
@@ -289,7 +336,9 @@ class Inventory:
     def select(self, spec: str | None, all_hosts: bool = False) -> list[Host]:
         """`rig`, `rig,rig2`, a group name, or all_hosts. Unknown names -> InventoryError."""
         if all_hosts:
-            return list(self.hosts.values())
+            out = list(self.hosts.values())
+            check_control_files(out)
+            return out
         if not spec:
             raise InventoryError(f"{self.path.name}: no host given (use --host NAME, a group, or --all)")
         out: list[Host] = []
@@ -299,19 +348,39 @@ class Inventory:
             elif name in self.groups:
                 picked = self.groups[name]
             else:
-                raise InventoryError(f"{self.path.name}: unknown host or group {name!r}"
+                raise InventoryError(f"{self.path.name}: unknown host or group {cut(name)}"
                                      + _did_you_mean(name, [*self.hosts, *self.groups]))
             for p in picked:
                 if self.hosts[p] not in out:
                     out.append(self.hosts[p])
         if not out:
-            raise InventoryError(f"{self.path.name}: no host selected by {spec!r}")
+            raise InventoryError(f"{self.path.name}: no host selected by {cut(spec)}")
+        check_control_files(out)
         return out
 
 
 def _did_you_mean(word: str, options) -> str:
+    if len(word) > 200:
+        return ""
     m = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def check_control_files(hosts: list[Host]) -> None:
+    """Files on THIS machine that a selected host needs before it is contacted: the SSH key.
+    A missing one is bad input (exit 2), not an unreachable rig."""
+    for h in hosts:
+        key = h.cfg["connection"]["key"]
+        if h.is_local or not key:
+            continue
+        full = os.path.expanduser(key)
+        where = f"{h.source}: host {_key(h.name)!r}: connection.key"
+        if not os.path.exists(full):
+            raise InventoryError(f"{where}: no such file: {values.clip(full, 200)}")
+        if not os.path.isfile(full):
+            raise InventoryError(f"{where}: not a file: {values.clip(full, 200)}")
+        if not os.access(full, os.R_OK):
+            raise InventoryError(f"{where}: cannot read {values.clip(full, 200)} (permission denied)")
 
 
 def _validate_layer(layer: Any, where: str, allow_hosts_key: bool = False) -> dict[str, Any]:
@@ -332,7 +401,7 @@ def _validate_layer(layer: Any, where: str, allow_hosts_key: bool = False) -> di
             continue
         if sec not in SCHEMA:
             extra = ["hosts"] if allow_hosts_key else []
-            raise InventoryError(f"{where}: {sec}: unknown key"
+            raise InventoryError(f"{where}: {_key(sec)}: unknown key"
                                  + _did_you_mean(str(sec), [*SCHEMA, *TOP_LEVEL_HOST_KEYS, *extra]))
         if body is None:
             continue
@@ -342,7 +411,7 @@ def _validate_layer(layer: Any, where: str, allow_hosts_key: bool = False) -> di
         norm = {}
         for key, value in body.items():
             if key not in fields:
-                raise InventoryError(f"{where}: {sec}.{key}: unknown key"
+                raise InventoryError(f"{where}: {sec}.{_key(key)}: unknown key"
                                      + _did_you_mean(str(key), fields))
             v, err = fields[key].check(value)
             if err:
@@ -350,6 +419,17 @@ def _validate_layer(layer: Any, where: str, allow_hosts_key: bool = False) -> di
             norm[key] = v
         out[sec] = norm
     return out
+
+
+def check_values(cfg: dict[str, Any], where: str) -> None:
+    """Every value of a merged host against its kind again: a lock file (or code) may have put
+    values there after the layers were checked."""
+    for sec, fields in SCHEMA.items():
+        for key, f in fields.items():
+            v, err = f.check(cfg[sec][key])
+            if err:
+                raise InventoryError(f"{where}: {sec}.{key}: {err}")
+            cfg[sec][key] = v
 
 
 def _merge(base: dict[str, Any], layer: dict[str, Any]) -> None:
@@ -362,6 +442,7 @@ def _merge(base: dict[str, Any], layer: dict[str, Any]) -> None:
 
 def _cross_check(cfg: dict[str, Any], where: str) -> None:
     """Rules that involve more than one key, on the merged settings of a host."""
+    check_values(cfg, where)
     con, gpus, srv = cfg["connection"], cfg["gpus"], cfg["server"]
     if con["type"] == "ssh" and not con["address"]:
         raise InventoryError(f"{where}: connection.address: required for an ssh connection")
@@ -390,59 +471,115 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
     inc = cfg["model"]["include"]
     if not inc.strip():
         raise InventoryError(f"{where}: model.include: must not be empty")
-    for k in ("prefix", "state_dir"):
-        if not str(cfg["paths"][k]).startswith("/"):
-            raise InventoryError(f"{where}: paths.{k}: must be an absolute path, got {cfg['paths'][k]!r}")
-    if not str(cfg["model"]["dir"]).startswith("/"):
-        raise InventoryError(f"{where}: model.dir: must be an absolute path, got {cfg['model']['dir']!r}")
-    su = cfg["paths"]["service_user"]
-    if not su or su == "root" or not su.replace("-", "").replace("_", "").isalnum():
-        raise InventoryError(f"{where}: paths.service_user: must be an unprivileged user name, got {su!r}")
+    key = cfg["system"]["cuda_repo_key"]
+    if key is not None and not re.fullmatch(r"(0[xX])?([0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})", key.replace(" ", "")):
+        raise InventoryError(f"{where}: system.cuda_repo_key: must be a full key fingerprint "
+                             f"(40 or 64 hex digits), got {key!r}")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """`--set server.port=8001` style overrides (values parsed as YAML scalars/lists)."""
     out: dict[str, Any] = {}
     for item in items or []:
+        shown = cut(item) if len(item) > values.CUT or values.bad_char(item) else item
         if "=" not in item:
-            raise InventoryError(f"command line: --set {item}: expected SECTION.KEY=VALUE")
+            raise InventoryError(f"command line: --set {shown}: expected SECTION.KEY=VALUE")
         key, raw = item.split("=", 1)
         if "." not in key:
-            raise InventoryError(f"command line: --set {item}: expected SECTION.KEY=VALUE")
+            raise InventoryError(f"command line: --set {shown}: expected SECTION.KEY=VALUE")
         sec, k = key.split(".", 1)
         try:
-            val = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
+            val = parse_yaml(raw, f"command line: --set {_key(key)}") if raw != "" else None
+        except InventoryError:
             val = raw
         out.setdefault(sec, {})[k] = val
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping (plain YAML keeps the last one,
-    so a second `rig:` entry would silently replace the first)."""
+# -- YAML --------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that
+
+    * refuses a key given twice in one mapping (plain YAML keeps the last one, so a second `rig:`
+      entry would silently replace the first) -- but only keys written out: a merge key
+      (`<<: *defaults`) followed by one of the merged keys is an override, as YAML means it;
+    * refuses collections nested deeper than MAX_DEPTH (PyYAML composes recursively: 2,000 levels
+      would end in a RecursionError).
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)
             seen: set = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 try:
                     dup = key in seen
                 except TypeError:
-                    continue
+                    continue  # unhashable: the base class says so, with the place
                 if dup:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                        None, None, f"duplicate key {cut(key)}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses int() of more than 4,300 digits
+            raise yaml.constructor.ConstructorError(
+                None, None, "integer too long", node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def parse_yaml(text: str, fname: str) -> Any:
+    """YAML text -> data (safe: plain data only), every problem one line `fname: line L, column C:
+    ...` (InventoryError)."""
+    if len(text) > MAX_FILE_BYTES:
+        raise InventoryError(f"{fname}: {len(text) / (1 << 20):.1f} MiB is too large "
+                             f"(at most {MAX_FILE_BYTES >> 20} MiB)")
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InventoryError(f"{fname}: {loc}YAML syntax error: {values.clip(problem)}") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more than 4,300 digits
+        raise InventoryError(f"{fname}: YAML value not usable: {values.clip(str(e), 120)}") from None
+    except RecursionError:
+        raise InventoryError(f"{fname}: YAML nested too deeply") from None
 
 
 def load(path: str | os.PathLike = "hosts.yaml", overrides: dict[str, Any] | None = None) -> Inventory:
     path = Path(path)
     fname = path.name
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InventoryError(f"{fname}: {size / (1 << 20):.1f} MiB is too large for an inventory "
+                                 f"(at most {MAX_FILE_BYTES >> 20} MiB)")
         text = path.read_text()
     except FileNotFoundError:
         raise InventoryError(f"{fname}: file not found ({path})") from None
@@ -450,13 +587,7 @@ def load(path: str | os.PathLike = "hosts.yaml", overrides: dict[str, Any] | Non
         raise InventoryError(f"{fname}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise InventoryError(f"{fname}: not UTF-8 text (byte {e.start})") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InventoryError(f"{fname}: {loc}YAML syntax error: {problem}") from None
+    data = parse_yaml(text, fname)
     return from_data(data, fname, path, overrides)
 
 
@@ -468,22 +599,26 @@ def from_data(data: Any, fname: str = "hosts.yaml", path: Path | None = None,
     if not isinstance(data, dict):
         raise InventoryError(f"{fname}: top level must be a mapping with defaults/groups/hosts, got {_tname(data)}")
     for k in data:
+        if isinstance(k, str) and k.startswith("x-"):
+            continue  # a place for anchors (`x-gpu: &gpu {...}`), like compose files
         if k not in ("defaults", "groups", "hosts"):
-            raise InventoryError(f"{fname}: {k}: unknown top-level key"
+            raise InventoryError(f"{fname}: {_key(k)}: unknown top-level key"
                                  + _did_you_mean(str(k), ["defaults", "groups", "hosts"]))
     dflt = _validate_layer(data.get("defaults"), f"{fname}: defaults")
     hosts_raw = data.get("hosts")
     if not isinstance(hosts_raw, dict) or not hosts_raw:
         raise InventoryError(f"{fname}: hosts: must be a non-empty mapping of host names")
     for hname in hosts_raw:
-        if not isinstance(hname, str) or not hname or any(c.isspace() or c in ",/" for c in hname):
-            raise InventoryError(f"{fname}: hosts: invalid host name {hname!r}")
+        if not _good_name(hname):
+            raise InventoryError(f"{fname}: hosts: invalid host name {cut(hname)}")
     groups_raw = data.get("groups") or {}
     if not isinstance(groups_raw, dict):
         raise InventoryError(f"{fname}: groups: must be a mapping of group names")
     groups: dict[str, list[str]] = {}
     group_layers: dict[str, dict] = {}
     for gname, gbody in groups_raw.items():
+        if not _good_name(gname):
+            raise InventoryError(f"{fname}: groups: invalid group name {cut(gname)}")
         where = f"{fname}: group {gname!r}"
         if gname in hosts_raw:
             raise InventoryError(f"{where}: a group cannot have the name of a host")
@@ -496,7 +631,7 @@ def from_data(data: Any, fname: str = "hosts.yaml", path: Path | None = None,
             raise InventoryError(f"{where}: hosts: must be a list of host names")
         for m in members:
             if m not in hosts_raw:
-                raise InventoryError(f"{where}: hosts: unknown host {m!r}" + _did_you_mean(m, hosts_raw))
+                raise InventoryError(f"{where}: hosts: unknown host {cut(m)}" + _did_you_mean(m, hosts_raw))
         groups[gname] = list(members)
         group_layers[gname] = _validate_layer(gbody, where, allow_hosts_key=True)
     over = _validate_layer(overrides or {}, "command line")
@@ -514,6 +649,14 @@ def from_data(data: Any, fname: str = "hosts.yaml", path: Path | None = None,
         _cross_check(cfg, where)
         hosts[hname] = Host(hname, member_of, cfg, fname)
     return Inventory(path, hosts, groups)
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,63}$")
+
+
+def _good_name(n: Any) -> bool:
+    """A host or group name: it names files (locks/<host>.lock.yaml) and appears in every line."""
+    return isinstance(n, str) and bool(_NAME_RE.fullmatch(n))
 
 
 def walk_schema(fn: Callable[[str, str, F], None]) -> None:

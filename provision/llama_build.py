@@ -231,11 +231,29 @@ def describe(cfg: dict, tree: TreeFacts, archs: Sequence[str]) -> str:
 
 
 def fingerprint(commit: str, args: Sequence[str], gcc: str | None, nvcc: str | None,
-                archs: Sequence[str], targets: Sequence[str] = ()) -> str:
-    """sha256 over everything that changes the binaries (hex)."""
-    blob = json.dumps({"commit": commit, "args": list(args), "gcc": gcc or "", "nvcc": nvcc or "",
-                       "archs": list(archs), "targets": sorted(targets)}, sort_keys=True)
+                archs: Sequence[str], targets: Sequence[str] = (), glibc: str | None = None) -> str:
+    """sha256 over everything that changes the binaries (hex).
+
+    `glibc` (the C library the binaries link against, "2.36") joined the fingerprint when builds
+    started moving between rigs (`provision --from`): a binary needs a glibc at least as new as
+    the one it was built with. Without it (not known) the blob is exactly the old one, so builds
+    made before keep their fingerprint; `steps.llama.RigView.match` accepts such a build on its
+    own rig (its glibc only moves forward within a release) instead of rebuilding everything."""
+    d: dict[str, Any] = {"commit": commit, "args": list(args), "gcc": gcc or "", "nvcc": nvcc or "",
+                         "archs": list(archs), "targets": sorted(targets)}
+    if glibc:
+        d["glibc"] = glibc
+    blob = json.dumps(d, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+GLIBC_CMD = "getconf GNU_LIBC_VERSION 2>/dev/null; true"
+
+
+def parse_glibc(output: str) -> str | None:
+    """`glibc 2.36` -> "2.36"; None where there is no glibc (musl) or no getconf."""
+    m = re.search(r"glibc\s+([0-9][0-9.]*)", output or "")
+    return m.group(1) if m else None
 
 
 def build_dir_name(build_number: int | None, commit: str, fp: str) -> str:

@@ -68,15 +68,19 @@ def dump(doc: dict[str, Any], path: str | os.PathLike | None = None) -> str:
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a lock file; one-line UsageError if it is missing or not a lock."""
+    from .errors import InventoryError
+    from .inventory import MAX_FILE_BYTES, parse_yaml
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        if p.stat().st_size > MAX_FILE_BYTES:
+            raise UsageError(f"{p}: too large for a lock file (at most {MAX_FILE_BYTES >> 20} MiB)")
+        data = parse_yaml(p.read_text(), f"{p}: not valid YAML")
     except FileNotFoundError:
         raise UsageError(f"lock file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read lock file {p}: {e}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except InventoryError as e:
+        raise UsageError(str(e)) from None
     if not isinstance(data, dict) or not isinstance(data.get("lock"), dict):
         raise UsageError(f"{p}: not a llama-rig lock file (no `lock:` mapping)")
     fmt = data["lock"].get("format")

@@ -23,11 +23,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .errors import CommandError, ConnectError
 from .inventory import Host
 from .secrets import redact, register
+
+if TYPE_CHECKING:
+    from .pipe import Pipe
 
 LineCallback = Callable[[str], None]
 
@@ -255,6 +258,19 @@ class Target(abc.ABC):
         self.commands_run += 1
         return self._start(line, stdin, timeout)
 
+    def pipe(self, command: str, *, sudo: bool = False, timeout: float | None = None) -> "Pipe":
+        """Start a command whose stdin and stdout are byte streams (provision/pipe.py): for
+        copies streamed between boxes (provision/transfer/). `timeout` bounds each read/write."""
+        line = self.wrap(command, sudo=sudo)
+        self.commands_run += 1
+        p = self._pipe(line, timeout)
+        if self._sudo_password is not None and line.startswith("sudo -S"):
+            p.write((self._sudo_password + "\n").encode())
+        return p
+
+    def _pipe(self, line: str, timeout: float | None) -> "Pipe":
+        raise NotImplementedError(f"{type(self).__name__} cannot stream")
+
     # -- files -------------------------------------------------------------
     def exists(self, path: str, sudo: bool = False) -> bool:
         return self.run(f"test -e {quote(path)}", sudo=sudo, check=False).ok
@@ -377,6 +393,10 @@ class LocalTarget(Target):
     def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
         return _LocalHeld(command, stdin, timeout)
 
+    def _pipe(self, line: str, timeout: float | None):
+        from .pipe import LocalPipe
+        return LocalPipe(line, timeout)
+
     def _upload(self, local_path: str, remote_tmp: str) -> None:
         import shutil
         # created 0600 (and never an existing file or link) before any byte is written
@@ -418,37 +438,68 @@ class SSHTarget(Target):
         self._root: bool | None = None
 
     def connect(self) -> None:
+        """Open the SSH session; every failure is one ConnectError line a person can act on."""
+        import errno
         import paramiko
 
-        where = f"{self.name} ({self.user}@{self.address}:{self.port})"
+        addr = f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+        login = f"{self.user}@{addr}"
+        t = f"{self.timeout:g} s"
+        no_server = f"no SSH server answered on {addr}"
+        check = "(is the rig up, is the port right?)"
         key = self.host.cfg["connection"]["key"]
         key = os.path.expanduser(key) if key else None
         if key and not os.path.isfile(key):
-            raise ConnectError(f"{where}: connection.key: no such file: {key}")
+            raise ConnectError(f"connection.key: no such file: {key}")
+        t0 = time.monotonic()
         try:
             self.conn.open()
         except paramiko.BadHostKeyException:
-            raise ConnectError(f"{where}: host key does not match {self.known_hosts} — "
-                               "refusing to connect (possible man-in-the-middle)") from None
+            kh_name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+            raise ConnectError(
+                f"the host key of {addr} changed: it does not match {self.known_hosts} — refusing "
+                "to connect (possible man-in-the-middle; if the rig was reinstalled, remove the "
+                f"old key: ssh-keygen -f {self.known_hosts} -R '{kh_name}')") from None
+        except paramiko.AuthenticationException as e:
+            tried = (f"with key {key}" if key else
+                     "with the SSH agent and the default keys in ~/.ssh (set connection.key)")
+            detail = str(e).strip().rstrip(".")
+            raise ConnectError(f"{login} refused the login {tried}"
+                               + (f": {detail}" if detail and detail != "Authentication failed" else "")
+                               + f" (is the public key in {self.user}'s ~/.ssh/authorized_keys?)") from None
         except paramiko.SSHException as e:
             msg = str(e)
+            waited = time.monotonic() - t0
             if "not found in known_hosts" in msg or "Server" in msg and "not found" in msg:
-                raise ConnectError(f"{where}: host key unknown: not in {self.known_hosts} "
+                raise ConnectError(f"the host key of {addr} is unknown: not in {self.known_hosts} "
                                    "(add it, or set connection.host_key_policy: accept-new)") from None
-            if isinstance(e, paramiko.AuthenticationException):
-                raise ConnectError(f"{where}: authentication failed ({msg})") from None
             if key and "private key" in msg:
-                raise ConnectError(f"{where}: connection.key: cannot use {key}: {msg}") from None
-            if msg.startswith("Error reading SSH protocol banner"):
-                msg = "Error reading SSH protocol banner"  # paramiko appends the socket error, or not
-            raise ConnectError(f"{where}: SSH error: {msg}") from None
-        except socket.timeout:
-            raise ConnectError(f"{where}: connection timed out after {self.timeout:g}s") from None
-        except socket.gaierror as e:
-            raise ConnectError(f"{where}: cannot resolve address: {e.strerror}") from None
+                raise ConnectError(f"connection.key: cannot use {key}: {msg}") from None
+            if msg.startswith("Error reading SSH protocol banner") or msg == "No existing session":
+                if waited >= self.timeout * 0.8:
+                    raise ConnectError(f"{no_server} within {t} {check}") from None
+                raise ConnectError(f"{no_server}: something there closed the connection without "
+                                   "speaking SSH (is the port right?)") from None
+            raise ConnectError(f"SSH to {login} failed: {msg.splitlines()[0] if msg else type(e).__name__}") from None
+        except (socket.timeout, TimeoutError):
+            raise ConnectError(f"{no_server} within {t} {check}") from None
+        except socket.gaierror:
+            raise ConnectError(f"cannot resolve the host name {self.address!r} (connection.address: "
+                               "check the spelling, DNS or /etc/hosts)") from None
+        except paramiko.ssh_exception.NoValidConnectionsError as e:
+            codes = {getattr(x, "errno", None) for x in e.errors.values()}
+            if codes <= {errno.ECONNREFUSED}:
+                raise ConnectError(f"{no_server}: connection refused {check}") from None
+            reason = next((x.strerror for x in e.errors.values() if getattr(x, "strerror", None)), str(e))
+            raise ConnectError(f"cannot reach {addr}: {reason} {check}") from None
+        except ConnectionRefusedError:
+            raise ConnectError(f"{no_server}: connection refused {check}") from None
+        except (ConnectionResetError, EOFError):
+            raise ConnectError(f"the SSH server on {addr} closed the connection before login "
+                               "(too many connections, or it refuses this client)") from None
         except OSError as e:
             reason = e.strerror or str(e) or type(e).__name__
-            raise ConnectError(f"{where}: {reason}") from None
+            raise ConnectError(f"cannot reach {addr}: {reason} {check}") from None
 
     def is_root(self) -> bool:
         if self._root is None:
@@ -486,6 +537,15 @@ class SSHTarget(Target):
         except (paramiko.SSHException, EOFError, OSError) as e:
             self.conn.close()
             raise ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}") from None
+
+    def _pipe(self, line: str, timeout: float | None):
+        from .pipe import PipeError, SSHPipe
+        if not self.conn.is_connected:
+            self.connect()
+        try:
+            return SSHPipe(self.conn.client.get_transport(), line, timeout)
+        except PipeError as e:
+            raise ConnectError(f"{self.name} ({self.address}): connection lost: {e}") from None
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
         if not self.conn.is_connected:

@@ -95,6 +95,22 @@ def test_unreachable_is_a_row_and_exit_status():
     assert fleet.exit_status([{"reachable": True, "serving": True}]) == 0
 
 
+def test_a_host_with_nothing_provisioned_yet_is_a_row_not_a_failure():
+    """Like the other status tasks (README: exit status), nothing there yet is exit 0 with what to
+    run; a unit that is installed but not serving stays exit 1."""
+    raw = {"systemd": {"ActiveState": "inactive", "SubState": "dead", "UnitFileState": ""},
+           "http": {"health": [0, "", 0]}, "state": {}}
+    fresh = fleet.observe("new", raw, None)
+    assert fresh["provisioned"] is False and fresh["serving"] is False
+    assert fleet.row(fresh)[1] == "nothing yet"
+    assert fleet.notes([fresh]) == ["new: nothing provisioned yet — run `invoke provision --host new`"]
+    assert fleet.exit_status([fresh]) == 0
+    broken = fleet.observe("old", {**raw, "systemd": {**raw["systemd"], "UnitFileState": "enabled"}}, None)
+    assert broken["provisioned"] is True and fleet.exit_status([fresh, broken]) == 1
+    half = fleet.observe("half", {**raw, "state": {"llama": {"current": "b1"}}}, None)
+    assert half["provisioned"] is True and fleet.exit_status([half]) == 1
+
+
 def test_status_task_is_thin_and_registered():
     import tasks
     t = tasks.ns.tasks["status"]
@@ -240,7 +256,9 @@ def test_status_of_a_local_host_and_an_unreachable_one(local_box):
     assert time.monotonic() - t0 < 20
     assert rc == 3  # a host was unreachable; the table is still there
     gone = rows["gone"]
-    assert gone["reachable"] is False and "Unable to connect to port" in gone["error"]
+    # the SSH connect message (issue 13's one line: who did not answer, and why)
+    assert gone["reachable"] is False and gone["error"].startswith("no SSH server answered on 127.0.0.1:")
+    assert "connection refused" in gone["error"]
     loc = rows["loc"]
     assert loc["reachable"] and loc["health"] == 200 and loc["metrics_http"] == 200
     assert loc["metrics"]["tokens_predicted_total"] >= 4
@@ -336,4 +354,7 @@ def test_an_unreadable_key_file_is_a_note_not_an_unreachable_host(local_box, tmp
 def test_bad_interval_is_one_line_exit_2_before_any_host(tmp_path):
     r = subprocess.run([sys.executable, "-m", "invoke", "status", "--watch", "--interval", "0",
                         "--inventory", str(ROOT / "hosts.yaml")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == "command line: --interval: must be at least 0.5 seconds, got 0"
+    assert r.returncode == 2 and r.stderr.strip() == "command line: --interval: must be a number between 0.5 and 86400, got 0"
+    # a fraction is a valid interval (invoke would have read an int-default flag as an integer)
+    from provision import options
+    assert options.number("--interval", "0.5", *options.INTERVAL) == 0.5

@@ -175,7 +175,7 @@ def test_plan_fresh_rig_stages_then_switches():
     cfg = cfg_of(free_space_margin_gb=0)
     m = man(cfg=cfg)
     ch = M.plan(cfg, m, M.RigView(free_bytes=10**9), None)
-    assert [type(c) for c in ch] == [Call, Run, Call, Call, Call]
+    assert [type(c) for c in ch] == [Call, M.PipVenv, Call, Call, Call] and isinstance(ch[1], Run)
     assert ch[0].description == f"stage {REPO}@aaaaaaa (main) in staging/aaaaaaa: 4 files, 10.0 kB"
     assert ch[0].data["dir"] == f"/var/lib/llama-rig/models/{REPO.replace('/', '__')}/staging/{SHA}"
     assert ch[1].description == "python venv /opt/llama-rig/hf-venv with huggingface-hub>=2.4,<3"

@@ -1,4 +1,5 @@
-"""OS, kernel, CPU, memory, disk, nvcc, installed packages — one remote command."""
+"""OS, kernel, CPU, memory, disk, the CUDA toolkit, installed packages, and what decides how a
+driver can be installed (Secure Boot, nouveau, kernel headers) — one remote command."""
 from __future__ import annotations
 
 import re
@@ -31,6 +32,17 @@ class HostFacts:
     kernel_headers: bool = False
     is_systemd: bool = False
     os_like: str = ""  # ID_LIKE: "debian" for Ubuntu, Mint, ...
+    # where the CUDA toolkit is: nvcc on PATH, else /usr/local/cuda, else the newest
+    # /usr/local/cuda-X.Y (NVIDIA's packages do not put nvcc on a non-login shell's PATH)
+    cuda_home: str | None = None
+    secure_boot: bool | None = None  # None: cannot tell (no mokutil, no EFI variables)
+    mok_enrolled: bool = False  # a DKMS/shim module signing key is enrolled
+    nouveau_loaded: bool = False
+    nouveau_blacklisted: bool = False
+    headers_candidate: str | None = None  # apt's candidate for linux-headers-<kernel>; None: none
+    cuda_keyring_fprs: tuple[str, ...] | None = None  # primary keys in the cuda keyring (None: absent)
+    cuda_lists: dict[str, str] = field(default_factory=dict)  # /etc/apt/sources.list.d/cuda-*.list
+    nvidia_module: str | None = None  # first line of /proc/driver/nvidia/version (module loaded)
 
     @property
     def uses_apt(self) -> bool:
@@ -43,26 +55,48 @@ class HostFacts:
 
 
 SECTIONS = ("os", "kernel", "arch", "cpu", "mem", "disk", "nvcc", "gcc", "cmake", "packages",
-            "reboot", "headers", "init")
+            "reboot", "headers", "init", "headers_candidate", "secureboot", "mok", "nouveau",
+            "cuda_keyring", "cuda_lists", "nvidia_module")
+KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
+MOK_KEYS = ("/var/lib/dkms/mok.pub", "/var/lib/shim-signed/mok/MOK.der")
 
 
 def script(models_dir: str) -> str:
     d = shlex.quote(models_dir)
     return "; ".join([
-        "export LC_ALL=C PATH=$PATH:/usr/local/cuda/bin",
+        "export LC_ALL=C",
         "echo '@@os'; cat /etc/os-release 2>/dev/null",
         "echo '@@kernel'; uname -r",
         "echo '@@arch'; uname -m",
         "echo '@@cpu'; nproc; grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-",
         "echo '@@mem'; grep MemTotal /proc/meminfo",
         f"echo '@@disk'; d={d}; while [ ! -e \"$d\" ]; do d=$(dirname \"$d\"); done; echo \"$d\"; df -PB1 \"$d\" | tail -n 1",
-        "echo '@@nvcc'; p=$(command -v nvcc 2>/dev/null) && { echo \"$p\"; nvcc --version 2>/dev/null | grep -i release; }",
+        # nvcc on PATH first (what the user chose), then NVIDIA's link, then the newest versioned dir
+        "echo '@@nvcc'; for p in \"$(command -v nvcc 2>/dev/null)\" /usr/local/cuda/bin/nvcc "
+        "$(ls -d /usr/local/cuda-*/bin/nvcc 2>/dev/null | sort -rV); do "
+        "[ -n \"$p\" ] && [ -x \"$p\" ] && { echo \"$p\"; \"$p\" --version 2>/dev/null | grep -i release; "
+        # the toolkit's own bin dir, even behind a wrapper script (a dry run compiles nothing)
+        "\"$p\" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\\$ _HERE_=/here /p'; break; }; done",
         "echo '@@gcc'; gcc -dumpfullversion 2>/dev/null",
         "echo '@@cmake'; cmake --version 2>/dev/null | head -n 1",
         "echo '@@packages'; dpkg-query -W -f='${Package}\\t${db:Status-Abbrev}\\t${Version}\\n' 2>/dev/null",
         "echo '@@reboot'; if [ -e /var/run/reboot-required ]; then echo yes; cat /var/run/reboot-required.pkgs 2>/dev/null; fi",
         "echo '@@headers'; [ -e /lib/modules/$(uname -r)/build ] && echo yes",
         "echo '@@init'; [ -d /run/systemd/system ] && echo systemd",
+        "echo '@@headers_candidate'; command -v apt-cache >/dev/null && "
+        "apt-cache policy \"linux-headers-$(uname -r)\" 2>/dev/null | sed -n 's/^ *Candidate: *//p'",
+        "echo '@@secureboot'; if command -v mokutil >/dev/null 2>&1; then mokutil --sb-state 2>&1; "
+        "else for f in /sys/firmware/efi/efivars/SecureBoot-*; do [ -r \"$f\" ] && "
+        "od -An -t u1 \"$f\" | awk '{print \"efivar \" $NF}'; done; fi",
+        "echo '@@mok'; command -v mokutil >/dev/null 2>&1 && for k in " + " ".join(MOK_KEYS)
+        + "; do [ -e \"$k\" ] && mokutil --test-key \"$k\" 2>&1; done",
+        "echo '@@nouveau'; [ -d /sys/module/nouveau ] && echo loaded; "
+        "grep -lsE '^[[:space:]]*blacklist[[:space:]]+nouveau' /etc/modprobe.d/*.conf "
+        "/usr/lib/modprobe.d/*.conf /lib/modprobe.d/*.conf 2>/dev/null | head -n 1 | sed 's/^/blacklisted /'",
+        f"echo '@@cuda_keyring'; [ -r {KEYRING} ] && base64 -w0 {KEYRING} && echo",
+        "echo '@@cuda_lists'; for f in /etc/apt/sources.list.d/cuda-*.list; do [ -f \"$f\" ] && "
+        "{ echo \"@file $f\"; cat \"$f\"; }; done",
+        "echo '@@nvidia_module'; head -n 1 /proc/driver/nvidia/version 2>/dev/null",
         "true",
     ])
 
@@ -108,6 +142,12 @@ def parse(output: str) -> HostFacts:
         if len(parts) == 3 and parts[1][1:2] == "i":
             pkgs[parts[0].split(":")[0]] = parts[2]
     reboot = bool(s["reboot"]) and s["reboot"][0] == "yes"
+    nvcc_home = None
+    here = [ln[5:].strip() for ln in s["nvcc"] if ln.startswith("here ")]
+    if here and here[0].rstrip("/").endswith("/bin"):
+        nvcc_home = here[0].rstrip("/")[: -len("/bin")] or None
+    elif nvcc_path and nvcc_path.endswith("/bin/nvcc"):
+        nvcc_home = nvcc_path[: -len("/bin/nvcc")] or None
     return HostFacts(
         os_id=osr.get("ID", "unknown"), os_version=osr.get("VERSION_ID", ""),
         os_codename=osr.get("VERSION_CODENAME", ""), os_pretty=osr.get("PRETTY_NAME", "unknown"),
@@ -122,7 +162,54 @@ def parse(output: str) -> HostFacts:
         kernel_headers=bool(s["headers"]) and s["headers"][0] == "yes",
         is_systemd=bool(s["init"]) and s["init"][0] == "systemd",
         os_like=osr.get("ID_LIKE", ""),
+        cuda_home=nvcc_home,
+        secure_boot=_secure_boot(s["secureboot"]),
+        mok_enrolled=any("is already enrolled" in ln for ln in s["mok"]),
+        nouveau_loaded="loaded" in [ln.strip() for ln in s["nouveau"]],
+        nouveau_blacklisted=any(ln.startswith("blacklisted ") for ln in s["nouveau"]),
+        headers_candidate=_candidate(s["headers_candidate"]),
+        cuda_keyring_fprs=_keyring(s["cuda_keyring"]),
+        cuda_lists=_lists(s["cuda_lists"]),
+        nvidia_module=(s["nvidia_module"] or [None])[0] or None,
     )
+
+
+def _secure_boot(lines: list[str]) -> bool | None:
+    text = " ".join(lines).lower()
+    if "secureboot enabled" in text or re.search(r"\befivar 1\b", text):
+        return True
+    if "secureboot disabled" in text or "doesn't support secure boot" in text or "efivar 0" in text:
+        return False
+    return None  # no mokutil and no EFI variables: BIOS boot, a container, or unknown
+
+
+def _candidate(lines: list[str]) -> str | None:
+    c = lines[0].strip() if lines else ""
+    return None if not c or c == "(none)" else c
+
+
+def _keyring(lines: list[str]) -> tuple[str, ...] | None:
+    if not lines or not lines[0].strip():
+        return None
+    import base64
+    import binascii
+    from ..openpgp import KeyringError, primary_fingerprints
+    try:
+        return tuple(primary_fingerprints(base64.b64decode(lines[0].strip())))
+    except (KeyringError, binascii.Error, IndexError):
+        return ()  # there, but not a keyring: matches no pinned key
+
+
+def _lists(lines: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    cur = None
+    for ln in lines:
+        if ln.startswith("@file "):
+            cur = ln[6:].strip()
+            out[cur] = ""
+        elif cur:
+            out[cur] += ln + "\n"
+    return out
 
 
 def gather(target, models_dir: str) -> HostFacts:

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from .. import reach
 from ..errors import StepError
 from ..secrets import register
 
@@ -179,8 +180,9 @@ def _api(cfg: dict, token: str | None) -> Any:
 
 
 @contextlib.contextmanager
-def hub_errors(cfg: dict, token: str | None, where: str, rev: str) -> Iterator[None]:
-    """huggingface_hub's exceptions -> one StepError line that names the repo and what to do."""
+def hub_errors(cfg: dict, token: str | None, where: str, rev: str, doing: str = "resolving") -> Iterator[None]:
+    """huggingface_hub's exceptions -> one StepError line that names the repo and what to do; a hub
+    that cannot be reached (huggingface_hub 2.x raises httpx2 errors, no OSError) names the hub."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
     m = cfg["model"]
@@ -199,9 +201,9 @@ def hub_errors(cfg: dict, token: str | None, where: str, rev: str) -> Iterator[N
                         f"{m['token_env']} or model.token_file)") from None
     except HfHubHTTPError as e:
         raise StepError(f"{where}: hub error: {' '.join(str(e).split())[:300]}") from None
-    except OSError as e:
-        raise StepError(f"{where}: cannot reach the hub ({m['endpoint'] or 'default endpoint'}): "
-                        f"{type(e).__name__}: {e}") from None
+    except reach.network_errors() as e:  # httpx2.ConnectError is no OSError
+        raise StepError(f"the hub {m['endpoint'] or 'https://huggingface.co'} unreachable from this "
+                        f"machine ({doing} {where}): {type(e).__name__}: {e}") from None
 
 
 def resolve(cfg: dict, token: str | None, api: Any = None, revision: str | None = None) -> dict:
@@ -233,7 +235,7 @@ def commits_between(cfg: dict, token: str | None, since: str, head: str, api: An
     repo = cfg["model"]["repo"]
     api = api or _api(cfg, token)
     out: list[dict] = []
-    with hub_errors(cfg, token, f"{repo}@{head[:7]}", head):
+    with hub_errors(cfg, token, f"{repo}@{head[:7]}", head, doing="listing the commits of"):
         for c in api.list_repo_commits(repo, revision=head):
             if c.commit_id == since:
                 return out, True

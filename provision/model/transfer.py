@@ -10,10 +10,13 @@ and reuse `verify_files` to mark it verified.
 from __future__ import annotations
 
 import json
+import re
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .. import remote
+from .. import reach, remote
+from ..engine import Context, Run
 from ..errors import StepError
 from ..progress import Progress, human
 from ..target import quote
@@ -74,6 +77,40 @@ def venv_commands(cfg: dict) -> list[str]:
         f"{{ rm -rf {quote(v)}; echo 'python3 -m venv failed: install python3-venv (the system step does)' >&2; exit 1; }}",
         f"{quote(v)}/bin/python -m pip install --disable-pip-version-check -q {extra} {quote(req)}".replace("  ", " "),
     ]
+
+
+@dataclass
+class PipVenv(Run):
+    """The rig's venv with huggingface_hub: pip on the rig; an index/wheelhouse it cannot reach
+    is one line naming it."""
+
+    pip: dict = field(default_factory=dict)  # the model section's pip settings (for the message)
+
+    def apply(self, ctx: Context) -> None:
+        for c in self.commands:
+            r = ctx.target.run(c, sudo=self.sudo, timeout=self.timeout, check=False)
+            if not r.ok:
+                out = r.stdout + "\n" + r.stderr
+                why = reach.pip_unreachable(ctx.host.name, out, self.pip)
+                tail = [ln.strip() for ln in out.splitlines() if ln.strip()][-1:] or [f"exit {r.exited}"]
+                raise StepError(why or f"python venv {venv_dir(ctx.cfg)} on {ctx.host.name}: {tail[0][:300]}")
+
+
+def venv_change(cfg: dict) -> PipVenv:
+    """The plan's change that makes the venv (also the --from copy's hub fallback)."""
+    return PipVenv(f"python venv {venv_dir(cfg)} with {cfg['model']['hub_requirement']}",
+                   commands=venv_commands(cfg), timeout=1800,
+                   pip={k: cfg["model"][k] for k in ("pip_index_url", "pip_find_links")})
+
+
+def pip_probe(ctx: Context) -> None:
+    """--check, when the venv would be made: can the rig reach where pip downloads from? (a GET;
+    without python3 yet -- the system step installs it -- there is nothing to probe with)."""
+    url = reach.pip_probe_url(ctx.cfg["model"])
+    r = ctx.target.run(reach.url_probe_command(url), check=False, timeout=60)
+    why = reach.parse_url_probe(r.stdout + "\n" + r.stderr) if r.exited != 127 else None
+    if why:
+        raise StepError(f"{reach.pip_where(ctx.cfg['model'])} unreachable from {ctx.host.name}: {why}")
 
 
 def ensure_script(ctx: Any, name: str) -> str:
@@ -173,6 +210,13 @@ def run_pull(ctx: Any, work: Work, files: list[dict], token: str | None) -> dict
             if ev.get("event") == "summary":
                 summary = ev
     bad = [p for p in (f["path"] for f in files) if events.get(p, {}).get("event") != "done"]
+    net = [events[p] for p in bad if re.search(r"Connect|Timeout|Network|Transport|LocalEntryNotFound",
+                                                events.get(p, {}).get("type", ""))]
+    if bad and len(net) == len(bad):  # every failure is the hub not answering: one line naming it
+        e = net[0]
+        raise StepError(f"the hub {m['endpoint'] or 'https://huggingface.co'} unreachable from "
+                        f"{ctx.host.name} (downloading {len(bad)} file(s)): {e.get('type')}: "
+                        f"{str(e.get('error'))[:200]}")
     if bad:
         why = "; ".join(f"{p.rsplit('/', 1)[-1]}: {events.get(p, {}).get('error') or 'no result'}" for p in bad[:3])
         tail = (r.stderr.strip().splitlines() or [""])[-1]

@@ -12,7 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("hf_pull.py", "sha256_files.py", "ttft_probe.py", "model_probe.py", "rig_status.py")
+SCRIPTS = ("hf_pull.py", "sha256_files.py", "ttft_probe.py", "model_probe.py", "rig_status.py", "rig_copy.py",
+           "rig_keys.py")
 
 
 @lru_cache(maxsize=None)

@@ -17,6 +17,11 @@ def summary_rows(hf: hostfacts.HostFacts, gf) -> list[list[str]]:
         ["driver / CUDA", f"{gf.driver_version or '-'} / {gf.cuda_version or '-'}" if gf.available
          else gf.reason],
     ]
+    rows.append(["CUDA toolkit", hf.cuda_home or "-"])
+    rows.append(["secure boot", {True: "on" + (" (MOK enrolled)" if hf.mok_enrolled else ""),
+                                 False: "off", None: "unknown"}[hf.secure_boot]])
+    if hf.nouveau_loaded:
+        rows.append(["nouveau", "loaded" + (" (blacklisted: gone after a reboot)" if hf.nouveau_blacklisted else "")])
     for g in gf.gpus:
         rows.append([f"gpu {g.index}", f"{g.name}, cc {g.compute_cap}, {g.memory_total_mib} MiB, "
                      f"power {g.power_limit} W (min {g.power_min}, max {g.power_max}, default "
@@ -39,5 +44,5 @@ class FactsStep(Step):
                 + (f", nvcc {hf.nvcc_version}" if hf.nvcc_version else ""))
         if hf.reboot_required:
             ctx.warn("reboot required (" + (", ".join(hf.reboot_packages) or "see /var/run/reboot-required")
-                     + ") — llama-rig never reboots on its own")
+                     + ")")
         return []

@@ -14,16 +14,20 @@ next `invoke provision`; pin a tag (b6895 / v0.5.0) or a 40-hex commit to freeze
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import llama_build as lb
+from .. import llama_cuda_subset as cuda_subset
+from .. import reach, values
 from ..engine import Call, Change, Context, Step
-from ..errors import CommandError, StepError
+from ..errors import CommandError, StepError, UnsafeValue
 from ..facts import host as hostfacts
 from ..target import join, quote
+from ..transfer import build_copy
 
 NOTIFY = ("llama-server.restart",)
 GOOD_MARK = "llama-rig-build.json"
@@ -48,6 +52,16 @@ class RigView:
             if b.fingerprint == fp:
                 return b
         return None
+
+    def match(self, w: "Want") -> lb.BuildInfo | None:
+        """The good build that IS `w`: the same fingerprint, or a build made before glibc joined
+        the fingerprint (no `glibc` in its record) whose fingerprint without glibc is w's -- on
+        its own rig glibc only moved forward since, and a binary runs on a newer glibc."""
+        have = self.with_fingerprint(w.fingerprint)
+        if have is None and w.glibc and w.legacy_fingerprint:
+            have = next((b for b in self.builds.values()
+                         if "glibc" not in b.extra and b.fingerprint == w.legacy_fingerprint), None)
+        return have
 
 
 def view_script(base: str) -> str:
@@ -110,15 +124,18 @@ class Want:
     fingerprint: str
     name: str
     summary: str  # "CUDA 86, FA all quants"
+    glibc: str | None = None
+    legacy_fingerprint: str | None = None  # the same without glibc (see RigView.match)
 
     def record(self) -> dict[str, Any]:
         return {"commit": self.commit, "build_number": self.build_number, "archs": self.archs,
                 "targets": self.targets, "cmake_args": self.args, "gcc": self.gcc,
-                "nvcc": self.nvcc, "fingerprint": self.fingerprint, "name": self.name}
+                "nvcc": self.nvcc, "glibc": self.glibc, "fingerprint": self.fingerprint,
+                "name": self.name}
 
 
 def want(cfg: dict, commit: str, tree: lb.TreeFacts, compute_caps: list[str | None],
-         gcc: str | None, nvcc: str | None, ref: str | None = None) -> Want:
+         gcc: str | None, nvcc: str | None, ref: str | None = None, glibc: str | None = None) -> Want:
     """Pure: the build the inventory asks for, given the tree and the box."""
     lc = cfg["llama_cpp"]
     archs = lb.gpu_archs(lc["cuda_architectures"], compute_caps) if lc["cuda"] else []
@@ -133,9 +150,10 @@ def want(cfg: dict, commit: str, tree: lb.TreeFacts, compute_caps: list[str | No
     targets, missing = lb.build_targets(cfg, tree)
     args = lb.cmake_args(cfg, tree, archs, pass_number, pass_commit)
     nv = nvcc if lc["cuda"] else None
-    fp = lb.fingerprint(commit, args, gcc, nv, archs, targets)
+    fp = lb.fingerprint(commit, args, gcc, nv, archs, targets, glibc)
     return Want(commit, tree, number, archs, targets, missing, args, gcc, nv, fp,
-                lb.build_dir_name(number, commit, fp), lb.describe(cfg, tree, archs))
+                lb.build_dir_name(number, commit, fp), lb.describe(cfg, tree, archs), glibc,
+                lb.fingerprint(commit, args, gcc, nv, archs, targets))
 
 
 def plan(cfg: dict, view: RigView, w: Want | None, commit: str | None,
@@ -146,10 +164,13 @@ def plan(cfg: dict, view: RigView, w: Want | None, commit: str | None,
     base = "builds/"
     if w is None:
         what = commit[:7] if commit else cfg["llama_cpp"]["ref"]
-        return [Call(f"fetch and build llama.cpp {cfg['llama_cpp']['ref']} @ {what} → {base}b?-{what}-…",
+        desc = (f"fetch and build llama.cpp {cfg['llama_cpp']['ref']} @ {what} → {base}b?-{what}-…" if commit
+                else f"clone and build llama.cpp {cfg['llama_cpp']['ref']} (no git on the box yet: "
+                     "the commit is resolved after the system step installs it)")
+        return [Call(desc,
                      fn=build, data={"action": "build", "commit": commit, "name": None},
                      notify=NOTIFY)]
-    have = view.with_fingerprint(w.fingerprint)
+    have = view.match(w)
     if have is not None:
         if view.current == have.name:
             return []
@@ -204,6 +225,20 @@ class Outcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _git_reach(fn):
+    """A clone/fetch that cannot reach the remote is one line naming it."""
+    @functools.wraps(fn)
+    def wrapped(self: "Llama", *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except CommandError as e:
+            if " clone " in f" {e.command} " or " fetch " in f" {e.command} ":
+                raise StepError(reach.git_unreachable(self.ctx.host.name, self.lc["repo"],
+                                                      e.stderr or e.stdout)) from None
+            raise
+    return wrapped
+
+
 class Llama:
     """Everything the step and the tasks do on one rig."""
 
@@ -230,17 +265,43 @@ class Llama:
         # basedir = the llama.cpp dir, so paths into src AND into the (new) build dir are relative
         return {"CCACHE_DIR": self.ccache_dir, "CCACHE_BASEDIR": self.base}
 
+    def build_env(self) -> dict[str, str]:
+        """ccache, and for CUDA where the toolkit is. NVIDIA's packages do not put nvcc on a
+        non-login shell's PATH, and CMake finds the CUDA compiler only through CUDACXX,
+        CMAKE_CUDA_COMPILER, PATH or $CUDA_PATH/bin: the toolkit's location is a fact (the facts
+        look on PATH, in /usr/local/cuda and /usr/local/cuda-*), handed to CMake here."""
+        env = dict(self.ccache_env)
+        if self.lc["cuda"]:
+            hf = hostfacts.host_facts(self.ctx)
+            if not hf.nvcc_path:
+                raise StepError("llama_cpp.cuda is on but there is no nvcc on this host (looked on "
+                                "PATH, in /usr/local/cuda/bin and /usr/local/cuda-*/bin): the system "
+                                "step installs system.cuda_toolkit")
+            env["CUDACXX"] = hf.nvcc_path
+            if hf.cuda_home:
+                env["CUDAToolkit_ROOT"] = hf.cuda_home
+        return env
+
     def view(self) -> RigView:
         return parse_view(self.sh(view_script(self.base), check=False).stdout)
 
     # -- source ----------------------------------------------------------------------------
+    def source(self) -> tuple[str, str]:
+        """llama_cpp.repo and .ref, checked again (the inventory did already): a repo or ref that
+        git could read as an option never reaches a command line."""
+        repo, ref = self.lc["repo"], self.lc["ref"]
+        for key, err in (("repo", values.git_url(repo)), ("ref", values.git_ref(ref))):
+            if err:
+                raise UnsafeValue(f"llama_cpp.{key}: {err}")
+        return repo, ref
+
     def resolve_readonly(self, view: RigView) -> str | None:
         """The commit `ref` names now, without changing the box (ls-remote / the clone)."""
-        ref = self.lc["ref"]
+        repo, ref = self.source()
         kind = lb.ref_kind(ref)
         if kind == "commit":
             return ref
-        r = self.sh(f"git ls-remote {quote(self.lc['repo'])} {quote(ref)} {quote(ref + '^{}')}",
+        r = self.sh(f"git ls-remote -- {quote(repo)} {quote(ref)} {quote(ref + '^{}')}",
                     check=False, timeout=120)
         sha = lb.parse_ls_remote(r.stdout, ref) if r.ok else None
         if sha:
@@ -249,9 +310,13 @@ class Llama:
             local = self.resolve_local(ref)
             if local:
                 return local
+        if r.exited == 127 and self.ctx.check:
+            return None  # no git yet on a bare box: the system step installs it before this step
+        if r.exited == 127:
+            raise StepError("git is not installed on this host (the system step installs it: "
+                            "keep git in system.packages)")
         if not r.ok:
-            raise StepError(f"cannot reach {self.lc['repo']}: "
-                            f"{(r.stderr.strip().splitlines() or ['git ls-remote failed'])[-1]}")
+            raise StepError(reach.git_unreachable(self.ctx.host.name, self.lc["repo"], r.stderr))
         raise StepError(f"llama_cpp.ref {ref!r} not found in {self.lc['repo']}")
 
     def resolve_local(self, ref: str) -> str | None:
@@ -264,28 +329,31 @@ class Llama:
     def has_commit(self, sha: str) -> bool:
         return self.git(f"cat-file -e {quote(sha + '^{commit}')}", check=False).ok
 
+    @_git_reach
     def sync(self, view: RigView) -> str:
         """Clone or fetch, resolve ref, check the commit out. Returns the 40-hex commit."""
-        repo = self.lc["repo"]
-        ref = self.lc["ref"]
+        repo, ref = self.source()
         if view.src_url is None:
             self.ctx.say(f"llama: cloning {repo} (full history, for real build numbers)")
             self.sh(f"mkdir -p {quote(self.base)} && rm -rf {quote(self.src)} && "
-                    f"git clone -q --no-checkout {quote(repo)} {quote(self.src)}", timeout=7200)
+                    f"git clone -q --no-checkout -- {quote(repo)} {quote(self.src)}", timeout=7200)
         else:
             if view.src_url != repo:
-                self.git(f"remote set-url origin {quote(repo)}")
+                self.git(f"remote set-url -- origin {quote(repo)}")
             self.git("fetch -q --prune --tags --force origin "
                      "'+refs/heads/*:refs/remotes/origin/*'", timeout=3600)
         sha = self.resolve_local(ref)
         if sha is None and lb.ref_kind(ref) == "commit":
-            self.git(f"fetch -q origin {quote(ref)}", check=False, timeout=3600)
+            self.git(f"fetch -q -- origin {quote(ref)}", check=False, timeout=3600)
             sha = self.resolve_local(ref)
         if sha is None:
             raise StepError(f"llama_cpp.ref {ref!r} not found in {repo}")
         self.git(f"checkout -q --detach --force {sha}")
         self.git("clean -q -ffdx")
         return sha
+
+    def glibc(self) -> str | None:
+        return self.ctx.fact("llama.glibc", lambda: lb.parse_glibc(self.sh(lb.GLIBC_CMD, check=False).stdout))
 
     def tree(self, sha: str) -> lb.TreeFacts:
         return lb.parse_tree(self.sh(lb.tree_script(self.src, sha), check=False).stdout)
@@ -298,7 +366,7 @@ class Llama:
             caps = [g.compute_cap for g in gf.gpus]
         try:
             return want(self.cfg, sha, self.tree(sha), caps, hf.gcc_version, hf.nvcc_version,
-                        self.lc["ref"])
+                        self.lc["ref"], self.glibc())
         except lb.BuildConfigError as e:
             raise StepError(str(e)) from None
 
@@ -331,10 +399,16 @@ class Llama:
         self.sh(f"mkdir -p {quote(self.logs)} {quote(self.builds_dir)} {quote(self.ccache_dir)} && "
                 f"rm -rf {quote(d)} && mkdir -p {quote(d)} && : > {quote(log)}")
         before = self.ccache_stats()
+        env = self.build_env()
         t0 = time.monotonic()
-        configure = f"cmake -S {quote(self.src)} -B {quote(d)} {join(w.args)}"
+        args, subset_info = w.args, None
+        if self.lc["cuda"] and cuda_subset.CI_CUDA_SUBSET is not None:  # test seam, see there
+            subset_info = cuda_subset.build(self, w, d, log, current, env)
+            args = want(cuda_subset.cpu_cfg(self.cfg), w.commit, w.tree, [], w.gcc, None,
+                        self.lc["ref"]).args
+        configure = f"cmake -S {quote(self.src)} -B {quote(d)} {join(args)}"
         self.ctx.say(f"llama: configure {w.name} ({w.summary})")
-        r = self.sh(f"{configure} >> {quote(log)} 2>&1", env=self.ccache_env, check=False,
+        r = self.sh(f"{configure} >> {quote(log)} 2>&1", env=env, check=False,
                     timeout=3600)
         if not r.ok:
             self.sh(f"rm -rf {quote(d)}", check=False)
@@ -346,7 +420,7 @@ class Llama:
         script = f"set -o pipefail; {build_cmd} 2>&1 | tee -a {quote(log)}"
         t1 = time.monotonic()
         try:
-            r = self.sh(f"bash -c {quote(script)}", env=self.ccache_env, check=False,
+            r = self.sh(f"bash -c {quote(script)}", env=env, check=False,
                         on_stdout=prog, timeout=None)
         finally:
             prog.close()
@@ -361,6 +435,8 @@ class Llama:
                      "build_seconds": round(t_build, 2), "compiled": prog.compiled,
                      "ccache": lb.stats_delta(before, after) if before and after else {},
                      "log": log, "ref": self.lc["ref"], "repo": self.lc["repo"]})
+        if subset_info is not None:
+            info["ci_cuda_subset"] = subset_info
         self.ctx.target.write_file(f"{d}/{GOOD_MARK}", json.dumps(info, indent=2, sort_keys=True) + "\n")
         cc = info["ccache"]
         self.ctx.say(f"llama: built {w.name} in {t_conf + t_build:.0f}s ({prog.compiled} objects compiled"
@@ -416,7 +492,7 @@ class Llama:
             "current": current, "build_dir": f"{self.builds_dir}/{current}",
             "commit": d.get("commit"), "build_number": d.get("build_number"),
             "fingerprint": d.get("fingerprint"), "cmake_args": d.get("cmake_args"),
-            "gcc": d.get("gcc"), "nvcc": d.get("nvcc"), "archs": d.get("archs"),
+            "gcc": d.get("gcc"), "nvcc": d.get("nvcc"), "glibc": d.get("glibc"), "archs": d.get("archs"),
             "targets": d.get("targets"), "ref": self.lc["ref"], "repo": self.lc["repo"],
             "previous": previous if previous in v.builds else None,
             "builds": sorted(v.builds, key=lambda n: v.builds[n].built_at),
@@ -429,7 +505,7 @@ class Llama:
         if sha is None:
             sha = self.sync(view)
         w = self.want(sha)
-        have = view.with_fingerprint(w.fingerprint)
+        have = view.match(w)
         previous = view.current
         if have is not None:
             out = Outcome(have.name, sha, previous=previous, info=have.extra)
@@ -440,7 +516,9 @@ class Llama:
             elif self.ctx.state.get("llama", {}).get("current") != have.name:
                 self.record(have.name, self.ctx.state.get("llama", {}).get("previous"))
             return out
-        info = self.build(w, view.current)
+        # [--from SOURCE] the source rig's build of this fingerprint is copied, else its ccache
+        # seeds ours (provision/transfer/build_copy.py); without --from this is self.build()
+        info = build_copy.obtain(self, w, view.current)
         self.switch(w.name)
         self.prune(w.name, previous)
         self.record(w.name, previous)
@@ -499,7 +577,8 @@ class LlamaStep(Step):
         def do_switch(c: Context) -> None:
             Llama(c).ensure()
 
-        return plan(ctx.cfg, view, w, sha, build=do_build, switch=do_switch)
+        # [--from SOURCE] the plan says whether the build is copied or ccache-seeded, and why
+        return build_copy.annotate(ctx, plan(ctx.cfg, view, w, sha, build=do_build, switch=do_switch), w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,10 +602,11 @@ def task_update(ctx: Context, max_log: int = 30) -> bool:
     view = ll.view()
     old = view.builds.get(view.current) if view.current else None
     sha = ll.sync(view)
-    if old and old.commit and old.commit != sha:
-        r = ll.git(f"rev-list --count {old.commit}..{sha}", check=False)
+    if old and old.commit and lb.SHA_RE.fullmatch(old.commit) and old.commit != sha:
+        span = quote(f"{old.commit}..{sha}")  # the old commit comes from the rig: checked, quoted
+        r = ll.git(f"rev-list --count {span}", check=False)
         n = r.stdout.strip() if r.ok else "?"
-        lg = ll.git(f"log --oneline --no-decorate -n {max_log} {old.commit}..{sha}", check=False)
+        lg = ll.git(f"log --oneline --no-decorate -n {max_log} {span}", check=False)
         ctx.say(f"llama: {n} new commit(s) {old.commit[:9]}..{sha[:9]}:")
         for ln in lg.stdout.splitlines():
             ctx.say(f"llama:   {ln}")
@@ -585,6 +665,11 @@ def task_rollback(ctx: Context) -> bool:
 def task_status(ctx: Context) -> bool:
     ll = Llama(ctx)
     view = ll.view()
+    name = ctx.host.name
+    if view.current is None and not view.builds and view.src_url is None:
+        ctx.say(f"llama: nothing built on {name} yet (no llama.cpp clone or build under {ll.base})"
+                f" — run `invoke provision --host {name}` (or `invoke llama.build --host {name}`)")
+        return False
     st = ctx.state.get("llama") or {}
     sizes: dict[str, str] = {}
     r = ll.sh(f"cd {quote(ll.base)} 2>/dev/null && du -sh builds/* src 2>/dev/null; "
@@ -599,15 +684,25 @@ def task_status(ctx: Context) -> bool:
         mark = "current" if b.name == view.current else ("previous" if b.name == st.get("previous") else "")
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(b.built_at)) if b.built_at else "-"
         rows.append([b.name, mark, f"b{b.build_number}", b.commit[:9], b.fingerprint[:12],
-                     sizes.get(f"builds/{b.name}", "?"), when])
-    ctx.console.table(f"llama.cpp builds: {ctx.host.name}",
-                      ["build", "", "number", "commit", "fingerprint", "size", "built (UTC)"], rows)
+                     sizes.get(f"builds/{b.name}", "-"), when])
+    if rows:
+        ctx.console.table(f"llama.cpp builds: {name}",
+                          ["build", "", "number", "commit", "fingerprint", "size", "built (UTC)"], rows)
     cur = view.builds.get(view.current) if view.current else None
-    ctx.say(f"llama: current {view.current or 'none'}"
-            + (f" — commit {cur.commit}, fingerprint {cur.fingerprint[:16]}, "
-               f"{cur.extra.get('version', '')}" if cur else ""))
-    ctx.say(f"llama: disk used {sizes.get(ll.base, '?')} ({ll.base}; source {sizes.get('src', '?')}), "
-            f"ccache {sizes.get(ll.ccache_dir, '?')}")
+    if cur:
+        ctx.say(f"llama: current {view.current} — commit {cur.commit}, fingerprint "
+                f"{cur.fingerprint[:16]}, {cur.extra.get('version', '')}".rstrip(", "))
+    elif view.current:
+        ctx.say(f"llama: current → {view.current}, which is not a good build (no {GOOD_MARK})"
+                f" — run `invoke llama.build --host {name}`")
+    else:
+        ctx.say(f"llama: no build is current yet (the clone is there) — run "
+                f"`invoke llama.build --host {name}`")
+    used = [f"disk used {sizes[ll.base]} ({ll.base}"
+            + (f"; source {sizes['src']})" if "src" in sizes else ")")] if ll.base in sizes else []
+    used.append(f"ccache {sizes[ll.ccache_dir]}" if ll.ccache_dir in sizes
+                else f"ccache: nothing cached yet ({ll.ccache_dir})")
+    ctx.say("llama: " + ", ".join(used))
     cs = ll.sh("command -v ccache >/dev/null && ccache -s", env=ll.ccache_env, check=False)
     if cs.ok:
         for ln in cs.stdout.splitlines():

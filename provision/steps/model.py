@@ -16,22 +16,27 @@ Flow (facts -> plan -> apply):
 * apply (`model/transfer.py`): venv with huggingface-hub, `hf_pull.py` (token on stdin only),
   `sha256_files.py` in parallel, re-fetch only a shard whose sha256 is wrong, up to
   `model.max_attempts`, then stop with a clear error. Old copies beyond `model.keep_versions` go.
+* [--from SOURCE] (`transfer/model_copy.py`): shards the source rig has verified with the wanted
+  sha256 are copied from it into the same work dir (staging/<sha> or current) instead of
+  downloaded, hashed here before they count, and the rest comes from the hub as above.
 
 For the service step and the tasks: `shard1_path(ctx)` (never an unverified file) and `manifest(ctx)`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-from ..engine import Call, Change, Context, Run, Step
+from ..engine import Call, Change, Context, Step
 from ..errors import StepError
 from ..model import hub, store, transfer
+from ..model.transfer import PipVenv, venv_commands, venv_dir  # noqa: F401
 from ..model.hub import (HEX40, RepoEntry, load_token, make_manifest, match_files,  # noqa: F401
                          resolve, reuse_pin, shard1)
 from ..model.hub import repo_dir as local_dir  # noqa: F401
 from ..model.store import (RESTART, STAGING_KEY, STATE_KEY, RigView, Work, classify,  # noqa: F401
                            marker_valid, preflight, read_rig, versioned)
 from ..progress import human
+from ..transfer import model_copy
 
 RESERVED = ("commits", "staging", "current")
 
@@ -44,27 +49,40 @@ class Staging:
     """What the plan decided for the wanted commit (kept for the apply functions)."""
 
     def __init__(self, work: Work, link: list[tuple[dict, store.Seed]], fetch: list[dict],
-                 stale: list[dict], verify: list[dict], debris: list[str]):
+                 stale: list[dict], verify: list[dict], debris: list[str],
+                 copy: list[dict] | None = None, copy_stale: list[dict] | None = None):
         self.work, self.link, self.fetch, self.stale, self.verify, self.debris = \
             work, link, fetch, stale, verify, debris
+        self.copy = copy or []  # [--from] copied from the source rig instead of downloaded
+        self.copy_stale = copy_stale or []  # those of them present here with other content
 
 
-def decide(man: dict, rig: RigView, stored: dict | None, staged: dict | None, full: bool = False) -> Staging:
+def decide(man: dict, rig: RigView, stored: dict | None, staged: dict | None, full: bool = False,
+           source: Any = None) -> Staging:
+    """Where the wanted commit is made complete and how each file gets there: hard-linked from a
+    copy on the rig, [--from] copied from the source rig (`source`: a model_copy.Offer), or
+    downloaded; and which files are hashed."""
     w = store.work_for(man, rig, stored, staged)
     groups = classify(man["files"], w.stats, w.verified, full)
     seeds = store.seeds(man, rig, stored) if w.kind != "current" else {}
     link = [(f, seeds[f["sha256"]]) for f in groups["fetch"] if f["sha256"] in seeds]
     fetch = [f for f in groups["fetch"] if f["sha256"] not in seeds]
-    verify = groups["stale"] + fetch + groups["verify"] + [f for f, s in link if s.marker is None]
-    return Staging(w, link, fetch, groups["stale"], verify, list(rig.debris))
+    offered = set(source.files) if source is not None else set()
+    copy = [f for f in groups["stale"] + fetch if f["path"] in offered]
+    copy_stale = [f for f in groups["stale"] if f["path"] in offered]
+    stale = [f for f in groups["stale"] if f["path"] not in offered]
+    fetch = [f for f in fetch if f["path"] not in offered]
+    verify = copy + stale + fetch + groups["verify"] + [f for f, s in link if s.marker is None]
+    return Staging(w, link, fetch, stale, verify, list(rig.debris), copy, copy_stale)
 
 
 def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, staged: dict | None = None,
-         full: bool = False, fns: dict[str, Callable] | None = None) -> list[Change]:
-    """Manifest + rig facts + host state in -> changes out (pure; `fns` are the apply functions)."""
+         full: bool = False, fns: dict[str, Callable] | None = None, source: Any = None) -> list[Change]:
+    """Manifest + rig facts + host state in -> changes out (pure; `fns` are the apply functions).
+    `source`: with `--from`, what the source rig offers (a transfer.model_copy.Offer)."""
     fns = fns or {}
     stored = state_model or None
-    s = decide(man, rig, stored, staged, full)
+    s = decide(man, rig, stored, staged, full, source)
     w = s.work
     where = f"{man['repo']}@{man['commit'][:7]}"
     n = len(man["files"])
@@ -79,7 +97,7 @@ def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, staged
         if not hub.same_manifest(stored, man) or (man.get("branch") and stored.get("branch") != man.get("branch")):
             changes.append(Call(f"pin {where} ({man['revision']}): {n} file{'s' if n != 1 else ''}, {human(total)}",
                                 fn=fns.get("pin"), data={"commit": man["commit"], "files": [f["path"] for f in man["files"]]}))
-    elif s.link or s.fetch or s.stale or s.verify or w.kind == "staging":
+    elif s.link or s.copy or s.fetch or s.stale or s.verify or w.kind == "staging":
         src = sorted({sd.where for _, sd in s.link})
         linked = (f"; link {len(s.link)} unchanged from {', '.join(src)} (0 bytes)" if s.link else "")
         changes.append(Call(f"stage {where} ({man['revision']}) in {w.label}: {n} file{'s' if n != 1 else ''}, "
@@ -90,14 +108,18 @@ def plan(cfg: dict, man: dict, rig: RigView, state_model: dict | None, *, staged
         changes.append(Call(f"remove {len(s.debris)} *.incomplete leftover(s) of interrupted downloads",
                             fn=fns.get("clean"), data={"paths": sorted(s.debris)}))
     get = s.stale + s.fetch
-    if get:
-        need = store.need_bytes({"fetch": s.fetch, "stale": s.stale}, w.stats)
+    if get or s.copy:  # a copy from the source rig needs the room a download would
+        need = store.need_bytes({"fetch": [f for f in s.copy if f not in s.copy_stale] + s.fetch,
+                                 "stale": s.copy_stale + s.stale}, w.stats)
         both = " (the copy in service stays until the switch: both count)" if stored and w.kind != "current" else ""
         preflight(rig.free_bytes, need, float(cfg["model"]["free_space_margin_gb"]),
                   rig.disk_path or cfg["model"]["dir"], both)
+    if s.copy:  # [--from SOURCE] what the source rig has verified is copied from it (provision/transfer/)
+        changes.append(model_copy.change(source, s.copy, [f["path"] for f in s.copy_stale], fns.get("copy"),
+                                         RESTART if w.kind == "current" else ()))
+    if get:
         if not transfer.venv_ok(rig.venv_version, cfg["model"]["hub_requirement"]):
-            changes.append(Run(f"python venv {transfer.venv_dir(cfg)} with {cfg['model']['hub_requirement']}",
-                               commands=transfer.venv_commands(cfg), timeout=1800))
+            changes.append(transfer.venv_change(cfg))
         size = sum(f["size"] for f in get)
         stale = f" (replacing {len(s.stale)} stale)" if s.stale else ""
         changes.append(Call(f"download {len(get)} file{'s' if len(get) != 1 else ''} "
@@ -149,18 +171,22 @@ class ModelStep(Step):
         stored = ctx.state.get(STATE_KEY)
         rig = read_rig(ctx, man, stored)
         staged = ctx.state.get(STAGING_KEY)
-        ctx.facts["model.staging"] = decide(man, rig, stored, staged, self.full)
+        pre = decide(man, rig, stored, staged, self.full)
+        source = model_copy.offer(ctx, pre.stale + pre.fetch)  # [--from] None without it / nothing to fetch
+        ctx.facts["model.staging"] = decide(man, rig, stored, staged, self.full, source)
         ctx.facts["model.rig"] = rig
         ctx.facts["model.hashed_bytes"] = 0
-        changes = plan(ctx.cfg, man, rig, stored, staged=staged, full=self.full, fns=self.fns())
+        changes = plan(ctx.cfg, man, rig, stored, staged=staged, full=self.full, fns=self.fns(), source=source)
+        if ctx.check and any(isinstance(c, PipVenv) for c in changes):
+            transfer.pip_probe(ctx)  # --check: the venv would be made: can the rig reach pip's index?
         if not changes:
             ctx.say(f"model: {man['repo']}@{man['commit'][:7]}: {len(man['files'])} file(s), "
                     f"{human(sum(f['size'] for f in man['files']))}, all verified (0 bytes hashed, 0 bytes fetched)")
         return changes
 
     def fns(self) -> dict[str, Callable[[Context], None]]:
-        return {"pin": self._pin, "stage": stage, "clean": clean, "download": self._download,
-                "verify": self._verify, "switch": switch}
+        return {"pin": self._pin, "stage": stage, "clean": clean, "copy": self._copy,
+                "download": self._download, "verify": self._verify, "switch": switch}
 
     # -- apply ------------------------------------------------------------------------------
     def _pin(self, ctx: Context) -> None:
@@ -177,12 +203,20 @@ class ModelStep(Step):
         transfer.drop_markers(ctx, s.work, [f["path"] for f in get])
         transfer.clean_debris(ctx, [s.work.dir])
         transfer.run_pull(ctx, s.work, get, self.token(ctx))
-        ctx.facts["model.attempts"] = {f["path"]: 1 for f in get}
+        ctx.facts.setdefault("model.attempts", {}).update({f["path"]: 1 for f in get})
+
+    def _copy(self, ctx: Context) -> None:
+        """[--from SOURCE] copy into the work dir, verify here, fall back to the hub
+        (provision/transfer/model_copy.py)."""
+        model_copy.apply(ctx, self, ctx.facts["model.staging"])
 
     def _verify(self, ctx: Context) -> None:
         s: Staging = ctx.facts["model.staging"]
         attempts: dict[str, int] = dict(ctx.facts.get("model.attempts") or {})
-        transfer.verify_files(ctx, s.work, s.verify, attempts, refetch=True, token=lambda: self.token(ctx))
+        done = ctx.facts.get(model_copy.VERIFIED) or set()  # [--from] copied and hashed here already
+        transfer.verify_files(ctx, s.work, [f for f in s.verify if f["path"] not in done], attempts,
+                              refetch=True, token=lambda: self.token(ctx))
+        model_copy.report(ctx, s.work.man, attempts)  # [--from] which shard came from where
 
     def verify(self, ctx: Context) -> None:
         """After applying: `current` is the wanted commit, every file present with a valid marker."""

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import values
 from ..engine import Call, Change, Context, Run, Step, WriteFile
-from ..errors import CommandError, StepError
+from ..errors import CommandError, StepError, UsageError
 from ..facts import host as hostfacts
 from ..facts.gpu import GpuFacts
 from ..secrets import register
@@ -643,33 +644,61 @@ def _handler(ctx: Context) -> None:
 # tasks: status, logs, restart, argv
 
 
+def _no_answer(body: str, port: int, timeout: float) -> str:
+    """What the probe's exception text means, in words (never a raw URLError)."""
+    b = body.lower()
+    if "refused" in b:
+        return f"no answer: nothing listens on 127.0.0.1:{port}"
+    if "timed out" in b or "timeout" in b:
+        return f"no answer within {timeout:g} s on 127.0.0.1:{port}"
+    if "reset" in b or "remote end closed" in b:
+        return f"no answer: the connection to 127.0.0.1:{port} was closed"
+    return f"no answer on 127.0.0.1:{port}"
+
+
 def status(ctx: Context) -> bool:
-    r = ctx.target.run(f"systemctl show {SERVICE} -p ActiveState -p SubState -p MainPID -p NRestarts "
-                       "-p ActiveEnterTimestamp -p UnitFileState", check=False)
+    """systemd state, /health, /props build_info, /v1/models. Not installed yet: says what to run
+    (not an error); installed but not serving: StepError."""
+    name = ctx.host.name
+    port = ctx.cfg["server"]["port"]
+    if not ctx.target.exists(UNIT_PATH):
+        ctx.say(f"service: {SERVICE} is not installed on {name} yet — run "
+                f"`invoke provision --host {name}`")
+        return False
+    r = ctx.target.run(f"systemctl show {SERVICE} -p LoadState -p ActiveState -p SubState -p MainPID "
+                       "-p NRestarts -p ActiveEnterTimestamp -p UnitFileState", check=False)
     props = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    if not r.ok or "ActiveState" not in props:
+        why = ((r.stderr or r.stdout).strip().splitlines() or [f"systemctl exit {r.exited}"])[-1]
+        raise StepError(f"systemd does not answer on {name} ({why[:160]}): {SERVICE} is installed "
+                        "but cannot run without it")
     api_key = read_api_key(ctx.cfg)
     res = probe(ctx, ["health", "props", "models"], api_key, timeout=10)
-    rows = [["unit", f"{props.get('ActiveState', '?')} ({props.get('SubState', '?')}), "
-                     f"{props.get('UnitFileState', '?')}"],
+    rows = [["unit", f"{props.get('ActiveState') or '-'} ({props.get('SubState') or '-'}), "
+                     f"{props.get('UnitFileState') or '-'}"],
             ["since", props.get("ActiveEnterTimestamp") or "-"],
-            ["pid / restarts", f"{props.get('MainPID', '?')} / {props.get('NRestarts', '?')}"]]
+            ["pid / restarts", f"{props.get('MainPID') or '-'} / {props.get('NRestarts') or '-'}"]]
     hc, hb, hs = res["health"]
-    rows.append(["/health", f"{hc or 'no answer'} in {hs * 1000:.0f} ms {hb.strip()[:80]}"])
+    rows.append(["/health", f"{hc} in {hs * 1000:.0f} ms {hb.strip()[:80]}" if hc
+                 else _no_answer(hb, port, 10)])
     pc, pb, _ = res["props"]
     try:
-        build = json.loads(pb).get("build_info", "?") if pc == 200 else f"HTTP {pc or '-'}"
-    except ValueError:
-        build = "?"
+        build = json.loads(pb).get("build_info", "-") if pc == 200 else (f"HTTP {pc}" if pc else "-")
+    except (ValueError, AttributeError):
+        build = "- (not JSON)"
     rows.append(["build_info", build])
     mc, mb, _ = res["models"]
     try:
-        ids = ", ".join(m["id"] for m in json.loads(mb)["data"]) if mc == 200 else f"HTTP {mc or '-'}"
+        ids = (", ".join(m["id"] for m in json.loads(mb)["data"]) if mc == 200
+               else (f"HTTP {mc}" if mc else "-"))
     except (ValueError, KeyError, TypeError):
-        ids = "?"
+        ids = "- (not the expected JSON)"
     rows.append(["/v1/models", ids])
-    ctx.console.table(f"service: {ctx.host.name}", ["what", "value"], rows)
+    ctx.console.table(f"service: {name}", ["what", "value"], rows)
     if props.get("ActiveState") != "active" or hc != 200:
-        raise StepError(f"{SERVICE} is not serving ({props.get('ActiveState', '?')}, /health {hc or 'no answer'})")
+        health = f"/health {hc}" if hc else _no_answer(hb, port, 10)
+        raise StepError(f"{SERVICE} is not serving ({props.get('ActiveState') or '-'}, {health}); "
+                        f"`invoke service.logs --host {name}` shows why")
     return False
 
 
@@ -690,9 +719,16 @@ def restart(ctx: Context) -> bool:
     return True
 
 
+def argv_for(cfg: dict, model: str) -> str:
+    """The llama-server command line for `model` (a path on the rig), as a shell line. Pure."""
+    err = values.abs_path(model)
+    if err:
+        raise UsageError(f"command line: --model: {err}")
+    return join(server_argv(cfg, model, binary_path(cfg)))
+
+
 def argv_text(ctx: Context, model: str | None = None) -> str:
-    model_path = model or _model_path(ctx)
-    return join(server_argv(ctx.cfg, model_path, binary_path(ctx.cfg)))
+    return argv_for(ctx.cfg, model or _model_path(ctx))
 
 
 def print_argv(ctx: Context, model: str | None = None) -> bool:

@@ -15,6 +15,9 @@
                               ``rig.as_user("rigadmin")``.
 * ``rig``          (function) a fresh Tier B rig, torn down right after the test
 * ``session_rig``  (session)  one Tier B rig shared by the whole session (don't break it)
+* ``nvidia_repo``  (session)  the stand-in NVIDIA CUDA apt repo (tests/rigs/nvidia_repo.py):
+                              ``.base_url`` for system.cuda_repo, ``.fingerprint`` for
+                              system.cuda_repo_key, ``.toolkit`` (cuda-toolkit-13-0), ``.info``
 """
 from __future__ import annotations
 
@@ -181,3 +184,15 @@ def rig(rig_factory):
 def session_rig(rig_factory):
     """One rig for the whole session, for read-mostly tests (cheaper than ``rig``)."""
     return rig_factory()
+
+
+@pytest.fixture(scope="session")
+def nvidia_repo(apt_proxy):
+    """The stand-in NVIDIA CUDA apt repo, served on the apt proxy's address (every rig reaches it,
+    DIRECT). Built from NVIDIA's PyPI wheels on first use (cached)."""
+    from .nvidia_repo import serve
+    repo = serve()
+    try:
+        yield repo
+    finally:
+        repo.stop()

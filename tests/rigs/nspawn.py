@@ -629,9 +629,11 @@ def boot_rig(base: Path, client_pubkey: str, known_hosts_dir: Path, client_key: 
         _write(uhome / ".ssh/authorized_keys", client_pubkey.strip() + "\n", 0o600, uid, gid)
         os.chmod(uhome / ".ssh", 0o700)
         os.chown(uhome / ".ssh", uid, gid)
-        # apt through the host's apt-cacher-ng
+        # apt through the host's apt-cacher-ng; repos served on the host itself (the stand-in
+        # NVIDIA repo, tests/rigs/nvidia_repo.py) are reached directly
         _write(upper / "etc/apt/apt.conf.d/01proxy",
-               f'Acquire::http::Proxy "http://{PROXY_ADDR}:{PROXY_PORT}";\n')
+               f'Acquire::http::Proxy "http://{PROXY_ADDR}:{PROXY_PORT}";\n'
+               f'Acquire::http::Proxy::{PROXY_ADDR} "DIRECT";\n')
         if fake_nvidia_smi:
             _write(upper / "usr/bin/nvidia-smi", FAKE_NVIDIA_SMI.read_text(), 0o755)
         if gpus is not None:
