@@ -470,9 +470,9 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
             raise InventoryError(f"{where}: gpus.power_limit: a list needs gpus.count")
     ts = srv["tensor_split"]
     if ts is not None:
-        if n and len(ts) > n:
+        if n and len(ts) > n and not cfg["rpc"]["workers"]:
             raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}")
-        if n and len(ts) != n:
+        if n and len(ts) != n and not cfg["rpc"]["workers"]:  # with workers: _link_rpc
             raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}"
                                  f" (a missing GPU must not silently become a {len(ts)}-way split)")
         if sum(ts) <= 0:
@@ -692,6 +692,16 @@ def _link_rpc(hosts: dict[str, Host], groups: dict[str, list[str]], fname: str) 
                 if wk not in h.rpc_workers:
                     h.rpc_workers.append(wk)
                     wk.rpc_mains.append(h)
+        if h.rpc_workers:
+            from . import rpc as rpc_mod
+            rpc["endpoints"] = [rpc_mod.endpoint(w.cfg) for w in h.rpc_workers]  # derived, not a key
+            ts, n = h.cfg["server"]["tensor_split"], h.cfg["gpus"]["count"]
+            want = sum(rpc_mod.worker_devices(w.cfg) for w in h.rpc_workers) + n
+            if ts is not None and len(ts) != want:
+                raise InventoryError(
+                    f"{where}: server.tensor_split: has {len(ts)} values but the workers expose "
+                    f"{want - n} device(s) and gpus.count is {n}: list the workers' devices first "
+                    f"(rpc.workers order), then the local GPUs ({want} values)")
         if rpc["workers"] and not rpc["address"] and any(w.cfg["rpc"]["firewall"] for w in h.rpc_workers):
             addr = h.cfg["connection"]["address"]
             if h.is_local or not addr or values.rpc_address(addr):

@@ -89,6 +89,12 @@ def _attn_batch_flags(s: dict) -> list[str]:
     return out
 
 
+def _rpc_flags(cfg: dict) -> list[str]:
+    """`--rpc w1:50052,w2:50052` on a main host with RPC workers (provision/rpc.py)."""
+    eps = (cfg.get("rpc") or {}).get("endpoints")
+    return ["--rpc", ",".join(eps)] if eps else []
+
+
 def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     """The rendered llama-server command line: every seed flag mapped from the inventory.
     Used by the unit's ExecStart= and, without systemd, for GPU proofs."""
@@ -97,6 +103,7 @@ def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
             "-ngl", str(s["n_gpu_layers"]), "-c", str(s["ctx_size"]),
             "-ctk", s["cache_type_k"], "-ctv", s["cache_type_v"],
             "--parallel", str(s["parallel"]), "--split-mode", s["split_mode"]]
+    argv += _rpc_flags(cfg)
     if s["tensor_split"]:
         argv += ["-ts", _ts(s["tensor_split"])]
     if not s["warmup"]:
@@ -118,6 +125,7 @@ def fit_params_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     s = cfg["server"]
     argv = [binary, "-m", model_path, "-c", str(s["ctx_size"]), "-ctk", s["cache_type_k"],
             "-ctv", s["cache_type_v"], "-ngl", str(s["n_gpu_layers"]), "-sm", s["split_mode"]]
+    argv += _rpc_flags(cfg)
     if s["tensor_split"]:
         argv += ["-ts", _ts(s["tensor_split"])]
     argv += _attn_batch_flags(s)
