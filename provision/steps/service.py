@@ -504,6 +504,8 @@ def restart_and_wait(ctx: Context, api_key: str | None = None, model_path: str |
     /health and a real completion. Marks the `llama-server.restart` handler paid."""
     if api_key is None:
         api_key = read_api_key(ctx.cfg)
+    from . import rpc as rpc_step
+    rpc_step.gate(ctx)  # RPC workers (if any): same build, answering
     timeout = ctx.cfg["server"]["start_timeout"] + 60
     t0 = time.monotonic()
     r = ctx.target.run(f"systemctl reset-failed {SERVICE} 2>/dev/null; systemctl restart {SERVICE}",
@@ -584,6 +586,8 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
     rep = check_fit(devices, free, {g.index: g.name for g in gf.gpus}, margin)
     ctx.console.table(f"VRAM preflight: {ctx.host.name} (MiB, margin {margin})",
                       ["device", "model", "context", "compute", "total", "free", "fit"], rep.rows)
+    from . import rpc as rpc_step
+    rpc_step.preflight_remote(ctx, devices, margin)  # the RPC workers' devices (if any)
     if not rep.ok:
         def estimate(ts: list[float]) -> dict[int, tuple[int, int, int]] | None:
             r2, d2 = run_fit(ts)
@@ -607,6 +611,8 @@ class ServiceStep(Step):
     title = "llama-server systemd unit, env file, readiness, restarts"
 
     def plan(self, ctx: Context) -> list[Change]:
+        if ctx.cfg["rpc"]["bind"]:
+            return []  # an RPC worker serves ggml-rpc-server (steps/rpc.py), not llama-server
         have_binary = ctx.target.exists(binary_path(ctx.cfg))
         try:
             model_path = _model_path(ctx)
@@ -636,7 +642,7 @@ class ServiceStep(Step):
 
 def _handler(ctx: Context) -> None:
     """Owed restart when the service step itself did not run (e.g. `--only llama`)."""
-    if not unit_installed(ctx):
+    if ctx.cfg["rpc"]["bind"] or not unit_installed(ctx):
         ctx.say(f"handler: {SERVICE} is not installed yet — nothing to restart")
         return
     try:
@@ -669,6 +675,9 @@ def status(ctx: Context) -> bool:
     (not an error); installed but not serving: StepError."""
     name = ctx.host.name
     port = ctx.cfg["server"]["port"]
+    from . import rpc as rpc_step
+    if ctx.cfg["rpc"]["bind"]:
+        return rpc_step.worker_status(ctx)
     if not ctx.target.exists(UNIT_PATH):
         ctx.say(f"service: {SERVICE} is not installed on {name} yet — run "
                 f"`invoke provision --host {name}`")
@@ -702,7 +711,10 @@ def status(ctx: Context) -> bool:
     except (ValueError, KeyError, TypeError):
         ids = "- (not the expected JSON)"
     rows.append(["/v1/models", ids])
-    ctx.console.table(f"service: {name}", ["what", "value"], rows)
+    rpc_rows, rpc_problems = rpc_step.status_rows(ctx)
+    ctx.console.table(f"service: {name}", ["what", "value"], rows + rpc_rows)
+    if rpc_problems:
+        raise StepError("; ".join(rpc_problems) + f" -- llama-server cannot serve without it")
     if props.get("ActiveState") != "active" or hc != 200:
         health = f"/health {hc}" if hc else _no_answer(hb, port, 10)
         raise StepError(f"{SERVICE} is not serving ({props.get('ActiveState') or '-'}, {health}); "
