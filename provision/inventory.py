@@ -673,8 +673,8 @@ def _link_rpc(hosts: dict[str, Host], groups: dict[str, list[str]], fname: str) 
         where = f"{fname}: host {h.name!r}"
         rpc, lc = h.cfg["rpc"], h.cfg["llama_cpp"]
         if (rpc["workers"] or rpc["bind"]) and not lc["rpc"]:
-            raise InventoryError(f"{where}: llama_cpp.rpc: must be true on a host with "
-                                 f"{'rpc.workers' if rpc['workers'] else 'rpc.bind'} (the build needs GGML_RPC=ON)")
+            raise InventoryError(f"{where}: {'rpc.workers' if rpc['workers'] else 'rpc.bind'}: needs "
+                                 "llama_cpp.rpc: true (the build needs GGML_RPC=ON)")
         if rpc["workers"] and rpc["bind"]:
             raise InventoryError(f"{where}: rpc.bind: a main host (rpc.workers) is not a worker itself")
         for w in rpc["workers"]:
