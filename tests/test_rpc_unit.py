@@ -260,3 +260,18 @@ def test_remote_devices_checked_against_the_workers_free_memory():
     assert rep.problems[0].startswith("w1 GPU 1 (RTX 3090): needs 10100 MiB") and "only 10000 MiB" in rep.problems[0]
     rep = rpc.check_remote_fit(devices, [rpc.RemoteDevice("w1", "w1 CPU", None)] * 2, 1536)
     assert rep.ok and rep.rows[0][-1] == "w1 CPU"
+
+
+def test_bench_and_tune_pass_the_workers_to_llama_bench():
+    from provision.bench.flags import BenchFlags, bench_argv
+    from provision.tune.batch import tune_argv
+    d = data()
+    d["hosts"]["main"]["server"] = {"tensor_split": [1, 1, 0.5, 0.9, 1]}
+    cfg = load(d).hosts["main"].cfg
+    f = BenchFlags.from_cfg(cfg)
+    argv = bench_argv("/b/llama-bench", MODEL, f, depths=[0])
+    assert argv[argv.index("--rpc") + 1] == "10.9.0.2:50052,[fd00::3]:50099"
+    assert argv[argv.index("-ts") + 1] == "1/1/0.5/0.9/1"
+    t = tune_argv("/b/llama-bench", MODEL, f.but(batch_size=4096, ubatch_size=1024), 4096, [512, 1024], 4096)
+    assert t[t.index("--rpc") + 1] == "10.9.0.2:50052,[fd00::3]:50099"
+    assert "--rpc" not in BenchFlags.from_cfg(load(data()).hosts["w1"].cfg).argv()
