@@ -25,6 +25,8 @@ UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 WATCH_UNIT = "llama-rig-rpc-watch.service"
 WATCH_UNIT_PATH = f"/etc/systemd/system/{WATCH_UNIT}"
 WATCH_STATE = "/run/llama-rig-rpc/workers.json"
+HEALTH_UNIT = "llama-rig-rpc-health.service"
+HEALTH_UNIT_PATH = f"/etc/systemd/system/{HEALTH_UNIT}"
 NFT_TABLE = "llama_rig_rpc"
 NFT_PATH = "/etc/llama-rig/rpc.nft"
 BINARIES = ("ggml-rpc-server", "rpc-server")  # new name first
@@ -53,6 +55,18 @@ def endpoint(cfg: dict) -> str:
     return f"[{a}]:{cfg['rpc']['port']}" if ":" in a else f"{a}:{cfg['rpc']['port']}"
 
 
+def health_endpoint(cfg: dict) -> str:
+    """The worker's health responder (remote/rpc_health.py): the same address, the rpc port + 1."""
+    a = bare(cfg["rpc"]["bind"])
+    port = health_port(cfg)
+    return f"[{a}]:{port}" if ":" in a else f"{a}:{port}"
+
+
+def health_port(cfg: dict) -> int:
+    p = cfg["rpc"]["port"]
+    return p + 1 if p < 65535 else p - 1
+
+
 def rpc_arg(endpoints: list[str]) -> str:
     return ",".join(endpoints)
 
@@ -74,6 +88,10 @@ def bin_dir(cfg: dict) -> str:
 
 def prune_path(cfg: dict) -> str:
     return f"{cfg['paths']['prefix']}/bin/llama-rig-rpc-prune"
+
+
+def health_path(cfg: dict) -> str:
+    return f"{cfg['paths']['prefix']}/bin/llama-rig-rpc-health"
 
 
 def watch_path(cfg: dict) -> str:
@@ -114,8 +132,18 @@ def render_nft(cfg: dict, allowed: list[str]) -> str:
     a4 = sorted({bare(a) for a in allowed if ipaddress.ip_address(bare(a)).version == 4})
     a6 = sorted({bare(a) for a in allowed if ipaddress.ip_address(bare(a)).version == 6})
     loop = ipaddress.ip_address(bare(cfg["rpc"]["bind"])).is_loopback
-    return render("llama-rig-rpc.nft.j2", table=NFT_TABLE, port=cfg["rpc"]["port"],
+    return render("llama-rig-rpc.nft.j2", table=NFT_TABLE,
+                  port=f"{{ {cfg['rpc']['port']}, {health_port(cfg)} }}",
                   allow_loopback=loop, allow4=a4, allow6=a6)
+
+
+def render_health_unit(cfg: dict) -> str:
+    from .templates import render
+    p = cfg["paths"]
+    return render("llama-rig-rpc-health.service.j2", endpoint=health_endpoint(cfg), rpc_unit=UNIT,
+                  user=p["service_user"], group=p["service_user"],
+                  argv=["/usr/bin/python3", health_path(cfg), bare(cfg["rpc"]["bind"]), str(health_port(cfg)),
+                        UNIT, f"{cfg['paths']['prefix']}/llama.cpp/current", str(cfg["rpc"]["port"])])
 
 
 def main_address(main_cfg: dict) -> str:
@@ -124,10 +152,11 @@ def main_address(main_cfg: dict) -> str:
 
 
 def render_watch_unit(cfg: dict, endpoints: list[str]) -> str:
+    """`endpoints`: the workers' health responders (health_endpoint)."""
     from .templates import render
     return render("llama-rig-rpc-watch.service.j2",
                   argv=["/usr/bin/python3", watch_path(cfg), "watch", WATCH_STATE, SERVER_UNIT,
-                        *endpoints])
+                        f"{cfg['paths']['prefix']}/llama.cpp/current", *endpoints])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,9 +31,9 @@ from provision.console import Environment
 from provision.steps import model as model_step
 from provision.steps import service as svc
 from tests.fixtures.llama_upstream import GitDaemon, make_upstream_repo
-from tests.fixtures.rig_ccache import copy_ccache, save_ccache, seed_ccache, ssh_argv
+from tests.fixtures.rig_ccache import CCACHE_TAR, copy_ccache, ssh_argv
 from tests.fixtures.tiny_gguf import write_tiny_llama
-from tests.rigs import sh, tcp_open
+from tests.rigs import CACHE_ROOT, sh, tcp_open
 from tests.rigs.aptproxy import PROXY_ADDR
 
 pytestmark = [pytest.mark.rig, pytest.mark.build]
@@ -43,6 +44,25 @@ MODEL_DIR = "/var/lib/llama-rig/models/tiny"
 MODEL = f"{MODEL_DIR}/tiny-llama.gguf"
 A_ADDR, B_ADDR, PORT = "10.251.0.1", "10.251.0.2", 50052
 EP = f"{B_ADDR}:{PORT}"
+# this test's own compiler cache (GGML_RPC=ON, llama-bench): seeded from the shared CPU one the first
+# time, never written back there (other tests' hit counts stay theirs)
+RPC_CCACHE = CACHE_ROOT / "rpc-tests" / "ccache.tar"
+
+
+def seed(rig) -> None:
+    src = RPC_CCACHE if RPC_CCACHE.exists() else CCACHE_TAR
+    if src.exists():
+        with open(src, "rb") as fh:
+            subprocess.run([*ssh_argv(rig), f"mkdir -p {PREFIX} && tar -C / -xf -"], stdin=fh, check=True,
+                           timeout=600)
+
+
+def save(rig) -> None:
+    RPC_CCACHE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RPC_CCACHE.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        subprocess.run([*ssh_argv(rig), "tar -C / -cf - opt/llama-rig/ccache"], stdout=fh, check=True, timeout=600)
+    os.replace(tmp, RPC_CCACHE)
 
 
 @contextlib.contextmanager
@@ -70,7 +90,7 @@ class Pair:
 
     def write(self, w1_ref: str | None = None) -> Path:
         llama = {"repo": self.url, "ref": self.commit, "cuda": False, "prebuilt_ui": False, "native": False,
-                 "rpc": True, "targets": ["llama-server"]}
+                 "rpc": True, "targets": ["llama-server", "llama-bench"]}
         hosts = {
             "main": self.a.inventory_entry(
                 connection={"connect_timeout": 5}, llama_cpp=llama,
@@ -150,10 +170,10 @@ def pair(rig_factory, tmp_path_factory):
             with open(tmp / "gguf" / "tiny-llama.gguf", "rb") as fh:
                 subprocess.run([*ssh_argv(a), f"cat > {MODEL}"], stdin=fh, check=True, timeout=60)
             b.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables >/dev/null", timeout=300)
-            seed_ccache(a)
+            seed(a)
             rc, out = p.provision("main", "facts,system,llama")
             assert rc == 0, out
-            save_ccache(a)
+            save(a)
             copy_ccache(a, b)
             yield p
     finally:
@@ -181,11 +201,12 @@ def test_rpc_across_two_rigs(pair):
     listen = b.sh(f"ss -Hltn 'sport = :{PORT}'").stdout
     assert f"{B_ADDR}:{PORT}" in listen and "0.0.0.0" not in listen and "*:" not in listen
     assert "llama_rig_rpc" in b.sh("nft list tables").stdout
+    assert b.sh("systemctl is-active llama-rig-rpc-health.service").stdout.strip() == "active"
     v = b.sh("systemd-analyze verify /etc/systemd/system/llama-rpc-server.service", check=False)
     assert v.returncode == 0 and v.stderr.strip() == "", v.stderr
     # only A gets in: B itself (another source address) is dropped, the host side sees nothing
-    assert can_connect(a, B_ADDR, PORT)
-    assert not can_connect(b, B_ADDR, PORT, timeout=2)
+    assert can_connect(a, B_ADDR, PORT) and can_connect(a, B_ADDR, PORT + 1)
+    assert not can_connect(b, B_ADDR, PORT, timeout=2) and not can_connect(b, B_ADDR, PORT + 1, timeout=2)
     assert not tcp_open(b.address, PORT)  # B's management address (this machine's side): not bound
 
     # -- the main: --rpc, workers checked, a completion through both rigs -------------------------
@@ -197,6 +218,7 @@ def test_rpc_across_two_rigs(pair):
     assert f"--rpc {EP}" in argv and "-ngl 3" in argv
     log = a.sh("journalctl -u llama-server.service -o cat --no-pager").stdout
     assert f"RPC0[{EP}]" in log, log[-3000:]  # the remote device took layers
+    assert re.search(r"offloaded 3/5 layers to GPU", log), log[-3000:]
     reply = pair.chat()
     assert reply["choices"][0]["message"] is not None
     wlog = b.sh("journalctl -u llama-rpc-server.service -o cat --no-pager").stdout
@@ -211,7 +233,7 @@ def test_rpc_across_two_rigs(pair):
 
     # -- status shows the worker ------------------------------------------------------------------
     rc, out = pair.task("main", svc.status, "service.status")
-    assert rc == 0 and f"rpc worker w1" in out and f"{EP} up" in out, out
+    assert rc == 0 and "rpc worker w1" in out and f"{EP} up" in out and "build b" in out, out
     rc, out = pair.task("w1", svc.status, "service.status")
     assert rc == 0 and "llama-rpc-server.service active" in out and "listening" in out, out
 
@@ -223,7 +245,7 @@ def test_rpc_across_two_rigs(pair):
         time.sleep(4)  # the watcher's next round sees it down
         rc, out = pair.task("main", svc.status, "service.status")
         assert rc == 1, out
-        assert f"rpc worker w1 ({EP}) does not answer from main" in out, out
+        assert f"rpc worker w1 ({EP}) is not serving for main: no answer" in out, out
         assert "DOWN" in out
     finally:
         sh(["ip", "-n", b.name, "link", "set", pair.b_if, "up"])
@@ -235,6 +257,27 @@ def test_rpc_across_two_rigs(pair):
     print(f"llama-server restarted by the watcher {took:.1f}s after B came back")
     rc, out = pair.task("main", svc.status, "service.status")
     assert rc == 0 and f"{EP} up" in out, out
+
+    # -- the worker's rpc server restarted (its connection to A is gone): A's llama-server restarts --
+    pid1 = a.sh("systemctl show -p MainPID --value llama-server.service").stdout.strip()
+    b.sh("systemctl restart llama-rpc-server.service")
+    wait_until(lambda: a.sh("systemctl show -p MainPID --value llama-server.service").stdout.strip()
+               not in (pid1, "0", ""), 60, "the watcher to restart llama-server after the worker restart")
+    wait_until(lambda: a.sh("python3 -c \"import urllib.request as u;print(u.urlopen('http://127.0.0.1:8080/health')"
+                            ".status)\"", check=False).stdout.strip().endswith("200"), 120, "llama-server healthy")
+    assert pair.chat()["choices"]
+    assert "restart (the rpc server of" in a.sh("journalctl -u llama-rig-rpc-watch -o cat --no-pager").stdout
+
+    # -- bench on this topology: llama-bench gets --rpc, the server comes back through the gate ----
+    r = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "bench", "--host", "main",
+                        "--inventory", str(pair.tmp / "hosts.yaml"), "--depths", "0", "--reps", "1",
+                        "--prompt", "32", "--gen", "8", "--no-ttft", "--results", str(pair.tmp / "results")],
+                       cwd=pair.tmp, text=True, capture_output=True, timeout=900)
+    print(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = list((pair.tmp / "results").rglob("*.json"))
+    assert got and any(f"--rpc {EP}" in p.read_text() or EP in p.read_text() for p in got), got
+    assert a.sh("systemctl is-active llama-server.service").stdout.strip() == "active"
 
     # -- a public bind: bad input, exit 2, B untouched ----------------------------------------------
     before = b.sh("cat /etc/systemd/system/llama-rpc-server.service").stdout
@@ -257,6 +300,11 @@ def test_rpc_across_two_rigs(pair):
     assert f"commit {pair.commit[:12]}" in out and "llama-server was not (re)started" in out
     app_restart = pair.task("main", svc.restart, "service.restart")
     assert app_restart[0] == 1 and "version skew: worker w1" in app_restart[1]
+    # the watcher saw the worker's rpc server restart on the new build and did not restart llama-server
+    wait_until(lambda: "version skew" in a.sh("journalctl -u llama-rig-rpc-watch -o cat --no-pager").stdout,
+               30, "the watcher to refuse the restart")
+    rc, out = pair.task("main", svc.status, "service.status")
+    assert rc == 1 and "VERSION SKEW" in out and "every node must run the same commit" in out, out
     # back to the main's commit (the old build is kept: a switch, no build) -> a restart is owed
     pair.write()
     rc, out = pair.provision("w1", "llama,rpc")

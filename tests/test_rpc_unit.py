@@ -3,8 +3,10 @@ the main's --rpc/-ts, the build comparison across nodes, the restart owed to cha
 the VRAM preflight of the workers' devices (no rig here: tests/test_rpc_rig.py runs it for real)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,11 +149,12 @@ def test_nft_table_lets_only_the_main_hosts_in():
     cfg = worker_cfg()
     text = rpc.render_nft(cfg, ["10.9.0.1", "fd00::1", "10.9.0.1"])
     assert "table inet llama_rig_rpc\ndelete table inet llama_rig_rpc\n" in text  # atomic replace
-    assert "ip saddr { 10.9.0.1 } tcp dport 50052 accept" in text
-    assert "ip6 saddr { fd00::1 } tcp dport 50052 accept" in text
-    assert text.rstrip().endswith("tcp dport 50052 counter drop\n\t}\n}")
+    # the rpc port and the health responder's (port + 1)
+    assert "ip saddr { 10.9.0.1 } tcp dport { 50052, 50053 } accept" in text
+    assert "ip6 saddr { fd00::1 } tcp dport { 50052, 50053 } accept" in text
+    assert text.rstrip().endswith("tcp dport { 50052, 50053 } counter drop\n\t}\n}")
     assert 'iif "lo"' not in text
-    assert 'iif "lo" tcp dport 50052 accept' in rpc.render_nft(worker_cfg(bind="127.0.0.1"), [])
+    assert 'iif "lo" tcp dport { 50052, 50053 } accept' in rpc.render_nft(worker_cfg(bind="127.0.0.1"), [])
 
 
 BUILD_OUT = """@@name
@@ -170,14 +173,21 @@ def test_worker_plan_from_a_bare_box_then_nothing():
     obs = rpc_step.WorkerObserved(build=rpc.parse_build(BUILD_OUT), nft="/usr/sbin/nft")
     ch = rpc_step.plan_worker(cfg, obs, ["10.9.0.1"])
     kinds = [type(c).__name__ for c in ch]
-    assert kinds == ["Run", "Run", "WriteFile", "Run", "WriteFile", "Run", "Run", "Call"], [c.description for c in ch]
+    assert kinds == ["Run", "Run", "WriteFile", "Run", "WriteFile", "Run", "Run", "WriteFile", "WriteFile",
+                     "Run", "Run", "Call"], [c.description for c in ch]
+    health = next(c for c in ch if isinstance(c, WriteFile) and c.path == rpc.HEALTH_UNIT_PATH)
+    assert exec_words(dict(unit_settings(health.content))["ExecStart"])[2:] == [
+        "10.9.0.2", "50053", "llama-rpc-server.service", "/opt/llama-rig/llama.cpp/current", "50052"]
+    hsrc = next(c for c in ch if isinstance(c, WriteFile) and c.path == rpc.health_path(cfg))
     unit = next(c for c in ch if isinstance(c, WriteFile) and c.path == rpc.UNIT_PATH)
     assert "/bin/ggml-rpc-server -H 10.9.0.2" in unit.content
     nft = next(c for c in ch if isinstance(c, WriteFile) and c.path == rpc.NFT_PATH)
     done = rpc_step.WorkerObserved(build=obs.build, nft="/usr/sbin/nft", nft_loaded=True, user_exists=True,
                                    active=True, enabled=True, cache_owner="llama", unit_now=unit.content,
                                    nft_now=nft.content, binary_now="/x/builds/b7000/bin/ggml-rpc-server",
-                                   started={"binary": "/x/builds/b7000/bin/ggml-rpc-server"})
+                                   started={"binary": "/x/builds/b7000/bin/ggml-rpc-server"},
+                                   health_now=hsrc.content, health_unit_now=health.content, health_active=True,
+                                   health_enabled=True)
     assert rpc_step.plan_worker(cfg, done, ["10.9.0.1"]) == []
     # a new build behind `current`: restart; the table lost at a reboot: loaded again
     moved = rpc_step.WorkerObserved(**{**done.__dict__, "binary_now": "/x/builds/b7001/bin/ggml-rpc-server",
@@ -230,17 +240,19 @@ def test_a_restarted_or_rebuilt_worker_owes_the_main_a_restart():
         "worker w1 build changed (b1 -> b2)"]
     assert rpc_step.changed_workers({}, [view("w1")]) == []  # never started with it: nothing owed
     cfg = load(data()).hosts["main"].cfg
-    ch = rpc_step.plan_main(cfg, [view("w1", inv_id="bbb")], rec, None, None, False, True)
+    heps = ["10.9.0.2:50053", "[fd00::3]:50100"]
+    ch = rpc_step.plan_main(cfg, [view("w1", inv_id="bbb")], rec, None, None, False, True, heps)
     owe = [c for c in ch if isinstance(c, Call)]
     assert len(owe) == 1 and owe[0].notify == ("llama-server.restart",)
     watch = next(c for c in ch if isinstance(c, WriteFile) and c.path == rpc.WATCH_UNIT_PATH)
     ex = exec_words(dict(unit_settings(watch.content))["ExecStart"])
-    assert ex[2:5] == ["watch", rpc.WATCH_STATE, "llama-server.service"] and ex[5:] == cfg["rpc"]["endpoints"]
+    assert ex[2:6] == ["watch", rpc.WATCH_STATE, "llama-server.service", "/opt/llama-rig/llama.cpp/current"]
+    assert ex[6:] == heps
     helper = next(c for c in ch if isinstance(c, WriteFile) and c.path == rpc.watch_path(cfg))
-    same = rpc_step.plan_main(cfg, [view("w1")], rec, helper.content, watch.content, True, True)
+    same = rpc_step.plan_main(cfg, [view("w1")], rec, helper.content, watch.content, True, True, heps)
     assert same == []
     assert any(isinstance(c, Run) for c in rpc_step.plan_main(cfg, [view("w1")], rec, helper.content,
-                                                              watch.content, False, True))
+                                                              watch.content, False, True, heps))
 
 
 FIT = """CUDA0 4000 500 300
@@ -275,3 +287,32 @@ def test_bench_and_tune_pass_the_workers_to_llama_bench():
     t = tune_argv("/b/llama-bench", MODEL, f.but(batch_size=4096, ubatch_size=1024), 4096, [512, 1024], 4096)
     assert t[t.index("--rpc") + 1] == "10.9.0.2:50052,[fd00::3]:50099"
     assert "--rpc" not in BenchFlags.from_cfg(load(data()).hosts["w1"].cfg).argv()
+
+
+def test_health_responder_and_watcher_talk(tmp_path):
+    """The worker's responder and the main's watcher, as processes on loopback: the responder says
+    the (absent) rpc unit is not running; the watcher's probe and wait read that."""
+    import socket as so
+    with so.socket() as s0:
+        s0.bind(("127.0.0.1", 0))
+        port = s0.getsockname()[1]
+    cur = tmp_path / "current"
+    cur.symlink_to(tmp_path)
+    srv = subprocess.Popen([sys.executable, str(ROOT / "provision/remote/rpc_health.py"), "127.0.0.1", str(port),
+                            "llama-rig-test-absent.service", str(cur), "1"])
+    try:
+        ep = f"127.0.0.1:{port}"
+        for _ in range(50):
+            r = subprocess.run([sys.executable, str(ROOT / "provision/remote/rpc_watch.py"), "probe", ep],
+                               capture_output=True, text=True, timeout=30)
+            st = json.loads(r.stdout)[ep]
+            if "no answer" not in st["error"]:
+                break
+            time.sleep(0.1)
+        assert st["up"] is False and st["build"] == tmp_path.name and st["error"].startswith("rpc server ")
+        r = subprocess.run([sys.executable, str(ROOT / "provision/remote/rpc_watch.py"), "wait", "1", ep,
+                            "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "RPC workers not ready after 1s" in r.stderr and "127.0.0.1:1 (no answer" in r.stderr
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)

@@ -49,6 +49,10 @@ class WorkerObserved:
     unit_now: str | None = None
     nft_now: str | None = None
     prune_now: str | None = None
+    health_now: str | None = None  # the health responder script
+    health_unit_now: str | None = None
+    health_active: bool = False
+    health_enabled: bool = False
     started: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,6 +81,8 @@ def observe_worker(ctx: Context) -> WorkerObserved:
         f"echo @@passwd; getent passwd {quote(u)}",
         f"echo @@active; systemctl is-active {rpc.UNIT} 2>/dev/null",
         f"echo @@enabled; systemctl is-enabled {rpc.UNIT} 2>/dev/null",
+        f"echo @@hactive; systemctl is-active {rpc.HEALTH_UNIT} 2>/dev/null",
+        f"echo @@henabled; systemctl is-enabled {rpc.HEALTH_UNIT} 2>/dev/null",
         "echo @@nft; command -v nft 2>/dev/null || ls /usr/sbin/nft 2>/dev/null",
         f"echo @@nftlist; nft list table inet {rpc.NFT_TABLE} >/dev/null 2>&1 && echo loaded",
         f"echo @@cache; stat -c %U {quote(rpc.cache_dir(cfg))} 2>/dev/null",
@@ -93,6 +99,8 @@ def observe_worker(ctx: Context) -> WorkerObserved:
         cache_owner=_first(sec, "cache") or None,
         unit_now=t.read_file(rpc.UNIT_PATH), nft_now=t.read_file(rpc.NFT_PATH),
         prune_now=t.read_file(rpc.prune_path(cfg)),
+        health_now=t.read_file(rpc.health_path(cfg)), health_unit_now=t.read_file(rpc.HEALTH_UNIT_PATH),
+        health_active=_first(sec, "hactive") == "active", health_enabled=_first(sec, "henabled") == "enabled",
         started=dict(ctx.state.get("rpc_worker", {}) or {}))
 
 
@@ -149,6 +157,21 @@ def plan_worker(cfg: dict, obs: WorkerObserved, allowed: list[str], restart_fn=N
             f"{quote(obs.nft)} delete table inet {rpc.NFT_TABLE} 2>/dev/null; rm -f {quote(rpc.NFT_PATH)}"]))
     if not obs.enabled:
         changes.append(Run(f"enable {rpc.UNIT}", commands=[f"systemctl enable {rpc.UNIT}"]))
+    # the health responder the main host asks (the rpc port itself serves one client at a time)
+    hsrc, hunit = remote.source("rpc_health.py"), rpc.render_health_unit(cfg)
+    hreasons = []
+    if hsrc != obs.health_now:
+        changes.append(WriteFile(f"health responder {rpc.health_path(cfg)}", path=rpc.health_path(cfg),
+                                 content=hsrc, before=obs.health_now, mode=0o755))
+        hreasons.append("helper changed")
+    if hunit != obs.health_unit_now:
+        changes.append(WriteFile(f"unit {rpc.HEALTH_UNIT_PATH}", path=rpc.HEALTH_UNIT_PATH, content=hunit,
+                                 before=obs.health_unit_now))
+        changes.append(Run("systemctl daemon-reload (unit changed)", commands=["systemctl daemon-reload"]))
+        hreasons.append("unit changed")
+    if hreasons or not obs.health_active or not obs.health_enabled:
+        changes.append(Run(f"enable and (re)start {rpc.HEALTH_UNIT} on {rpc.health_endpoint(cfg)}", commands=[
+            f"systemctl enable {rpc.HEALTH_UNIT} && systemctl restart {rpc.HEALTH_UNIT}"]))
     last = obs.started.get("binary")
     if obs.active and obs.binary_now and last and last != obs.binary_now:
         reasons.append(f"build changed ({_build_of(last)} -> {_build_of(obs.binary_now)})")
@@ -300,8 +323,12 @@ def changed_workers(recorded: dict, views: list[WorkerView]) -> list[str]:
     return out
 
 
+def health_endpoints(ctx: Context) -> list[str]:
+    return [rpc.health_endpoint(w.cfg) for w in ctx.host.rpc_workers]
+
+
 def probe_from_main(ctx: Context, endpoints: list[str], wait_s: float = 0) -> dict[str, dict]:
-    """TCP connect from the main box to each worker (the path llama-server uses)."""
+    """Ask each worker's health responder from the main box (the path llama-server uses)."""
     src = remote.source("rpc_watch.py")
     if wait_s:
         r = ctx.target.run(f"python3 -c {quote(src)} wait {int(wait_s)} " + " ".join(quote(e) for e in endpoints),
@@ -323,16 +350,21 @@ def gate(ctx: Context) -> None:
     Records what it saw (the restart that follows saves it)."""
     if not ctx.host.rpc_workers:
         return
+    last = ctx.facts.get("rpc.gate")
+    if last and time.monotonic() - last < 60:
+        return  # checked moments ago (the preflight, then the restart)
     views = check_workers(ctx)
     eps = ctx.cfg["rpc"]["endpoints"]
     ctx.say(f"rpc: waiting for {len(eps)} worker(s) ({', '.join(eps)}), at most {ctx.cfg['rpc']['wait_timeout']}s")
-    probe_from_main(ctx, eps, wait_s=ctx.cfg["rpc"]["wait_timeout"])
+    probe_from_main(ctx, health_endpoints(ctx), wait_s=ctx.cfg["rpc"]["wait_timeout"])
+    ctx.facts["rpc.gate"] = time.monotonic()
     if not ctx.check:
         ctx.state.data[STATE_KEY] = {"workers": identity(views)}
 
 
 def plan_main(cfg: dict, views: list[WorkerView], recorded: dict, watch_now: str | None,
-              unit_now: str | None, watch_active: bool, service_installed: bool) -> list[Change]:
+              unit_now: str | None, watch_active: bool, service_installed: bool,
+              health_eps: list[str]) -> list[Change]:
     """Main: the watcher and the restart owed to changed workers (pure)."""
     changes: list[Change] = []
     src = remote.source("rpc_watch.py")
@@ -341,7 +373,7 @@ def plan_main(cfg: dict, views: list[WorkerView], recorded: dict, watch_now: str
         changes.append(WriteFile(f"worker watcher {rpc.watch_path(cfg)}", path=rpc.watch_path(cfg),
                                  content=src, before=watch_now, mode=0o755))
         reasons.append("helper changed")
-    unit = rpc.render_watch_unit(cfg, cfg["rpc"]["endpoints"])
+    unit = rpc.render_watch_unit(cfg, health_eps)
     if unit != unit_now:
         changes.append(WriteFile(f"unit {rpc.WATCH_UNIT_PATH}", path=rpc.WATCH_UNIT_PATH, content=unit,
                                  before=unit_now))
@@ -380,7 +412,8 @@ class RpcStep(Step):
             return plan_main(cfg, views, ctx.state.get(STATE_KEY) or {},
                              ctx.target.read_file(rpc.watch_path(cfg)),
                              ctx.target.read_file(rpc.WATCH_UNIT_PATH), r.stdout.strip() == "active",
-                             ctx.target.exists("/etc/systemd/system/llama-server.service"))
+                             ctx.target.exists("/etc/systemd/system/llama-server.service"),
+                             health_endpoints(ctx))
         return []
 
 
@@ -392,7 +425,7 @@ def status_rows(ctx: Context) -> tuple[list[list[str]], list[str]]:
     """Rows for `service.status` on a main host (one per worker) and the problems found."""
     if not ctx.host.rpc_workers:
         return [], []
-    eps = ctx.cfg["rpc"]["endpoints"]
+    eps = health_endpoints(ctx)
     live = probe_from_main(ctx, eps)
     watched: dict = {}
     try:
@@ -400,16 +433,23 @@ def status_rows(ctx: Context) -> tuple[list[list[str]], list[str]]:
     except (ValueError, AttributeError, RigError):
         watched = {}
     rows, problems = [], []
-    for w, ep in zip(ctx.host.rpc_workers, eps):
+    mine = own_build(ctx)
+    mine_c = (mine.name or "").split("-")[1] if (mine.name or "").count("-") >= 2 else None
+    for w, ep, rep_ep in zip(ctx.host.rpc_workers, eps, ctx.cfg["rpc"]["endpoints"]):
         st = live.get(ep) or {"up": False, "error": "not probed"}
         since = (watched.get(ep) or {}).get("since")
         when = f" since {time.strftime('%H:%M:%S', time.localtime(since))}" if since and \
             (watched.get(ep) or {}).get("up") == st["up"] else ""
-        if st["up"]:
-            rows.append([f"rpc worker {w.name}", f"{ep} up{when}"])
+        wb = st.get("build") or ""
+        if st["up"] and mine_c and wb.count("-") >= 2 and wb.split("-")[1] != mine_c:
+            rows.append([f"rpc worker {w.name}", f"{rep_ep} up{when}, build {wb}: VERSION SKEW"])
+            problems.append(f"rpc worker {w.name} ({rep_ep}) runs build {wb} but {ctx.host.name} runs "
+                            f"{mine.name}: every node must run the same commit")
+        elif st["up"]:
+            rows.append([f"rpc worker {w.name}", f"{rep_ep} up{when}, build {wb or '?'}"])
         else:
-            rows.append([f"rpc worker {w.name}", f"{ep} DOWN: {st.get('error') or 'no answer'}{when}"])
-            problems.append(f"rpc worker {w.name} ({ep}) does not answer from {ctx.host.name}: "
+            rows.append([f"rpc worker {w.name}", f"{rep_ep} DOWN: {st.get('error') or 'no answer'}{when}"])
+            problems.append(f"rpc worker {w.name} ({rep_ep}) is not serving for {ctx.host.name}: "
                             f"{st.get('error') or 'no answer'}")
     return rows, problems
 

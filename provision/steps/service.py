@@ -554,6 +554,9 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
     def skipped(reason: str) -> None:
         ctx.warn(f"VRAM preflight: skipped — {reason}")
 
+    from . import rpc as rpc_step
+    rpc_step.gate(ctx)  # RPC workers (if any): same build and answering, before llama-fit-params --rpc
+
     gf = hostfacts.gpu(ctx)
     if not gf.available or not gf.gpus:
         skipped(f"no GPU ({gf.reason or 'nvidia-smi lists none'})")
