@@ -4,6 +4,7 @@ the VRAM preflight of the workers' devices (no rig here: tests/test_rpc_rig.py r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -316,3 +317,59 @@ def test_health_responder_and_watcher_talk(tmp_path):
     finally:
         srv.terminate()
         srv.wait(timeout=10)
+
+
+def test_watcher_restarts_llama_server_when_a_worker_restarts_but_never_across_a_skew(tmp_path):
+    """remote/rpc_watch.py's `watch` loop against a stand-in health responder and a stand-in
+    systemctl (it logs its calls): an rpc server restart (new invocation id) -> one restart of
+    llama-server; a worker on another commit -> no restart, `version skew` said."""
+    import socket as so
+    import threading
+    reply = {"unit": "active", "listening": True, "build": "b1-aaaaaaa-11111111", "invocation": "i1"}
+    srv = so.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    ep = f"127.0.0.1:{srv.getsockname()[1]}"
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.sendall((json.dumps(reply) + "\n").encode())
+            c.close()
+    threading.Thread(target=serve, daemon=True).start()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls.log"
+    (bindir / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" = is-active ] && echo active\nexit 0\n')
+    (bindir / "systemctl").chmod(0o755)
+    (tmp_path / "b1-aaaaaaa-22222222").mkdir()
+    (tmp_path / "current").symlink_to("b1-aaaaaaa-22222222")
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    p = subprocess.Popen([sys.executable, str(ROOT / "provision/remote/rpc_watch.py"), "watch",
+                          str(tmp_path / "state.json"), "llama-server.service", str(tmp_path / "current"), ep],
+                         env=env, stdout=subprocess.PIPE, text=True)
+
+    def restarts() -> int:
+        return calls.read_text().count("restart --no-block llama-server.service") if calls.exists() else 0
+    try:
+        time.sleep(4)
+        assert restarts() == 0  # first sight: nothing to do
+        st = json.loads((tmp_path / "state.json").read_text())
+        assert st["workers"][ep]["up"] is True and st["workers"][ep]["build"] == "b1-aaaaaaa-11111111"
+        reply["invocation"] = "i2"  # the worker's rpc server restarted
+        for _ in range(40):
+            if restarts():
+                break
+            time.sleep(0.25)
+        assert restarts() == 1
+        reply.update(invocation="i3", build="b2-bbbbbbb-11111111")  # restarted on another commit
+        time.sleep(7)
+        assert restarts() == 1
+    finally:
+        p.terminate()
+        out = p.communicate(timeout=10)[0]
+        srv.close()
+    assert "restart (the rpc server of" in out and "not restarted" in out and "version skew" in out, out
