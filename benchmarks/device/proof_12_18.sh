@@ -12,7 +12,7 @@
 # Everything lands in /tmp/res and is packed into $OUT/call<N>.tgz at the end (the device tool
 # brings back at most 8 files); every step runs under `timeout` so the pack always happens.
 # Sizes are reduced to fit a short device budget: FA default quants (q8_0 K/V is among them),
-# the tool's own power-run size (-n 256 -r 2), 5 ub/b pairs + the current one for the tune.
+# 4 power limits 200..700 W at the tool's own run size (-n 256 -r 2), 5 ub/b pairs + the current one for the tune.
 set -u
 phase=${1:?phase 1 or 2}
 T0=$(date +%s)
@@ -26,7 +26,7 @@ trap pack EXIT
 power() {
   [ -f /tmp/model.done ] || { echo "power: the model is not there"; return 1; }
   grep -q '"power"' "$RES/tune/summary.json" 2>/dev/null && { echo "power: done already"; return 0; }
-  timeout -s INT -k 20 $(( $(left) - 20 )) python3 benchmarks/tune_gpu.py power --work /tmp/gp --gpus 0 \
+  timeout -s INT -k 20 $(( $(left) - 20 )) python3 benchmarks/tune_gpu.py power --work /tmp/gp --gpus 0 --watts 200,350,500,700 \
       --gen 256 --bench-reps 2 --out "$RES/tune" > "$RES/power.log" 2>&1
   echo "power exit $?"; grep 'GPU PROOF' "$RES/power.log"; tail -3 "$RES/power.log"
 }
@@ -47,7 +47,7 @@ if [ "$phase" = 1 ]; then
   echo "cuda_path_proof exit $? after $(( $(date +%s) - T0 ))s"
   tail -22 "$RES/cuda-path.log"
   wait $mpid; cat "$RES/model.log"
-  if [ "$(left)" -gt 230 ] && [ -x /tmp/gp/prefix/llama.cpp/current/bin/llama-bench ]; then power; fi
+  if [ "$(left)" -gt 200 ] && [ -x /tmp/gp/prefix/llama.cpp/current/bin/llama-bench ]; then power; fi
 else
   . /tmp/rig-env.sh
   [ -x /tmp/gp/prefix/llama.cpp/current/bin/llama-bench ] || { echo "no llama-bench: run phase 1 first"; exit 1; }
