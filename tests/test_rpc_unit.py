@@ -373,3 +373,11 @@ def test_watcher_restarts_llama_server_when_a_worker_restarts_but_never_across_a
         out = p.communicate(timeout=10)[0]
         srv.close()
     assert "restart (the rpc server of" in out and "not restarted" in out and "version skew" in out, out
+
+
+def test_bench_stops_llama_server_on_an_rpc_topology():
+    """A ggml-rpc-server serves one client at a time: llama-bench would wait behind llama-server."""
+    from provision.bench.guard import decide_stop
+    assert decide_stop("auto", 0, False, 3, True, rpc=True)[0] is True
+    assert decide_stop("auto", 0, False, 3, True, rpc=False)[0] is False
+    assert decide_stop("keep", 0, False, 3, True, rpc=True)[0] is False
