@@ -221,7 +221,7 @@ def test_rpc_across_two_rigs(pair):
     assert re.search(r"offloaded 3/5 layers to GPU", log), log[-3000:]
     reply = pair.chat()
     assert reply["choices"][0]["message"] is not None
-    peers = [ln.split()[4] for ln in b.sh(f"ss -Htn state established '( sport = :{PORT} )'").stdout.splitlines()]
+    peers = [ln.split()[3] for ln in b.sh(f"ss -Htn state established '( sport = :{PORT} )'").stdout.splitlines()]
     assert peers and all(p.startswith(f"{A_ADDR}:") for p in peers), peers  # A's llama-server is its client
     assert a.sh("systemctl is-active llama-rig-rpc-watch.service").stdout.strip() == "active"
 
