@@ -381,3 +381,15 @@ def test_bench_stops_llama_server_on_an_rpc_topology():
     assert decide_stop("auto", 0, False, 3, True, rpc=True)[0] is True
     assert decide_stop("auto", 0, False, 3, True, rpc=False)[0] is False
     assert decide_stop("keep", 0, False, 3, True, rpc=True)[0] is False
+
+
+def test_the_mains_lock_records_the_worker_builds():
+    from provision import lock
+    cfg = load(data()).hosts["main"].cfg
+    state = {"llama": {"commit": "c" * 40, "current": "b1-ccccccc-11111111"},
+             "rpc": {"workers": {"w1": {"endpoint": "10.9.0.2:50052", "build": "b1-ccccccc-22222222",
+                                        "invocation": "x"}}}}
+    doc = lock.build(name="main", address="10.9.0.1", groups=[], cfg=cfg, state=state)
+    assert doc["lock"]["rpc"] == {"workers": {"w1": {"endpoint": "10.9.0.2:50052", "build": "b1-ccccccc-22222222",
+                                                     "commit": "c" * 40}}}
+    assert "rpc" not in lock.build(name="x", address="a", groups=[], cfg=cfg, state={"llama": {}})["lock"]
