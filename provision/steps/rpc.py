@@ -405,7 +405,12 @@ class RpcStep(Step):
         if ctx.host.rpc_workers:
             if ctx.check and not ctx.target.exists(f"{rpc.bin_dir(cfg)}/llama-server"):
                 return [Call("check the RPC workers once llama.cpp is built", data={"action": "pending"})]
-            views = check_workers(ctx)
+            try:
+                views = check_workers(ctx)
+            except StepError as e:
+                if not ctx.check:
+                    raise
+                return [Call(f"llama-server cannot start yet: {e}", data={"action": "blocked", "reason": str(e)})]
             for v in views:
                 ctx.say(f"rpc: worker {v.name} {v.endpoint}: {v.build.short()}, {rpc.UNIT} {v.active}")
             r = ctx.target.run(f"systemctl is-active {rpc.WATCH_UNIT} 2>/dev/null", check=False)
