@@ -159,7 +159,7 @@ def pair(rig_factory, tmp_path_factory):
     upstream = make_upstream_repo(tmp / "upstream" / "llama.cpp")  # our own: we add a commit to it
     daemon = GitDaemon(upstream.path.parent, PROXY_ADDR).start()
     a = rig_factory(fake_nvidia_smi=False)
-    b = rig_factory(fake_nvidia_smi=False)
+    b = rig_factory(fake_nvidia_smi=False, capabilities=("CAP_NET_ADMIN",))  # nft in its own netns
     try:
         with linked(a, b) as b_if:
             p = Pair(a, b, daemon.url("llama.cpp"), upstream.head(), tmp)
