@@ -1,9 +1,10 @@
 """`service`: llama-server as a systemd system unit run by a dedicated unprivileged user.
 
-Files: the unit `/etc/systemd/system/llama-server.service` and the env file
-`/etc/llama-rig/llama-server.env` (0600, holds LLAMA_API_KEY when server.api_key_file is set),
-both rendered from templates/, plus a readiness helper `<prefix>/bin/llama-rig-health` that the
-unit's ExecStartPost= runs until /health answers 200.
+Files: the unit `/etc/systemd/system/llama-server.service` (hardened: read-only system, no home,
+private /tmp, only the NVIDIA devices) and the env file `/etc/llama-rig/llama-server.env` (0600),
+both rendered from templates/, a readiness helper `<prefix>/bin/llama-rig-health` that the
+unit's ExecStartPost= runs until /health (open without the key) answers 200, and the API key
+file `/etc/llama-rig/api-key` (api_key.py: made on the rig, passed as --api-key-file).
 
 Restarts: only when the unit, the env file, the binary (`current` moved; the llama step notifies
 `llama-server.restart`) or the model changed. The engine persists the notified handler as "owed"
@@ -26,8 +27,8 @@ from ..engine import Call, Change, Context, Run, Step, WriteFile
 from ..errors import CommandError, StepError, UsageError
 from ..facts import host as hostfacts
 from ..facts.gpu import GpuFacts
-from ..secrets import register
 from ..target import join, quote
+from . import api_key as auth
 
 SERVICE = "llama-server.service"
 UNIT_PATH = f"/etc/systemd/system/{SERVICE}"
@@ -108,6 +109,7 @@ def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
         argv += ["--alias", s["alias"]]
     # /metrics behind the API's bind and key; /slots off unless asked (it shows the prompts)
     argv += (["--metrics"] if s["metrics"] else []) + ([] if s["slots"] else ["--no-slots"])
+    argv += auth.server_args(cfg)  # --api-key-file PATH: the key is in neither argv nor env
     argv += _attn_batch_flags(s)
     argv += list(s["extra_args"])
     return argv
@@ -142,9 +144,9 @@ def render_unit(cfg: dict, model_path: str, binary: str | None = None) -> str:
         start_limit_interval=max(600, s["start_timeout"] * 3), start_limit_burst=5)
 
 
-def render_env(api_key: str | None) -> str:
+def render_env() -> str:
     from ..templates import render
-    return render("llama-server.env.j2", api_key=api_key)
+    return render("llama-server.env.j2")
 
 
 def render_helper(cfg: dict) -> str:
@@ -153,21 +155,7 @@ def render_helper(cfg: dict) -> str:
                   default_timeout=cfg["server"]["start_timeout"])
 
 
-def read_api_key(cfg: dict) -> str | None:
-    """server.api_key_file lives on the CONTROL machine; the key is registered as a secret."""
-    path = cfg["server"]["api_key_file"]
-    if not path:
-        return None
-    full = os.path.expanduser(path)
-    try:
-        with open(full) as fh:
-            key = fh.read().strip()
-    except OSError as e:
-        raise StepError(f"server.api_key_file: cannot read {path}: {e.strerror}") from None
-    if not key or "\n" in key:
-        raise StepError(f"server.api_key_file: {path} must hold exactly one non-empty line")
-    register(key)
-    return key
+read_api_key = auth.read_control_key  # the explicit key (server.api_key_file), else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +279,7 @@ class Observed:
     owed: bool = False
     systemd: bool = True
     model_readable: bool | None = None  # by the service user (None: user missing / not checked)
+    key: auth.KeyFile = field(default_factory=auth.KeyFile)  # /etc/llama-rig/api-key
 
 
 def observe(ctx: Context, model_path: str | None = None) -> Observed:
@@ -327,7 +316,8 @@ def observe(ctx: Context, model_path: str | None = None) -> Observed:
         owed=HANDLER in ctx.state.owed,
         systemd=bool(sec.get("init")) and sec["init"][0] == "systemd",
         model_readable=None if len(pw) < 7 or not model_path else t.run(
-            f"runuser -u {quote(u)} -- test -r {quote(model_path)}", sudo=True, check=False).ok)
+            f"runuser -u {quote(u)} -- test -r {quote(model_path)}", sudo=True, check=False).ok,
+        key=auth.observe(ctx, auth.mode(cfg) == "file") if auth.enabled(cfg) else auth.KeyFile())
 
 
 NOLOGIN = "/usr/sbin/nologin"
@@ -361,13 +351,17 @@ def plan(cfg: dict, obs: Observed, model_path: str, api_key: str | None,
     if helper != obs.helper_now:
         changes.append(WriteFile(f"readiness helper {helper_path(cfg)}", path=helper_path(cfg),
                                  content=helper, before=obs.helper_now, mode=0o755))
-    env = render_env(api_key)
     reasons: list[str] = []
+    key_changes = auth.plan(cfg, obs.key, u, api_key)
+    changes += key_changes
+    if any(HANDLER in ch.notify for ch in key_changes):
+        reasons.append("API key file changed")
+    env = render_env()
     if env != obs.env_now:
-        changes.append(WriteFile(f"env file {ENV_PATH}" + (" (with LLAMA_API_KEY)" if api_key else ""),
+        old_key = bool(obs.env_now and "LLAMA_API_KEY" in obs.env_now)  # the key's old place
+        changes.append(WriteFile(f"env file {ENV_PATH}" + (" (LLAMA_API_KEY removed)" if old_key else ""),
                                  path=ENV_PATH, content=env, before=obs.env_now, mode=0o600,
-                                 secret=bool(api_key) or bool(obs.env_now and "LLAMA_API_KEY" in obs.env_now),
-                                 notify=(HANDLER,)))
+                                 secret=old_key, notify=(HANDLER,)))
         reasons.append("env file changed")
     unit = render_unit(cfg, model_path)
     if unit != obs.unit_now:
@@ -463,8 +457,8 @@ def probe(ctx: Context, what: list[str], api_key: str | None = None, timeout: fl
     s = ctx.cfg["server"]
     args = {"base": f"http://127.0.0.1:{s['port']}", "key": api_key, "what": what,
             "model": s["alias"] or "default", "max_tokens": max_tokens, "timeout": timeout}
-    r = ctx.target.run("python3 -c " + quote(_PROBE), stdin=json.dumps(args), check=False,
-                       timeout=timeout + 60)
+    r = ctx.target.run(auth.keyed(ctx.cfg, "python3 -c " + quote(_PROBE)), stdin=json.dumps(args),
+                       sudo=auth.enabled(ctx.cfg), check=False, timeout=timeout + 60)
     try:
         return {k: tuple(v) for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
     except (ValueError, IndexError):
@@ -599,6 +593,7 @@ class ServiceStep(Step):
     title = "llama-server systemd unit, env file, readiness, restarts"
 
     def plan(self, ctx: Context) -> list[Change]:
+        auth.warn_open(ctx)
         have_binary = ctx.target.exists(binary_path(ctx.cfg))
         try:
             model_path = _model_path(ctx)
