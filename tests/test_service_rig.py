@@ -173,9 +173,9 @@ def test_service_lifecycle(srig, tmp_path):
     # the hardened unit: "OK" or better, and it serves (above) from inside its sandbox
     level, text = exposure(srig)
     assert level <= 4.0, text
-    assert srig.sh("systemctl show -p ProtectSystem -p ProtectHome -p PrivateTmp -p DevicePolicy "
-                   "llama-server.service").stdout.split() == [
-        "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "DevicePolicy=closed"]
+    assert sorted(srig.sh("systemctl show -p ProtectSystem -p ProtectHome -p PrivateTmp -p DevicePolicy "
+                          "llama-server.service").stdout.split()) == [
+        "DevicePolicy=closed", "PrivateTmp=yes", "ProtectHome=yes", "ProtectSystem=strict"]
     pid = env.show()["MainPID"]
     r = srig.sh(f"nsenter -t {pid} -m sh -c 'touch /etc/x; touch /var/lib/llama-rig/home/.w && echo home-ok'",
                 check=False)

@@ -221,18 +221,19 @@ def test_old_env_file_with_the_key_is_rewritten_without_showing_it():
 def test_generate_command_never_holds_a_key_and_makes_one(tmp_path, monkeypatch):
     """The generator itself, run here: 64 hex digits, mode 0640, kept when it exists."""
     import subprocess
-    monkeypatch.setattr(auth, "KEY_DIR", str(tmp_path))
-    monkeypatch.setattr(auth, "KEY_PATH", str(tmp_path / "api-key"))
+    monkeypatch.setattr(auth, "KEY_DIR", str(tmp_path / "etc"))
+    monkeypatch.setattr(auth, "KEY_PATH", str(tmp_path / "etc" / "api-key"))
     grp = subprocess.run(["id", "-gn"], capture_output=True, text=True).stdout.strip()
     cmd = auth.generate_command(grp)
     subprocess.run(cmd, shell=True, check=True)
-    key = (tmp_path / "api-key").read_text()
+    key = (tmp_path / "etc" / "api-key").read_text()
     assert len(key) == 65 and key.endswith("\n") and int(key, 16) > 0
-    assert oct((tmp_path / "api-key").stat().st_mode & 0o777) == "0o640"
+    assert oct((tmp_path / "etc" / "api-key").stat().st_mode & 0o777) == "0o640"
+    assert oct((tmp_path / "etc").stat().st_mode & 0o777) == "0o755"  # the service user gets in
     assert key.strip() not in cmd
     subprocess.run(cmd, shell=True, check=True)
-    assert (tmp_path / "api-key").read_text() == key  # made once
-    assert [p.name for p in tmp_path.iterdir()] == ["api-key"]
+    assert (tmp_path / "etc" / "api-key").read_text() == key  # made once
+    assert [p.name for p in (tmp_path / "etc").iterdir()] == ["api-key"]
 
 
 def test_loopback_and_the_open_server_warning():

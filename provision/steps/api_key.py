@@ -128,7 +128,8 @@ def observe(ctx: Context, explicit: bool) -> KeyFile:
 def generate_command(group: str) -> str:
     """Make KEY_PATH on the rig, unless it holds a key already (the key never leaves the rig)."""
     f, g = quote(KEY_PATH), quote(group)
-    return (f"umask 077; if [ ! -s {f} ]; then mkdir -p {quote(KEY_DIR)} && "
+    d = quote(KEY_DIR)  # the folder stays 0755 (the env file lives there too); the key is 0640
+    return (f"[ -d {d} ] || install -d -m 0755 {d}; umask 077; if [ ! -s {f} ]; then "
             f"t=$(mktemp {quote(KEY_DIR + '/.api-key.XXXXXX')}) && "
             f"{{ od -An -N32 -tx1 /dev/urandom | tr -d ' \\n'; echo; }} > \"$t\" && "
             f"chown root:{g} \"$t\" && chmod 0640 \"$t\" && mv -f \"$t\" {f}; fi")
