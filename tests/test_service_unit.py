@@ -93,7 +93,7 @@ def test_unit_quotes_args_for_systemd():
 
 
 def test_unit_is_hardened():
-    """The sandbox settings `systemd-analyze security` scores (measured on a rig: 1.8 OK, see
+    """The sandbox settings `systemd-analyze security` scores (measured on a rig: 1.6 OK, see
     benchmarks/service-hardening/); the GPUs stay reachable."""
     svc = s.render_unit(seed_cfg(), MODEL).split("[Service]")[1]
     lines = set(svc.splitlines())
