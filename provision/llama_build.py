@@ -291,6 +291,8 @@ def server_flags(cfg: dict) -> list[str]:
              "--temp", "--top-p", "--top-k", "--min-p", "--alias", "-fa"]
     if s.get("tensor_split"):
         flags.append("-ts")
+    if (cfg.get("rpc") or {}).get("endpoints"):
+        flags.append("--rpc")
     if not s.get("warmup"):
         flags.append("--no-warmup")
     if s.get("jinja"):

@@ -173,6 +173,11 @@ def build(*, name: str, address: str, groups: Sequence[str], cfg: dict[str, Any]
         "rendered": {k: (hashes or {}).get(k) for k in RENDERED},
         "power": power,
     }
+    rpc_workers = (state.get("rpc") or {}).get("workers")
+    if rpc_workers:  # a main host of llama.cpp's RPC backend: the worker builds it was started with
+        lock["rpc"] = {"workers": {w: {"endpoint": v.get("endpoint"), "build": v.get("build"),
+                                       "commit": ll.get("commit")}
+                                   for w, v in sorted(rpc_workers.items())}}
     return {"host": {"name": name, "address": address, "groups": list(groups)}, "lock": lock}
 
 

@@ -228,6 +228,8 @@ class OpencodeStep(Step):
     title = "opencode provider config for the rig's llama-server"
 
     def plan(self, ctx: Context) -> list[Change]:
+        if ctx.cfg["rpc"]["bind"]:
+            return []  # an RPC worker holds no model and serves no API (steps/rpc.py)
         return plan_rig(ctx)
 
 

@@ -85,6 +85,12 @@ def _attn_batch_flags(s: dict) -> list[str]:
     return out
 
 
+def _rpc_flags(cfg: dict) -> list[str]:
+    """`--rpc w1:50052,w2:50052` on a main host with RPC workers (provision/rpc.py)."""
+    eps = (cfg.get("rpc") or {}).get("endpoints")
+    return ["--rpc", ",".join(eps)] if eps else []
+
+
 def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     """The rendered llama-server command line: every seed flag mapped from the inventory.
     Used by the unit's ExecStart= and, without systemd, for GPU proofs."""
@@ -93,6 +99,7 @@ def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
             "-ngl", str(s["n_gpu_layers"]), "-c", str(s["ctx_size"]),
             "-ctk", s["cache_type_k"], "-ctv", s["cache_type_v"],
             "--parallel", str(s["parallel"]), "--split-mode", s["split_mode"]]
+    argv += _rpc_flags(cfg)
     if s["tensor_split"]:
         argv += ["-ts", _ts(s["tensor_split"])]
     if not s["warmup"]:
@@ -115,6 +122,7 @@ def fit_params_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     s = cfg["server"]
     argv = [binary, "-m", model_path, "-c", str(s["ctx_size"]), "-ctk", s["cache_type_k"],
             "-ctv", s["cache_type_v"], "-ngl", str(s["n_gpu_layers"]), "-sm", s["split_mode"]]
+    argv += _rpc_flags(cfg)
     if s["tensor_split"]:
         argv += ["-ts", _ts(s["tensor_split"])]
     argv += _attn_batch_flags(s)
@@ -383,6 +391,8 @@ def restart_and_wait(ctx: Context, api_key: str | None = None, model_path: str |
     /health and a real completion. Marks the `llama-server.restart` handler paid."""
     if api_key is None:
         api_key = read_api_key(ctx.cfg)
+    from . import rpc as rpc_step
+    rpc_step.gate(ctx)  # RPC workers (if any): same build, answering
     timeout = ctx.cfg["server"]["start_timeout"] + 60
     t0 = time.monotonic()
     r = ctx.target.run(f"systemctl reset-failed {SERVICE} 2>/dev/null; systemctl restart {SERVICE}",
@@ -414,6 +424,8 @@ class ServiceStep(Step):
     title = "llama-server systemd unit, env file, readiness, restarts"
 
     def plan(self, ctx: Context) -> list[Change]:
+        if ctx.cfg["rpc"]["bind"]:
+            return []  # an RPC worker serves ggml-rpc-server (steps/rpc.py), not llama-server
         auth.warn_open(ctx)
         have_binary = ctx.target.exists(binary_path(ctx.cfg))
         try:
@@ -444,7 +456,7 @@ class ServiceStep(Step):
 
 def _handler(ctx: Context) -> None:
     """Owed restart when the service step itself did not run (e.g. `--only llama`)."""
-    if not unit_installed(ctx):
+    if ctx.cfg["rpc"]["bind"] or not unit_installed(ctx):
         ctx.say(f"handler: {SERVICE} is not installed yet — nothing to restart")
         return
     try:
@@ -477,6 +489,9 @@ def status(ctx: Context) -> bool:
     (not an error); installed but not serving: StepError."""
     name = ctx.host.name
     port = ctx.cfg["server"]["port"]
+    from . import rpc as rpc_step
+    if ctx.cfg["rpc"]["bind"]:
+        return rpc_step.worker_status(ctx)
     if not ctx.target.exists(UNIT_PATH):
         ctx.say(f"service: {SERVICE} is not installed on {name} yet — run "
                 f"`invoke provision --host {name}`")
@@ -510,7 +525,10 @@ def status(ctx: Context) -> bool:
     except (ValueError, KeyError, TypeError):
         ids = "- (not the expected JSON)"
     rows.append(["/v1/models", ids])
-    ctx.console.table(f"service: {name}", ["what", "value"], rows)
+    rpc_rows, rpc_problems = rpc_step.status_rows(ctx)
+    ctx.console.table(f"service: {name}", ["what", "value"], rows + rpc_rows)
+    if rpc_problems:
+        raise StepError("; ".join(rpc_problems) + f" -- llama-server cannot serve without it")
     if props.get("ActiveState") != "active" or hc != 200:
         health = f"/health {hc}" if hc else _no_answer(hb, port, 10)
         raise StepError(f"{SERVICE} is not serving ({props.get('ActiveState') or '-'}, {health}); "

@@ -145,9 +145,13 @@ def free_memory(ctx: Context, gf: GpuFacts) -> dict[int, int]:
 def preflight(ctx: Context, model_path: str) -> FitReport | None:
     """Run llama-fit-params with the server's flags; refuse a plan that does not fit. Returns
     None (after a visible warning) where it cannot run."""
+    from . import rpc as rpc_step
     from . import service as svc
+
     def skipped(reason: str) -> None:
         ctx.warn(f"VRAM preflight: skipped — {reason}")
+
+    rpc_step.gate(ctx)  # RPC workers (if any): same build and answering, before llama-fit-params --rpc
 
     gf = hostfacts.gpu(ctx)
     if not gf.available or not gf.gpus:
@@ -181,6 +185,7 @@ def preflight(ctx: Context, model_path: str) -> FitReport | None:
     rep = check_fit(devices, free, {g.index: g.name for g in gf.gpus}, margin)
     ctx.console.table(f"VRAM preflight: {ctx.host.name} (MiB, margin {margin})",
                       ["device", "model", "context", "compute", "total", "free", "fit"], rep.rows)
+    rpc_step.preflight_remote(ctx, devices, margin)  # the RPC workers' devices (if any)
     if not rep.ok:
         def estimate(ts: list[float]) -> dict[int, tuple[int, int, int]] | None:
             r2, d2 = run_fit(ts)
