@@ -21,6 +21,7 @@ import contextlib
 import signal
 import threading
 
+from .. import keeper
 from ..errors import RigError, StepError
 from ..facts import host as hostfacts
 from ..steps import gpu as gpu_step
@@ -163,7 +164,9 @@ class RigGuard:
         problems: list[str] = []
         interrupted = False
         try:
-            with shielded():
+            # after Ctrl-C the run's commands stop, but not these (keeper.cleanup), and the
+            # interrupted run waits for them before it exits
+            with shielded(), keeper.cleanup():
                 problems = self.restore()
         except KeyboardInterrupt:  # Ctrl-C while restoring: held back until now
             interrupted = True
