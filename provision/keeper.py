@@ -150,13 +150,13 @@ def stop_groups_sh(wait: float = KILL_WAIT_S) -> str:
         "    done\n"
         "  fi\n"
         "  [ -n \"$pgs\" ] || return 0\n"
-        "  for g in $pgs; do kill -TERM -- \"-$g\" 2>/dev/null; done\n"
+        "  for g in $pgs; do kill -TERM \"-$g\" 2>/dev/null; done\n"
         "  i=0\n"
         f"  while [ $i -lt {n} ]; do\n"
-        "    left=''; for g in $pgs; do kill -0 -- \"-$g\" 2>/dev/null && left=\"$left $g\"; done\n"
+        "    left=''; for g in $pgs; do kill -0 \"-$g\" 2>/dev/null && left=\"$left $g\"; done\n"
         "    [ -z \"$left\" ] && break; sleep 0.1; i=$((i+1))\n"
         "  done\n"
-        "  for g in $pgs; do kill -KILL -- \"-$g\" 2>/dev/null; done\n"
+        "  for g in $pgs; do kill -KILL \"-$g\" 2>/dev/null; done\n"
         "  return 0\n"
         "}\n")
 
@@ -247,24 +247,29 @@ def run_hosts(items: Sequence[T], work: Callable[[T], R], parallel: int,
     results: list[R | None] = [None] * len(items)
     sem = threading.Semaphore(max(1, parallel))
 
+    running = [True] * len(items)  # not Thread.is_alive(): a join() that Ctrl-C interrupts
+    # can leave a live thread looking finished (CPython < 3.13)
+
     def worker(i: int, item: T) -> None:
         _local.token = token
-        with sem:
-            if token.interrupted:
-                return
-            try:
-                results[i] = work(item)
-            except Interrupted:
-                pass
+        try:
+            with sem:
+                if token.interrupted:
+                    return
+                try:
+                    results[i] = work(item)
+                except Interrupted:
+                    pass
+        finally:
+            running[i] = False
 
     threads = [threading.Thread(target=worker, args=(i, it), name=f"host-{i}", daemon=True)
                for i, it in enumerate(items)]
     for t in threads:
         t.start()
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.1)
+        while any(running):
+            time.sleep(0.02)
         return results, False
     except KeyboardInterrupt:
         pass
@@ -273,7 +278,7 @@ def run_hosts(items: Sequence[T], work: Callable[[T], R], parallel: int,
         on_interrupt()
     t0 = time.monotonic()
     said = False
-    while any(t.is_alive() for t in threads):
+    while any(running):
         try:
             now = time.monotonic()
             if now - t0 > GRACE_S and (token.cleaning <= 0 or now - t0 > CLEANUP_MAX_S):
