@@ -78,8 +78,9 @@ printf '%s\n' "$owner" > "$d/run.owner" || exit 1
 printf 'locked\t%s\n' "$took"
 why=released
 while :; do
-  if IFS= read -r -t "$lease" _; then touch "$d/run.owner"; continue; fi
-  [ $? -gt 128 ] && why=expired
+  IFS= read -r -t "$lease" _; rc=$?
+  if [ "$rc" = 0 ]; then touch "$d/run.owner"; continue; fi
+  [ "$rc" -gt 128 ] && why=expired
   break
 done
 '''
