@@ -104,6 +104,21 @@ def cleanup() -> Iterator[None]:
             tok.cleaning -= 1
 
 
+@contextlib.contextmanager
+def owing() -> Iterator[None]:
+    """The rig owes a restore while this block runs (bench/tune borrowed the service or the power
+    limits): an interrupted run waits for the block to end -- it puts them back -- before it exits
+    (at most CLEANUP_MAX_S)."""
+    tok = current()
+    with tok._mu:
+        tok.cleaning += 1
+    try:
+        yield
+    finally:
+        with tok._mu:
+            tok.cleaning -= 1
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 

@@ -158,9 +158,18 @@ class RigGuard:
         return problems
 
     def __enter__(self) -> "RigGuard":
+        # Ctrl-C: the run waits for this block to put the rig back before it exits
+        self._owing = keeper.owing()
+        self._owing.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._exit(exc_type)
+        finally:
+            self._owing.__exit__(None, None, None)
+
+    def _exit(self, exc_type) -> bool:
         problems: list[str] = []
         interrupted = False
         try:
