@@ -684,6 +684,9 @@ class SSHTarget(Target):
                     return Result(command, 124, out.decode(errors="replace"),
                                   tail.decode(errors="replace") + f"\ntimed out after {timeout}s")
                 select.select([fd], [], [], 0.1)
+        except KeyboardInterrupt:  # Ctrl-C in the main thread (a task outside keeper.run_hosts)
+            self._stop_group(pgid, whole_run=True)
+            raise
         finally:
             chan.close()
         if head:
