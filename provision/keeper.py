@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 from shlex import quote
 
-GRACE_S = 1.6  # after Ctrl-C: how long the workers get to stop their commands and say so
+GRACE_S = 1.0  # after Ctrl-C: how long the workers get to stop their commands and say so
 CLEANUP_MAX_S = 120.0  # ... and how long a cleanup() block (the service coming back) may take
 KILL_WAIT_S = 1.0  # TERM, then this long, then KILL
 RUN_ENV = "LLAMA_RIG_RUN"

@@ -290,3 +290,43 @@ def test_interrupted_dpkg_journal_is_repaired(two, tmp_path):
     assert ("[a] system: change: repair: dpkg was interrupted (/var/lib/dpkg/updates is not empty): "
             "dpkg --configure -a") in r.stdout, r.stdout
     assert a.sh("ls -A /var/lib/dpkg/updates").stdout.strip() == ""
+
+
+def test_ctrl_c_while_two_hosts_hang_in_the_ssh_handshake(tmp_path):
+    """Two hosts whose port accepts the connection and never says a word (60 s connect timeout):
+    SIGINT ends the run within 2 s, exit 130, both hosts stopped in `connect`."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port = srv.getsockname()[1]
+    held = []
+    threading.Thread(target=lambda: [held.append(srv.accept()) for _ in range(8)], daemon=True).start()
+    hosts = {n: {"connection": {"address": "127.0.0.1", "port": port, "user": "root", "connect_timeout": 60,
+                                "known_hosts": str(tmp_path / "kh"), "host_key_policy": "accept-new"}}
+             for n in ("a", "b")}
+    f = tmp_path / "hosts.yaml"
+    f.write_text(yaml.safe_dump({"hosts": hosts}))
+    proc = subprocess.Popen(argv(f, "provision", "--host", "a,b"), cwd=ROOT, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        t = time.monotonic()
+        while len(held) < 2:
+            assert time.monotonic() - t < 30 and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        srv.close()
+    print(out, f"\nSIGINT -> exit: {took:.2f}s")
+    assert proc.returncode == 130, out
+    assert took < 2.0, out
+    for h in ("a", "b"):
+        assert f"[{h}] interrupted: done: nothing; stopped: connect; not run: facts, system" in out, out
+        assert re.search(rf"^{h}\s+INTERRUPTED\s", out, re.M), out
+    assert "Traceback" not in out
