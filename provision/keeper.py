@@ -241,8 +241,10 @@ class LinkWatch:
 
 
 def link_deadline(connect_timeout: float) -> float:
-    """How long a link may stay silent: 1.5 x connection.connect_timeout, 6 to 45 s."""
-    return max(6.0, min(45.0, 1.5 * float(connect_timeout)))
+    """How long a link may stay silent: 1.5 x connection.connect_timeout, 6 to 20 s -- always
+    well inside the run lock's lease (provision/runlock.py, 30 s): a run gives up on a silent rig
+    before the rig gives up on the run."""
+    return max(6.0, min(20.0, 1.5 * float(connect_timeout)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,14 @@ from .keeper import stop_groups_sh
 from .target import Target, quote
 
 BUSY_EXIT = 75
-LEASE_S = int(os.environ.get("LLAMA_RIG_LOCK_LEASE", "30"))  # no heartbeat for this long: lock freed
+# no heartbeat for this long: the keeper stops the run's commands and frees the lock. Longer than
+# keeper.link_deadline() (at most 20 s): a run gives up on a silent rig before the rig gives up on it.
+def _lease_from_env() -> int:
+    v = os.environ.get("LLAMA_RIG_LOCK_LEASE", "30")
+    return max(5, int(v)) if v.strip().isdigit() else 30
+
+
+LEASE_S = _lease_from_env()
 HEARTBEAT_S = max(1.0, LEASE_S / 6)
 
 _held: dict[tuple[str, str], int] = {}  # (host name, state dir) -> depth, in this process
