@@ -265,6 +265,8 @@ SCHEMA: dict[str, dict[str, F]] = {
         "min_p": F("num", 0.0, 0, 1),
         "jinja": F("bool", True),
         "alias": F("str", "Qwen3.5-122B-A10B-UD-Q6_K_XL", value="alias"),
+        # auto: a key made on the rig (/etc/llama-rig/api-key, --api-key-file); none: open
+        "api_key": F("str", "auto", choices=("auto", "none")),
         "api_key_file": F("str", None, value="local_path"),
         "batch_size": F("int", None, 1, 1048576),
         "ubatch_size": F("int", None, 1, 1048576),
@@ -481,6 +483,9 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
         raise InventoryError(f"{where}: server.parallel: {srv['parallel']} slots exceed server.ctx_size {srv['ctx_size']}")
     if srv["cache_type_v"] not in ("f16", "f32", "bf16") and srv["flash_attn"] == "off":
         raise InventoryError(f"{where}: server.flash_attn: a quantized V cache ({srv['cache_type_v']}) needs flash attention (auto or on)")
+    if srv["api_key"] == "none" and srv["api_key_file"]:
+        raise InventoryError(f"{where}: server.api_key: none contradicts server.api_key_file "
+                             f"{srv['api_key_file']} (drop one of them)")
     if srv["batch_size"] and srv["ubatch_size"] and srv["ubatch_size"] > srv["batch_size"]:
         raise InventoryError(f"{where}: server.ubatch_size: {srv['ubatch_size']} is larger than server.batch_size {srv['batch_size']}")
     inc = cfg["model"]["include"]

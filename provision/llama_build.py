@@ -297,7 +297,7 @@ def server_flags(cfg: dict) -> list[str]:
         flags.append("--no-warmup")
     if s.get("jinja"):
         flags.append("--jinja")
-    if s.get("api_key_file"):
+    if s.get("api_key", "auto") != "none":  # the key file (provision/steps/api_key.py)
         flags.append("--api-key-file")
     if s.get("metrics", True):
         flags.append("--metrics")

@@ -126,8 +126,9 @@ class Pair:
     def chat(self) -> dict:
         body = json.dumps({"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
         r = self.a.sh("python3 -c " + _q(
-            "import sys,urllib.request;r=urllib.request.Request('http://127.0.0.1:8080/v1/chat/completions',"
-            "data=sys.argv[1].encode(),headers={'Content-Type':'application/json'});"
+            "import sys,urllib.request;k=open('/etc/llama-rig/api-key').read().strip();"  # the rig's key
+            "r=urllib.request.Request('http://127.0.0.1:8080/v1/chat/completions',"
+            "data=sys.argv[1].encode(),headers={'Content-Type':'application/json','Authorization':'Bearer '+k});"
             "print(urllib.request.urlopen(r,timeout=60).read().decode())") + " " + _q(body), check=False, timeout=90)
         assert r.returncode == 0, r.stdout + r.stderr
         return json.loads(r.stdout)
