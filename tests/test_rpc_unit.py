@@ -132,7 +132,7 @@ def test_worker_unit_is_hardened_and_bound_to_the_private_address():
     d = dict(s)
     assert exec_words(d["ExecStart"]) == ["/opt/llama-rig/llama.cpp/current/bin/ggml-rpc-server", "-H",
                                           "10.9.0.2", "-p", "50052", "-c"]
-    assert exec_words(d["ExecStartPre"]) == ["/opt/llama-rig/bin/llama-rig-rpc-prune",
+    assert exec_words(d["ExecStartPre"]) == ["/usr/bin/python3", "/opt/llama-rig/bin/llama-rig-rpc-prune",
                                              "/var/lib/llama-rig/rpc-cache", "50000000000"]
     envs = [exec_words(v)[0] for k, v in s if k == "Environment"]
     assert "LLAMA_CACHE=/var/lib/llama-rig/rpc-cache" in envs and "CUDA_VISIBLE_DEVICES=0,1" in envs
