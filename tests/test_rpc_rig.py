@@ -123,14 +123,16 @@ class Pair:
         print(f"$ {title} --host {host} (exit {rc})\n{out.getvalue()}")
         return rc, out.getvalue()
 
-    def chat(self) -> dict:
+    def chat(self, timeout: int = 60) -> dict:
         body = json.dumps({"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
         r = self.a.sh("python3 -c " + _q(
             "import sys,urllib.request;k=open('/etc/llama-rig/api-key').read().strip();"  # the rig's key
             "r=urllib.request.Request('http://127.0.0.1:8080/v1/chat/completions',"
             "data=sys.argv[1].encode(),headers={'Content-Type':'application/json','Authorization':'Bearer '+k});"
-            "print(urllib.request.urlopen(r,timeout=60).read().decode())") + " " + _q(body), check=False, timeout=90)
-        assert r.returncode == 0, r.stdout + r.stderr
+            f"print(urllib.request.urlopen(r,timeout={timeout}).read().decode())") + " " + _q(body), check=False,
+            timeout=timeout + 30)
+        if r.returncode != 0:
+            return {"failed": (r.stdout + r.stderr)[-300:]}
         return json.loads(r.stdout)
 
 
@@ -217,11 +219,8 @@ def test_rpc_across_two_rigs(pair):
     assert re.search(r"/health 200 in \d+ ms; chat completion in \d+ ms", out), out
     argv = a.sh("systemctl show llama-server.service -p ExecStart").stdout
     assert f"--rpc {EP}" in argv and "-ngl 3" in argv
-    log = a.sh("journalctl -u llama-server.service -o cat --no-pager").stdout
-    assert f"RPC0[{EP}]" in log, log[-3000:]  # the remote device took layers
-    assert re.search(r"offloaded 3/5 layers to GPU", log), log[-3000:]
     reply = pair.chat()
-    assert reply["choices"][0]["message"] is not None
+    assert reply.get("choices") and reply["choices"][0]["message"] is not None, reply
     peers = [ln.split()[3] for ln in b.sh(f"ss -Htn state established '( sport = :{PORT} )'").stdout.splitlines()]
     assert peers and all(p.startswith(f"{A_ADDR}:") for p in peers), peers  # A's llama-server is its client
     assert a.sh("systemctl is-active llama-rig-rpc-watch.service").stdout.strip() == "active"
@@ -243,6 +242,8 @@ def test_rpc_across_two_rigs(pair):
     sh(["ip", "-n", b.name, "link", "set", pair.b_if, "down"])
     try:
         wait_until(lambda: not can_connect(a, B_ADDR, PORT, timeout=2), 30, "B to be unreachable from A")
+        # the layers on B are gone with it: no answer (proof that B really computes them)
+        assert "failed" in pair.chat(timeout=8)
         time.sleep(4)  # the watcher's next round sees it down
         rc, out = pair.task("main", svc.status, "service.status")
         assert rc == 1, out
@@ -254,7 +255,7 @@ def test_rpc_across_two_rigs(pair):
                       not in (pid0, "0", ""), 60, "the watcher to restart llama-server")
     wait_until(lambda: a.sh("python3 -c \"import urllib.request as u;print(u.urlopen('http://127.0.0.1:8080/health')"
                             ".status)\"", check=False).stdout.strip().endswith("200"), 120, "llama-server healthy again")
-    assert pair.chat()["choices"], "no answer after B came back"
+    assert pair.chat().get("choices"), "no answer after B came back"
     print(f"llama-server restarted by the watcher {took:.1f}s after B came back")
     rc, out = pair.task("main", svc.status, "service.status")
     assert rc == 0 and f"{EP} up" in out, out
@@ -266,7 +267,7 @@ def test_rpc_across_two_rigs(pair):
                not in (pid1, "0", ""), 60, "the watcher to restart llama-server after the worker restart")
     wait_until(lambda: a.sh("python3 -c \"import urllib.request as u;print(u.urlopen('http://127.0.0.1:8080/health')"
                             ".status)\"", check=False).stdout.strip().endswith("200"), 120, "llama-server healthy")
-    assert pair.chat()["choices"]
+    assert pair.chat().get("choices")
     assert "restart (the rpc server of" in a.sh("journalctl -u llama-rig-rpc-watch -o cat --no-pager").stdout
 
     # -- bench on this topology: llama-bench gets --rpc, the server comes back through the gate ----
