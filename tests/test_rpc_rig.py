@@ -277,7 +277,8 @@ def test_rpc_across_two_rigs(pair):
     # -- bench on this topology: llama-bench gets --rpc, the server comes back through the gate ----
     r = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "bench", "--host", "main",
                         "--inventory", str(pair.tmp / "hosts.yaml"), "--depths", "0", "--reps", "1",
-                        "--prompt", "32", "--gen", "8", "--no-ttft", "--results", str(pair.tmp / "results")],
+                        "--prompt", "32", "--gen", "8", "--no-ttft", "--results", str(pair.tmp / "results"),
+                        "--model", MODEL],
                        cwd=pair.tmp, text=True, capture_output=True, timeout=900)
     print(r.stdout + r.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
