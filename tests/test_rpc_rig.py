@@ -88,7 +88,7 @@ class Pair:
         self.a, self.b, self.url, self.commit, self.tmp = a, b, url, commit, tmp
         self.write()
 
-    def write(self, w1_ref: str | None = None) -> Path:
+    def write(self, w1_ref: str | None = None, w1_bind: str = B_ADDR) -> Path:
         llama = {"repo": self.url, "ref": self.commit, "cuda": False, "prebuilt_ui": False, "native": False,
                  "rpc": True, "targets": ["llama-server", "llama-bench"]}
         hosts = {
@@ -99,7 +99,7 @@ class Pair:
                         "cache_type_v": "f16", "alias": "tiny", "start_timeout": 120}),
             "w1": self.b.inventory_entry(
                 connection={"connect_timeout": 5}, llama_cpp=dict(llama, ref=w1_ref or self.commit),
-                rpc={"bind": B_ADDR, "port": PORT, "cache_max_gb": 1}),
+                rpc={"bind": w1_bind, "port": PORT, "cache_max_gb": 1}),
         }
         p = self.tmp / "hosts.yaml"
         p.write_text(yaml.safe_dump({"hosts": hosts}, sort_keys=False))
@@ -288,13 +288,17 @@ def test_rpc_across_two_rigs(pair):
 
     # -- a public bind: bad input, exit 2, B untouched ----------------------------------------------
     before = b.sh("cat /etc/systemd/system/llama-rpc-server.service").stdout
-    r = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "provision", "--host", "w1",
-                        "--inventory", str(pair.tmp / "hosts.yaml"), "--set", "rpc.bind=0.0.0.0"],
-                       cwd=pair.tmp, text=True, capture_output=True, timeout=120)
-    lines = (r.stdout + r.stderr).strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("hosts.yaml: host 'w1': rpc.bind: must be a private IP address"), lines
-    assert b.sh("cat /etc/systemd/system/llama-rpc-server.service").stdout == before
+    for bind, over, first in (("0.0.0.0", [], "hosts.yaml: host 'w1': rpc.bind: "),
+                              (B_ADDR, ["--set", "rpc.bind=::"], "command line: rpc.bind: ")):
+        pair.write(w1_bind=bind)
+        r = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "provision", "--host", "w1",
+                            "--inventory", str(pair.tmp / "hosts.yaml"), *over],
+                           cwd=pair.tmp, text=True, capture_output=True, timeout=120)
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(first + "must be a private IP address"), lines
+        assert b.sh("cat /etc/systemd/system/llama-rpc-server.service").stdout == before
+    pair.write()
 
     # -- a worker at another commit: the main refuses to restart, naming it --------------------------
     new = pair.upstream.add_commit()  # touches tools/server/server.cpp only: a short rebuild on B
