@@ -289,7 +289,7 @@ def test_rpc_across_two_rigs(pair):
     # -- a public bind: bad input, exit 2, B untouched ----------------------------------------------
     before = b.sh("cat /etc/systemd/system/llama-rpc-server.service").stdout
     for bind, over, first in (("0.0.0.0", [], "hosts.yaml: host 'w1': rpc.bind: "),
-                              (B_ADDR, ["--set", "rpc.bind=::"], "command line: rpc.bind: ")):
+                              (B_ADDR, ["--set", "rpc.bind=8.8.8.8"], "command line: rpc.bind: ")):
         pair.write(w1_bind=bind)
         r = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "provision", "--host", "w1",
                             "--inventory", str(pair.tmp / "hosts.yaml"), *over],
