@@ -491,10 +491,11 @@ class Watchdog:
         self._stop = threading.Event()
         con = host.cfg["connection"]
         from .target import SSHTarget
-        if not isinstance(target, SSHTarget) or not con.get("address"):
-            self._thread = None  # local hosts and test doubles are not watched
+        probe = getattr(target, "probe", None) if isinstance(target, SSHTarget) else None
+        if not probe:
+            self._thread = None  # local hosts, test doubles and ProxyCommand hosts are not watched
             return
-        self.addr = (con["address"], int(con["port"]))
+        self.addr = probe  # the address dialled: ssh_config HostName/Port, or the first jump host
         self.timeout = float(con["connect_timeout"])
         self.interval = max(1.0, min(5.0, self.timeout / 2))
         self.misses = misses

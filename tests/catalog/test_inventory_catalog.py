@@ -170,6 +170,8 @@ GOOD = {
     "cuda_arch": ["86", "90a", "120-real", "native", "all-major"],
     "service_user": ["llama", "_llama", "llama-rig"],
     "env_name": ["HF_TOKEN", "_X1"],
+    "ssh_address": ["192.168.1.50", "rig.lan", "gpu1", "::1", "[::1]", "[::1]:2222",
+                    "[fe80::1%eth0]:2222", "fe80::1%eth0", "10.0.0.5:2200", "rig.lan:22"],
 }
 BAD = {
     "deb_package": ["cuda-toolkit-12-8; touch x", "-oDebug=1", "Cuda", "a", "pkg name", "pkg'"],
@@ -191,6 +193,8 @@ BAD = {
     "cuda_arch": ["86;90", "-DX", "sm_86", "8.6", ""],
     "service_user": ["root", "Llama", "ll ama", "-x", "a" * 40],
     "env_name": ["HF-TOKEN", "1X", "X;Y", ""],
+    "ssh_address": ["-oProxyCommand=x", "[x]", "[10.0.0.1]", "[::1]:0", "[::1]:99999", "a:b:c",
+                    "rig:-1", "a b", "a;b", "[::1]:22:22", ""],
 }
 
 
