@@ -261,7 +261,7 @@ class Target(abc.ABC):
                     if ln.strip() and ln.strip() != "Sorry, try again."]
             why = said[-1] if said else f"exit {res.exited}"
             raise SudoPasswordError(f"{self.name}: sudo refused the password from ${self._sudo_env} "
-                                    f"({redact(why)[:200]}) -- nothing was changed")
+                                    f"({redact(why)[:200]})")
         if res.exited == 1 and res.stderr.strip() == "sudo: a password is required":
             # the password was accepted a moment ago, but sudo asks again (timestamp_timeout=0)
             raise SudoPasswordError(f"{self.name}: sudo accepted the password from ${self._sudo_env} "
