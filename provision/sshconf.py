@@ -178,7 +178,9 @@ def _hops(cfg, path: str, spec: str, con: dict, seen: set[str], depth: int = 0) 
             # no IdentityFile for the jump host: the rig's key is the likeliest one to work
             hop.keys = [os.path.expanduser(con["key"])]
             hop.key_source = "connection.key"
-        inner = looked.get("proxyjump")
+        # as OpenSSH: the first hop is dialled with its own ProxyJump; each later one is reached
+        # through the hop before it (its own ProxyJump does not apply)
+        inner = looked.get("proxyjump") if not out else None
         if inner and alias in [(_HOP.fullmatch(x.strip()) or m).group("host") for x in inner.split(",")]:
             inner = None  # `Host *` with a ProxyJump also matches the jump host itself
         if inner and inner.lower() != "none":

@@ -5,7 +5,7 @@ ssh_config tests):
   asks for a password: ``user ALL=(ALL) ALL`` in /etc/sudoers.d, no NOPASSWD.
 * ``private_link(a, b)`` -- a cable between two rigs' network namespaces on a /24 of their own
   (10.251.N.0/24, N = b's slot, so parallel sessions never collide): the control machine has no
-  address and no route there; only ``a`` and ``b`` are on it.
+  address there and an `unreachable` route for it; only ``a`` and ``b`` are on it.
 * ``ssh_only_on(rig, address)`` -- the rig's sshd listens on that address only (a drop-in in
   /etc/ssh/sshd_config.d + restart): with ``private_link`` the rig is reachable over SSH only
   from the other rig (a bastion).
@@ -44,13 +44,17 @@ def private_link(a: Rig, b: Rig) -> tuple[str, str]:
                 ["ip", "-n", a.name, "addr", "add", f"10.251.{n}.1/24", "dev", ia],
                 ["ip", "-n", b.name, "addr", "add", f"10.251.{n}.2/24", "dev", ib],
                 ["ip", "-n", a.name, "link", "set", ia, "up"],
-                ["ip", "-n", b.name, "link", "set", ib, "up"]):
+                ["ip", "-n", b.name, "link", "set", ib, "up"],
+                # this machine has no way there: fail at once rather than leave by the default
+                # route (where a sandbox's egress may answer any TCP connect)
+                ["ip", "route", "replace", "unreachable", f"10.251.{n}.0/24"]):
         sh(cmd, timeout=30)
     return f"10.251.{n}.1", f"10.251.{n}.2"
 
 
 def unlink_private(a: Rig, b: Rig) -> None:
     sh(["ip", "-n", a.name, "link", "del", f"pa-{b.name}"], check=False, timeout=30)
+    sh(["ip", "route", "del", "unreachable", f"10.251.{_slot(b)}.0/24"], check=False, timeout=30)
 
 
 def ssh_only_on(rig: Rig, address: str) -> None:
