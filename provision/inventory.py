@@ -268,6 +268,8 @@ SCHEMA: dict[str, dict[str, F]] = {
         "min_p": F("num", 0.0, 0, 1),
         "jinja": F("bool", True),
         "alias": F("str", "Qwen3.5-122B-A10B-UD-Q6_K_XL", value="alias"),
+        # auto: a key made on the rig (/etc/llama-rig/api-key, --api-key-file); none: open
+        "api_key": F("str", "auto", choices=("auto", "none")),
         "api_key_file": F("str", None, value="local_path"),
         "batch_size": F("int", None, 1, 1048576),
         "ubatch_size": F("int", None, 1, 1048576),
@@ -287,6 +289,19 @@ SCHEMA: dict[str, dict[str, F]] = {
         "mode": F("str", "auto", choices=("auto", "direct", "relay")),
         "address": F("str", None, value="host"),  # where other rigs reach this one (default: connection.address)
         "rate_limit_mb": F("num", 0, 0, 1000000),  # MB/s read here for a copy; 0 = no limit
+    },
+    # llama.cpp's RPC backend (provision/rpc.py): a main host lists its workers; a worker has a bind
+    "rpc": {
+        "workers": F("list_str", [], value="name"),  # main: hosts or groups running ggml-rpc-server
+        "address": F("str", None, value="rpc_address"),  # main: where the workers see it (nft allow)
+        "wait_timeout": F("int", 300, 5, 86400),  # main: seconds to wait for the workers at a start
+        "bind": F("str", None, value="rpc_address"),  # worker: the private address it listens on
+        "port": F("int", 50052, 1, 65535),  # worker
+        "gpus": F("list_str", [], value="gpu_index"),  # worker: GPUs it exposes ([] = all)
+        "cache": F("bool", True),  # worker: -c, the tensor cache
+        "cache_dir": F("str", None, value="abs_path"),  # worker: default <state_dir>/rpc-cache
+        "cache_max_gb": F("num", 0, 0, 1000000),  # worker: pruned to this at each start (0 = no cap)
+        "firewall": F("bool", True),  # worker: nft table: only the main hosts reach the port
     },
     "opencode": {
         "enabled": F("bool", True),
@@ -319,6 +334,8 @@ class Host:
     # "section.key" of every value the inventory (any layer) or the command line set: these win
     # over ~/.ssh/config (provision.sshconf); None: treat every connection key as set
     explicit: frozenset[str] | None = None
+    rpc_workers: list["Host"] = field(default_factory=list, repr=False, compare=False)  # rpc.workers, resolved
+    rpc_mains: list["Host"] = field(default_factory=list, repr=False, compare=False)  # hosts that use this worker
 
     def __getitem__(self, section: str) -> Any:
         return self.cfg[section]
@@ -499,9 +516,9 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
             raise InventoryError(f"{where}: gpus.power_limit: a list needs gpus.count")
     ts = srv["tensor_split"]
     if ts is not None:
-        if n and len(ts) > n:
+        if n and len(ts) > n and not cfg["rpc"]["workers"]:
             raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}")
-        if n and len(ts) != n:
+        if n and len(ts) != n and not cfg["rpc"]["workers"]:  # with workers: _link_rpc
             raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}"
                                  f" (a missing GPU must not silently become a {len(ts)}-way split)")
         if sum(ts) <= 0:
@@ -510,6 +527,9 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
         raise InventoryError(f"{where}: server.parallel: {srv['parallel']} slots exceed server.ctx_size {srv['ctx_size']}")
     if srv["cache_type_v"] not in ("f16", "f32", "bf16") and srv["flash_attn"] == "off":
         raise InventoryError(f"{where}: server.flash_attn: a quantized V cache ({srv['cache_type_v']}) needs flash attention (auto or on)")
+    if srv["api_key"] == "none" and srv["api_key_file"]:
+        raise InventoryError(f"{where}: server.api_key: none contradicts server.api_key_file "
+                             f"{srv['api_key_file']} (drop one of them)")
     if srv["batch_size"] and srv["ubatch_size"] and srv["ubatch_size"] > srv["batch_size"]:
         raise InventoryError(f"{where}: server.ubatch_size: {srv['ubatch_size']} is larger than server.batch_size {srv['batch_size']}")
     inc = cfg["model"]["include"]
@@ -694,7 +714,52 @@ def from_data(data: Any, fname: str = "hosts.yaml", path: Path | None = None,
         _split_address(cfg, explicit, where)
         _cross_check(cfg, where)
         hosts[hname] = Host(hname, member_of, cfg, fname, frozenset(explicit))
+    _link_rpc(hosts, groups, fname)
     return Inventory(path, hosts, groups)
+
+
+def _link_rpc(hosts: dict[str, Host], groups: dict[str, list[str]], fname: str) -> None:
+    """rpc.workers (host or group names) -> Host.rpc_workers / Host.rpc_mains, checked."""
+    for h in hosts.values():
+        where = f"{fname}: host {h.name!r}"
+        rpc, lc = h.cfg["rpc"], h.cfg["llama_cpp"]
+        if (rpc["workers"] or rpc["bind"]) and not lc["rpc"]:
+            raise InventoryError(f"{where}: {'rpc.workers' if rpc['workers'] else 'rpc.bind'}: needs "
+                                 "llama_cpp.rpc: true (the build needs GGML_RPC=ON)")
+        if rpc["workers"] and rpc["bind"]:
+            raise InventoryError(f"{where}: rpc.bind: a main host (rpc.workers) is not a worker itself")
+        for w in rpc["workers"]:
+            names = groups.get(w, [w] if w in hosts else None)
+            if names is None:
+                raise InventoryError(f"{where}: rpc.workers: unknown host or group {cut(w)}"
+                                     + _did_you_mean(w, [*hosts, *groups]))
+            for n in names:
+                wk = hosts[n]
+                if n == h.name:
+                    raise InventoryError(f"{where}: rpc.workers: {n!r} is this host itself")
+                if not wk.cfg["rpc"]["bind"]:
+                    raise InventoryError(f"{fname}: host {n!r}: rpc.bind: required on a worker of "
+                                         f"{h.name!r} (a private address of {n!r})")
+                if wk not in h.rpc_workers:
+                    h.rpc_workers.append(wk)
+                    wk.rpc_mains.append(h)
+        if h.rpc_workers:
+            from . import rpc as rpc_mod
+            rpc["endpoints"] = [rpc_mod.endpoint(w.cfg) for w in h.rpc_workers]  # derived, not a key
+            ts, n = h.cfg["server"]["tensor_split"], h.cfg["gpus"]["count"]
+            want = sum(rpc_mod.worker_devices(w.cfg) for w in h.rpc_workers) + n
+            if ts is not None and len(ts) != want:
+                raise InventoryError(
+                    f"{where}: server.tensor_split: has {len(ts)} values but the workers expose "
+                    f"{want - n} device(s) and gpus.count is {n}: list the workers' devices first "
+                    f"(rpc.workers order), then the local GPUs ({want} values)")
+        if rpc["workers"] and not rpc["address"] and any(w.cfg["rpc"]["firewall"] for w in h.rpc_workers):
+            addr = h.cfg["connection"]["address"]
+            if h.is_local or not addr or values.rpc_address(addr):
+                raise InventoryError(f"{where}: rpc.address: required on a main host whose "
+                                     "connection.address is not a private IP address (the workers "
+                                     "let only this address in)")
+
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,63}$")

@@ -76,6 +76,27 @@ def doc(**kw) -> dict:
 # -- building and writing ------------------------------------------------------------------------
 
 
+def test_lock_holds_no_hash_of_a_secret_file():
+    """Lock files get committed: no sha256 of the env file or the API key file (a weak key could be
+    guessed offline), even when the rig's reading offers one."""
+    d = doc(hashes={"llama-server.service": "9" * 64, "llama-server.env": "e" * 64, "api-key": "a" * 64})
+    text = L.dump(d)
+    assert "e" * 64 not in text and "a" * 64 not in text
+    assert set(d["lock"]["rendered"]) == {"llama-server.service", "llama-rig-gpu.service", "opencode.json"}
+
+    class T:
+        def run(self, *a, **k):
+            raise AssertionError("no opencode user configured: nothing to look up")
+
+    class C:
+        cfg = {"opencode": {"enabled": False}}
+        target = T()
+    paths = L.rendered_paths(C())
+    assert "/etc/llama-rig/llama-server.env" not in paths.values()
+    assert "/etc/llama-rig/api-key" not in paths.values()
+
+
+
 def test_build_records_everything_in_a_fixed_order():
     d = doc()
     assert list(d) == ["host", "lock"]

@@ -30,15 +30,19 @@ SERVICE = "llama-server"
 TOLERANCE_W = gpu_step.TOLERANCE_W
 
 
-def decide_stop(policy: str, gpus: int, cuda: bool, n_gpu_layers: int, active: bool) -> tuple[bool, str]:
+def decide_stop(policy: str, gpus: int, cuda: bool, n_gpu_layers: int, active: bool,
+                rpc: bool = False) -> tuple[bool, str]:
     """policy auto|stop|keep -> (stop?, why). auto stops only when the service holds GPU memory
-    the bench needs: it runs, the box has GPUs, the build is CUDA and layers are offloaded."""
+    the bench needs: it runs, the box has GPUs, the build is CUDA and layers are offloaded -- or
+    when it uses RPC workers (`rpc`): a ggml-rpc-server serves one client at a time."""
     if not active:
         return False, f"{SERVICE} is not running"
     if policy == "stop":
         return True, "--service stop"
     if policy == "keep":
         return False, "--service keep"
+    if rpc:
+        return True, "its RPC workers serve one client at a time: llama-bench needs them"
     if gpus and cuda and n_gpu_layers > 0:
         return True, f"{gpus} GPU(s): the service's VRAM is needed for the bench"
     return False, ("no GPU memory pressure (CPU build or no GPUs): the service keeps running "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("hf_pull.py", "sha256_files.py", "ttft_probe.py", "model_probe.py", "rig_status.py", "rig_copy.py",
-           "rig_keys.py")
+           "rig_keys.py", "rpc_watch.py", "rpc_cache_prune.py", "rpc_health.py")
 
 
 @lru_cache(maxsize=None)

@@ -13,11 +13,12 @@ def all_steps() -> list[Step]:
     from .llama import LlamaStep
     from .model import ModelStep
     from .opencode import OpencodeStep
+    from .rpc import RpcStep
     from .service import ServiceStep
     from .system import SystemStep
 
     # the service needs the llama build and the verified model; opencode needs the service's URL
-    return [FactsStep(), SystemStep(), GpuStep(), LlamaStep(), ModelStep(), ServiceStep(), OpencodeStep()]
+    return [FactsStep(), SystemStep(), GpuStep(), LlamaStep(), RpcStep(), ModelStep(), ServiceStep(), OpencodeStep()]
 
 
 def step_names() -> list[str]:
