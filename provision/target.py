@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from . import keeper
 from .errors import CommandError, ConnectError, SudoPasswordError
 from .inventory import Host
 from .secrets import redact, register
@@ -85,6 +86,14 @@ class Held(abc.ABC):
     def release(self) -> None:
         """Close its stdin (it sees EOF and ends) and wait a little for it."""
 
+    def beat(self) -> bool:
+        """Send it one line (a heartbeat: provision/runlock.py); False once it cannot be sent."""
+        return False
+
+    def alive(self) -> bool:
+        """Whether it is still running."""
+        return True
+
 
 class _LocalHeld(Held):
     def __init__(self, line: str, stdin: str | None, timeout: float):
@@ -99,10 +108,21 @@ class _LocalHeld(Held):
         t.join(timeout)
         self.first_line = got[0].strip() if got else ""
 
+    def beat(self) -> bool:
+        try:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def release(self) -> None:
         try:
             self.proc.stdin.close()
-        except OSError:
+        except (OSError, ValueError):
             pass
         try:
             self.proc.wait(10)
@@ -132,14 +152,30 @@ class _SSHHeld(Held):
         except socket.timeout:
             pass
         self.first_line = buf.decode(errors="replace").strip()
+        self._mu = threading.Lock()
+
+    def beat(self) -> bool:
+        with self._mu:
+            try:
+                if self.chan.closed or self.chan.exit_status_ready():
+                    return False
+                self.chan.sendall(b"\n")
+                return True
+            except Exception:  # noqa: BLE001 - socket.timeout, a closed channel, a dead transport
+                return False
+
+    def alive(self) -> bool:
+        return not (self.chan.closed or self.chan.exit_status_ready())
 
     def release(self) -> None:
         try:
-            self.chan.shutdown_write()
+            with self._mu:
+                self.chan.shutdown_write()
             t0 = time.monotonic()
-            while not self.chan.exit_status_ready() and time.monotonic() - t0 < 10:
-                time.sleep(0.05)
-        except (OSError, EOFError):
+            while (not self.chan.exit_status_ready() and not self.chan.closed
+                   and time.monotonic() - t0 < 5):
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001 - a dead session: the keeper on the box sees EOF or its lease end
             pass
         finally:
             self.chan.close()
@@ -159,6 +195,15 @@ class Target(abc.ABC):
     name: str
     user: str
     commands_run: int
+    _run_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        """Tags every command of this session on the box (provision/keeper.py): the run lock's
+        keeper stops them all when the run ends, dies or loses its link."""
+        if self._run_id is None:
+            self._run_id = keeper.new_run_id()
+        return self._run_id
 
     def __init__(self, host: Host):
         self.host = host
@@ -202,6 +247,10 @@ class Target(abc.ABC):
 
     def close(self) -> None:
         pass
+
+    def lost(self) -> str:
+        """One line if the link to the box was declared dead mid-run (keeper.LinkWatch), else ""."""
+        return ""
 
     # -- running -----------------------------------------------------------
     @property
@@ -379,6 +428,26 @@ class Target(abc.ABC):
         return f"/tmp/llama-rig-{os.getpid()}-{uuid.uuid4().hex}"
 
 
+def _stop_local(proc: subprocess.Popen, term: bool = True) -> None:
+    """TERM the command's process group (it has its own session), KILL what is left after
+    keeper.KILL_WAIT_S."""
+    try:
+        if term:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(keeper.KILL_WAIT_S)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 class LocalTarget(Target):
     """`connection: local` — commands run on this machine through bash."""
 
@@ -391,9 +460,11 @@ class LocalTarget(Target):
         return os.geteuid() == 0
 
     def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
+        keeper.check()
         proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace", start_new_session=True)
+                                errors="replace", start_new_session=True,
+                                env={**os.environ, keeper.RUN_ENV: self.run_id})
         out_w, err_w = _LineWriter(on_stdout), _LineWriter(on_stderr)
         chunks: dict[str, list[str]] = {"out": [], "err": []}
 
@@ -408,39 +479,42 @@ class LocalTarget(Target):
         for t in threads:
             t.start()
         if stdin:
-            try:
-                proc.stdin.write(stdin)
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # the whole process group: a child of `a; b` would otherwise keep the pipes open
-            # and the reader threads (and this call) waiting for it
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            rc = proc.wait()
-            chunks["err"].append(f"\ntimed out after {timeout}s\n")
-            rc = 124
-        except KeyboardInterrupt:
-            # its own session does not get the terminal's Ctrl-C: pass it on, then stop
-            try:
-                os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            def feed():
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    proc.stdin.write(stdin)
+                    proc.stdin.close()
+                except (BrokenPipeError, ValueError, OSError):
                     pass
-            raise
+            threading.Thread(target=feed, daemon=True).start()
+        t0 = time.monotonic()
+        rc: int | None = None
+        while rc is None:
+            try:
+                rc = proc.wait(0.1)
+            except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:  # Ctrl-C in the main thread (a caller outside run_hosts)
+                _stop_local(proc)
+                raise
+            if rc is not None:
+                break
+            if keeper.must_stop():
+                _stop_local(proc)
+                raise keeper.Interrupted()
+            if timeout and time.monotonic() - t0 >= timeout:
+                # the whole process group: a child of `a; b` would otherwise keep the pipes open
+                # and the reader threads (and this call) waiting for it
+                _stop_local(proc, term=False)
+                for t in threads:
+                    t.join(5)
+                chunks["err"].append(f"\ntimed out after {timeout}s\n")
+                return Result(command, 124, "".join(chunks["out"]), "".join(chunks["err"]))
         for t in threads:
             t.join()
         return Result(command, rc, "".join(chunks["out"]), "".join(chunks["err"]))
 
     def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
+        keeper.check()
         return _LocalHeld(command, stdin, timeout)
 
     def _pipe(self, line: str, timeout: float | None):
@@ -476,9 +550,6 @@ class SSHTarget(Target):
         self.timeout = self.ep.timeout
         self.known_hosts = os.path.expanduser(con["known_hosts"])
         self._hops: list = []  # paramiko clients of the jump hosts while connected
-        # the TCP endpoint this machine dials (a watchdog probes it); None behind a ProxyCommand
-        first = self.ep.jump[0] if self.ep.jump else self.ep
-        self.probe: tuple[str, int] | None = None if self.ep.proxy_command else (first.hostname, first.port)
         self.conn = fabric.Connection(
             self.address, user=self.user, port=self.port, connect_timeout=self.timeout,
             config=fabric.Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True}}),
@@ -583,65 +654,179 @@ class SSHTarget(Target):
             self._root = self.user == "root" or self.run("id -u", check=False).stdout.strip() == "0"
         return self._root
 
-    def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
-        import paramiko
+    _watch: "keeper.LinkWatch | None" = None
+
+    def _transport(self):
+        """The live SSH transport (connecting first if needed), watched by a keeper.LinkWatch.
+        Once the watch declared the link dead, every call raises ConnectError with its line."""
+        if self._watch is not None and self._watch.lost:
+            raise ConnectError(self._watch.lost)
         if not self.conn.is_connected:
             self.connect()
-        t0 = time.monotonic()
+        tr = self.conn.client.get_transport()
+        if self._watch is None or self._watch.transport is not tr:
+            if self._watch is not None:
+                self._watch.stop()
+            where = f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+            self._watch = keeper.LinkWatch(tr, f"{self.name} ({where})", keeper.link_deadline(self.timeout),
+                                           self.conn.close)
+        return tr
+
+    def lost(self) -> str:
+        return self._watch.lost if self._watch is not None else ""
+
+    def _lost(self, e: BaseException) -> ConnectError:
+        if self._watch is not None and self._watch.lost:
+            return ConnectError(self._watch.lost)
+        self.conn.close()
+        return ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}")
+
+    def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
+        """One session channel per command (not invoke's Runner: it swallows Ctrl-C and feeds
+        stdin at a crawl). The command is its own process group on the box (keeper.guard_line):
+        Ctrl-C and a timeout stop the whole group there."""
+        import codecs
+        import select
+
+        keeper.check()
+        tr = self._transport()
         try:
-            r = self.conn.run(command, hide=True, warn=True, timeout=timeout,
-                              in_stream=io.StringIO(stdin) if stdin else False,
-                              out_stream=_LineWriter(on_stdout) if on_stdout else None,
-                              err_stream=_LineWriter(on_stderr) if on_stderr else None)
-        except (paramiko.SSHException, EOFError, OSError, socket.error) as e:
-            self.conn.close()
-            raise ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}") from None
-        except Exception as e:  # invoke.CommandTimedOut and friends
-            if type(e).__name__ == "CommandTimedOut":
-                return Result(command, 124, "", f"timed out after {timeout}s")
+            chan = tr.open_session(timeout=self.timeout)
+            chan.exec_command(keeper.guard_line(command, self.run_id))
+        except Exception as e:  # noqa: BLE001 - paramiko.SSHException, EOFError, OSError
+            raise self._lost(e) from None
+
+        def feed() -> None:
+            try:
+                if stdin:
+                    chan.sendall(stdin.encode())
+                chan.shutdown_write()
+            except Exception:  # noqa: BLE001 - the command ended before reading it all
+                pass
+        if stdin:
+            threading.Thread(target=feed, daemon=True).start()
+        else:
+            feed()
+        out, err = bytearray(), bytearray()
+        dec_out, dec_err = codecs.getincrementaldecoder("utf-8")("replace"), codecs.getincrementaldecoder("utf-8")("replace")
+        out_w, err_w = _LineWriter(on_stdout), _LineWriter(on_stderr)
+        pgid: int | None = None
+        head: bytes | None = b""  # stderr until the marker line is through (None after)
+        mark = keeper.PGID_MARK.encode()
+        t0 = time.monotonic()
+        fd = chan.fileno()
+        try:
+            while True:
+                while chan.recv_ready():
+                    b = chan.recv(1 << 16)
+                    out += b
+                    if on_stdout:
+                        out_w.write(dec_out.decode(b))
+                while chan.recv_stderr_ready():
+                    b = chan.recv_stderr(1 << 16)
+                    if head is not None:
+                        head += b
+                        if b"\n" not in head and len(head) < 200 and mark.startswith(head[:len(mark)]):
+                            continue
+                        first, nl, rest = head.partition(b"\n")
+                        if first.startswith(mark) and nl:
+                            try:
+                                pgid = int(first[len(mark):].strip())
+                            except ValueError:
+                                pass
+                            b = rest
+                        else:
+                            b = head
+                        head = None
+                    err += b
+                    if on_stderr and b:
+                        err_w.write(dec_err.decode(b))
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    if self._watch is not None and self._watch.lost:
+                        raise ConnectError(self._watch.lost)
+                    if not tr.is_active():
+                        raise self._lost(EOFError("the SSH connection closed"))
+                    break
+                if keeper.must_stop():
+                    self._stop_group(pgid, whole_run=True)
+                    raise keeper.Interrupted()
+                if timeout and time.monotonic() - t0 >= timeout:
+                    self._stop_group(pgid)
+                    tail = bytes(head or b"") + err
+                    return Result(command, 124, out.decode(errors="replace"),
+                                  tail.decode(errors="replace") + f"\ntimed out after {timeout}s")
+                select.select([fd], [], [], 0.1)
+        except KeyboardInterrupt:  # Ctrl-C in the main thread (a task outside keeper.run_hosts)
+            self._stop_group(pgid, whole_run=True)
             raise
-        if r.exited == -1 and timeout and time.monotonic() - t0 >= timeout:
-            # invoke's timer closed the channel before the exit status arrived: same as above
-            return Result(command, 124, r.stdout, (r.stderr or "") + f"\ntimed out after {timeout}s")
-        return Result(command, r.exited, r.stdout, r.stderr)
+        finally:
+            chan.close()
+        if head:
+            err[:0] = head
+        rc = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        if self._watch is not None and self._watch.lost:
+            raise ConnectError(self._watch.lost)
+        return Result(command, rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def _stop_group(self, pgid: int | None, whole_run: bool = False) -> None:
+        """Stop a command's process group on the box (TERM, then KILL), over a new channel; after
+        Ctrl-C (`whole_run`) every process group this session started there."""
+        if pgid is None and not whole_run:
+            return
+        try:
+            with keeper.allowed():
+                self.run(keeper.kill_line(pgid, self.run_id if whole_run else None), sudo=True,
+                         check=False, timeout=keeper.KILL_WAIT_S + 2)
+        except Exception:  # noqa: BLE001 - the link is gone: the run lock's keeper stops it
+            pass
 
     def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
-        import paramiko
-        if not self.conn.is_connected:
-            self.connect()
+        keeper.check()
+        tr = self._transport()
         try:
-            return _SSHHeld(self.conn.client.get_transport(), command, stdin, timeout)
-        except (paramiko.SSHException, EOFError, OSError) as e:
-            self.conn.close()
-            raise ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}") from None
+            return _SSHHeld(tr, command, stdin, timeout)
+        except Exception as e:  # noqa: BLE001 - paramiko.SSHException, EOFError, OSError
+            raise self._lost(e) from None
 
     def _pipe(self, line: str, timeout: float | None):
         from .pipe import PipeError, SSHPipe
-        if not self.conn.is_connected:
-            self.connect()
+        keeper.check()
+        tr = self._transport()
         try:
-            return SSHPipe(self.conn.client.get_transport(), line, timeout)
+            return SSHPipe(tr, f"exec env {keeper.RUN_ENV}={self.run_id} sh -c {quote(line)}", timeout)
         except PipeError as e:
             raise ConnectError(f"{self.name} ({self.address}): connection lost: {e}") from None
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
-        if not self.conn.is_connected:
-            self.connect()
+        keeper.check()
+        self._transport()
         # not conn.put(): it writes the bytes under the server's umask (0644 in /tmp) and only
         # then chmods -- a window in which anyone on the box can read a secret. Here the empty
         # file is made 0600 before the first byte is written.
-        sftp = self.conn.sftp()
-        with sftp.open(remote_tmp, "wb") as fh:
-            fh.chmod(0o600)
-            fh.set_pipelined(True)
-            with open(local_path, "rb") as src:
-                while True:
-                    chunk = src.read(1 << 20)
-                    if not chunk:
-                        break
-                    fh.write(chunk)
+        try:
+            sftp = self.conn.sftp()
+            with sftp.open(remote_tmp, "wb") as fh:
+                fh.chmod(0o600)
+                fh.set_pipelined(True)
+                with open(local_path, "rb") as src:
+                    while True:
+                        keeper.check()
+                        chunk = src.read(1 << 20)
+                        if not chunk:
+                            break
+                        fh.write(chunk)
+        except (KeyboardInterrupt, ConnectError):
+            raise
+        except Exception as e:  # noqa: BLE001 - paramiko.SSHException, EOFError, OSError
+            if self._watch is not None and self._watch.lost or not self.conn.is_connected:
+                raise self._lost(e) from None
+            raise
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         self.conn.close()
         self._close_hops()
 

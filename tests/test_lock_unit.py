@@ -421,36 +421,6 @@ def test_sha256_many_is_one_command_and_absent_is_none():
     assert len(C.target.cmds) == 1 and "'/etc/b env'" in C.target.cmds[0]
 
 
-def test_watchdog_closes_the_session_of_a_host_that_went_away():
-    import socket
-    import time as _t
-
-    from provision.engine import Watchdog
-    from provision.target import SSHTarget
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    port = srv.getsockname()[1]
-    c = inv.defaults()
-    c["connection"].update(address="127.0.0.1", port=port, connect_timeout=1, key=None)
-    host = inv.Host("gone", [], c)
-    t = SSHTarget(host)
-    closed = []
-    t.close = lambda: closed.append(True)  # type: ignore[method-assign]
-    w = Watchdog(host, t)
-    _t.sleep(1.5)
-    assert not w.lost and not closed  # answering: nothing happens
-    srv.close()  # the host goes away
-    deadline = _t.monotonic() + 10
-    while not w.lost and _t.monotonic() < deadline:
-        _t.sleep(0.1)
-    w.stop()
-    assert closed and "gone (127.0.0.1:" in w.lost and "in the middle of the run" in w.lost
-    from provision.errors import ConnectError
-    with pytest.raises(ConnectError, match="in the middle of the run"):
-        t.run("true")  # never runs anything once the host is declared gone
-
-
 def test_model_pin_checks_the_hub_then_hands_the_lock_manifest_to_the_model_step(tmp_path, monkeypatch):
     from provision.engine import Context
     from provision.steps import model as M

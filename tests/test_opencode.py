@@ -225,6 +225,22 @@ def test_opencode_step_on_rig(rig_factory, tmp_path):
         created = json.loads(rig.sh("cat /home/dev/.config/opencode/opencode.json").stdout)
         assert created["model"] == "llama-cpp/tiny-model"
 
+        # --local: the rig's key read once there (sudo) into a 0600 file beside this machine's config
+        local_conf = tmp_path / "local" / "opencode.json"
+        old = os.environ.get("OPENCODE_CONFIG")
+        os.environ["OPENCODE_CONFIG"] = str(local_conf)
+        try:
+            app, out = _app(str(p))
+            assert oc.task_local(app, "rig", False, check=False) == 0, out.getvalue()
+        finally:
+            if old is None:
+                os.environ.pop("OPENCODE_CONFIG", None)
+            else:
+                os.environ["OPENCODE_CONFIG"] = old
+        assert key not in out.getvalue() and key not in local_conf.read_text()
+        lk = local_conf.with_name("llama-rig-llama-cpp.key")
+        assert lk.read_text() == key + "\n" and oct(lk.stat().st_mode & 0o777) == "0o600"
+
         # the file fetched from the rig (with its key file beside it) is accepted by the real client
         local = tmp_path / "fetched.json"
         local.write_text(rig.sh(f"cat {conf}").stdout)

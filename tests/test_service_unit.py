@@ -106,6 +106,13 @@ def test_unit_is_hardened():
                  "DeviceAllow=char-nvidia-uvm rw", "DeviceAllow=char-nvidia-caps r", "UMask=0077"):
         assert need in lines, need
     assert "PrivateDevices=yes" not in lines  # would hide /dev/nvidia*
+    # a model (or state dir) under /home stays reachable: read-only there, the home still writable
+    unit = s.render_unit(seed_cfg(), "/home/ann/models/m-00001-of-00002.gguf")
+    assert "ProtectHome=read-only" in unit.splitlines() and "ReadWritePaths=/var/lib/llama-rig/home" in unit
+    c = seed_cfg()
+    c["paths"]["state_dir"] = "/root/llama-rig"
+    assert "ProtectHome=read-only" in s.render_unit(c, MODEL).splitlines()
+    assert s.protect_home("/homestead/m.gguf", "/var/lib/x") == "yes"
     assert any(ln.startswith("ExecStartPre=-+/bin/sh -c ") and "nvidia-modprobe -u -c 0" in ln
                for ln in lines)
 

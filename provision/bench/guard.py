@@ -21,6 +21,7 @@ import contextlib
 import signal
 import threading
 
+from .. import keeper
 from ..errors import RigError, StepError
 from ..facts import host as hostfacts
 from ..steps import gpu as gpu_step
@@ -161,13 +162,24 @@ class RigGuard:
         return problems
 
     def __enter__(self) -> "RigGuard":
+        # Ctrl-C: the run waits for this block to put the rig back before it exits
+        self._owing = keeper.owing()
+        self._owing.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._exit(exc_type)
+        finally:
+            self._owing.__exit__(None, None, None)
+
+    def _exit(self, exc_type) -> bool:
         problems: list[str] = []
         interrupted = False
         try:
-            with shielded():
+            # after Ctrl-C the run's commands stop, but not these (keeper.cleanup), and the
+            # interrupted run waits for them before it exits
+            with shielded(), keeper.cleanup():
                 problems = self.restore()
         except KeyboardInterrupt:  # Ctrl-C while restoring: held back until now
             interrupted = True

@@ -144,7 +144,15 @@ def render_unit(cfg: dict, model_path: str, binary: str | None = None) -> str:
         argv=server_argv(cfg, model_path, binary or binary_path(cfg)),
         health_argv=[helper_path(cfg), health_url(cfg), str(s["start_timeout"])],
         start_timeout=s["start_timeout"], restart_sec=10, limit_nofile=65536,
-        start_limit_interval=max(600, s["start_timeout"] * 3), start_limit_burst=5)
+        start_limit_interval=max(600, s["start_timeout"] * 3), start_limit_burst=5,
+        protect_home=protect_home(model_path, user_home(cfg), p["prefix"]))
+
+
+def protect_home(*paths: str) -> str:
+    """ProtectHome=yes hides /home, /root and /run/user; a model, prefix or state dir kept there
+    needs read-only (its home stays writable through ReadWritePaths=)."""
+    homes = ("/home", "/root", "/run/user")
+    return "read-only" if any(x == h or x.startswith(h + "/") for x in paths for h in homes) else "yes"
 
 
 def render_env() -> str:
