@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from . import keeper
-from .errors import CommandError, ConnectError
+from .errors import CommandError, ConnectError, SudoPasswordError
 from .inventory import Host
 from .secrets import redact, register
 
@@ -211,11 +211,14 @@ class Target(abc.ABC):
         self.commands_run = 0
         self._sudo_password: str | None = None
         con = host.cfg["connection"]
-        if con.get("sudo_password_env"):
-            pw = os.environ.get(con["sudo_password_env"])
+        self._sudo_env = con.get("sudo_password_env")
+        if self._sudo_env:
+            pw = os.environ.get(self._sudo_env)
             if pw:
                 register(pw)
                 self._sudo_password = pw
+        # printed by the sudo wrapper when sudo refuses the password (see _sudo_line)
+        self._sudo_refused = f"llama-rig-sudo-refused-{uuid.uuid4().hex[:16]}"
 
     # -- to implement ------------------------------------------------------
     @abc.abstractmethod
@@ -272,6 +275,11 @@ class Target(abc.ABC):
     def wrap(self, command: str, sudo: bool = False, cwd: str | None = None,
              env: dict[str, str] | None = None, user: str | None = None) -> str:
         """Build the exact shell line: cd, env and sudo applied to the WHOLE command."""
+        return self._wrap(command, sudo, cwd, env, user)[0]
+
+    def _wrap(self, command: str, sudo: bool = False, cwd: str | None = None,
+              env: dict[str, str] | None = None, user: str | None = None) -> tuple[str, bool]:
+        """(shell line, whether the sudo password goes first on its stdin -- see _sudo_line)."""
         inner = command
         if env:
             inner = f"export {' '.join(f'{k}={quote(v)}' for k, v in env.items())}; {command}"
@@ -279,14 +287,48 @@ class Target(abc.ABC):
             inner = f"cd {quote(cwd)} && {{ {inner}\n}}"
         if user:
             # run as another (unprivileged) user: always through sudo (root can too)
-            return f"sudo -n -H -u {quote(user)} sh -c {quote(inner)}"
+            if self._sudo_password is not None and not self.is_root():
+                return self._sudo_line(inner, f"-H -u {quote(user)} "), True
+            return f"sudo -n -H -u {quote(user)} sh -c {quote(inner)}", False
         if sudo and self.needs_sudo:
             if self._sudo_password is not None:
-                return f"sudo -S -p '' sh -c {quote(inner)}"
-            return f"sudo -n sh -c {quote(inner)}"
+                return self._sudo_line(inner), True
+            return f"sudo -n sh -c {quote(inner)}", False
         if cwd or env:
-            return f"sh -c {quote(inner)}"
-        return inner
+            return f"sh -c {quote(inner)}", False
+        return inner, False
+
+    def _sudo_line(self, inner: str, flags: str = "") -> str:
+        """`inner` as root for a login user whose sudo asks for a password.
+
+        The password is the first line of the command's stdin, ALWAYS (whether sudo asks or
+        not); this shell reads that line itself (`read`, a builtin: never in argv) and hands it
+        to `sudo -S -v` through a pipe of its own, which checks it and records sudo's timestamp
+        for this shell (with no terminal sudo keys it to the parent process). The command then
+        runs with `sudo -n` -- no password -- and gets the rest of stdin untouched: a helper
+        reading JSON on stdin never sees the password, nor does a NOPASSWD sudo that never asks.
+        A refused password prints the marker line and exits 1 before anything runs. The
+        password is in no argv (`printf` is a builtin too), no environment and no file; sudo
+        is never exec'd (`r=$?`) so both sudo calls share this shell as their parent."""
+        script = ('IFS= read -r p; '
+                  'printf "%s\\n" "$p" | sudo -S -p "" -v || { echo "$2" >&2; exit 1; }; p=; '
+                  f'sudo -n {flags}sh -c "$1"; r=$?; exit "$r"')
+        return f"sh -c {quote(script)} llama-rig-sudo {quote(inner)} {self._sudo_refused}"
+
+    def _check_sudo_result(self, res: "Result") -> None:
+        """A password-sudo command whose sudo refused (see _sudo_line): one SudoPasswordError line."""
+        if self._sudo_refused in res.stderr:
+            said = [ln.strip() for ln in res.stderr.split(self._sudo_refused)[0].splitlines()
+                    if ln.strip() and ln.strip() != "Sorry, try again."]
+            why = said[-1] if said else f"exit {res.exited}"
+            raise SudoPasswordError(f"{self.name}: sudo refused the password from ${self._sudo_env} "
+                                    f"({redact(why)[:200]})")
+        if res.exited == 1 and res.stderr.strip() == "sudo: a password is required":
+            # the password was accepted a moment ago, but sudo asks again (timestamp_timeout=0)
+            raise SudoPasswordError(f"{self.name}: sudo accepted the password from ${self._sudo_env} "
+                                    "but asks again for the next command (sudoers "
+                                    "timestamp_timeout=0?); llama-rig needs sudo's timestamp to "
+                                    "last a few seconds, or NOPASSWD")
 
     def run(self, command: str | list[str], *, sudo: bool = False, check: bool = True,
             cwd: str | None = None, env: dict[str, str] | None = None, user: str | None = None,
@@ -294,12 +336,14 @@ class Target(abc.ABC):
             on_stdout: LineCallback | None = None, on_stderr: LineCallback | None = None) -> Result:
         if isinstance(command, list):
             command = join(command)
-        line = self.wrap(command, sudo=sudo, cwd=cwd, env=env, user=user)
-        if self._sudo_password is not None and line.startswith("sudo -S"):
+        line, password_first = self._wrap(command, sudo=sudo, cwd=cwd, env=env, user=user)
+        if password_first:
             stdin = self._sudo_password + "\n" + (stdin or "")
         self.commands_run += 1
         res = self._exec(line, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr)
         res.command = command
+        if password_first:
+            self._check_sudo_result(res)
         if check and not res.ok:
             raise CommandError(self.name, redact(command), res.exited, redact(res.stdout),
                                redact(res.stderr))
@@ -313,21 +357,27 @@ class Target(abc.ABC):
         until release() (or until this process or its SSH session dies -- the command sees EOF).
         Returns once its first line of stdout is there (`Held.first_line`; "" if it exited
         without one or said nothing within `timeout`). Used for the run lock (provision.runlock)."""
-        line = self.wrap(command, sudo=sudo)
-        stdin = self._sudo_password + "\n" if (self._sudo_password is not None
-                                                and line.startswith("sudo -S")) else None
+        line, password_first = self._wrap(command, sudo=sudo)
+        stdin = self._sudo_password + "\n" if password_first else None
         self.commands_run += 1
         return self._start(line, stdin, timeout)
 
     def pipe(self, command: str, *, sudo: bool = False, timeout: float | None = None) -> "Pipe":
         """Start a command whose stdin and stdout are byte streams (provision/pipe.py): for
         copies streamed between boxes (provision/transfer/). `timeout` bounds each read/write."""
-        line = self.wrap(command, sudo=sudo)
+        line, password_first = self._wrap(command, sudo=sudo)
         self.commands_run += 1
         p = self._pipe(line, timeout)
-        if self._sudo_password is not None and line.startswith("sudo -S"):
+        if password_first:
             p.write((self._sudo_password + "\n").encode())
         return p
+
+    def check_sudo(self) -> None:
+        """With connection.sudo_password_env: try the password once, before any step runs (a
+        wrong one is one SudoPasswordError line, and sudo counts one failed attempt, not one per
+        command)."""
+        if self._sudo_password is not None and self.needs_sudo:
+            self.run("true", sudo=True, check=False)
 
     def _pipe(self, line: str, timeout: float | None) -> "Pipe":
         raise NotImplementedError(f"{type(self).__name__} cannot stream")
@@ -492,100 +542,124 @@ class LocalTarget(Target):
 
 
 class SSHTarget(Target):
-    """`connection: ssh` — Fabric over one persistent SSH session, host keys verified."""
+    """`connection: ssh` — Fabric over one persistent SSH session, host keys verified.
+
+    Where the host is comes from provision.sshconf: the inventory over ~/.ssh/config (Host
+    aliases, User, Port, IdentityFile, ProxyJump, ProxyCommand). Jump hosts are dialled here with
+    paramiko -- not by Fabric, whose gateway connections trust any host key -- each checked
+    against the same known_hosts with the same policy as the rig."""
 
     def __init__(self, host: Host):
         super().__init__(host)
         import fabric
-        import paramiko
+        from . import sshconf
 
         con = host.cfg["connection"]
-        self.user = con["user"]
-        self.address = con["address"]
-        self.port = con["port"]
-        self.timeout = float(con["connect_timeout"])
+        self.ep = sshconf.resolve(host)
+        self.user = self.ep.user
+        self.address = self.ep.hostname
+        self.port = self.ep.port
+        self.timeout = self.ep.timeout
         self.known_hosts = os.path.expanduser(con["known_hosts"])
-        kw: dict = {"look_for_keys": con["key"] is None, "allow_agent": con["key"] is None,
-                    "banner_timeout": self.timeout, "auth_timeout": self.timeout}
-        if con["key"]:
-            kw["key_filename"] = [os.path.expanduser(con["key"])]
+        self._hops: list = []  # paramiko clients of the jump hosts while connected
         self.conn = fabric.Connection(
             self.address, user=self.user, port=self.port, connect_timeout=self.timeout,
             config=fabric.Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True}}),
-            connect_kwargs=kw,
+            connect_kwargs=self._auth(self.ep),
         )
-        client = self.conn.client
+        self._trust(self.conn.client)
+        self._root: bool | None = None
+
+    def _trust(self, client) -> None:
+        import paramiko
         if os.path.exists(self.known_hosts):
             client.load_host_keys(self.known_hosts)
-        if con["host_key_policy"] == "accept-new":
+        if self.host.cfg["connection"]["host_key_policy"] == "accept-new":
             client.set_missing_host_key_policy(_AcceptNew(self.known_hosts))
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        self._root: bool | None = None
+
+    @staticmethod
+    def _auth(ep) -> dict:
+        kw: dict = {"banner_timeout": ep.timeout, "auth_timeout": ep.timeout}
+        keys = [k for k in ep.keys if ep.key_source == "connection.key" or os.path.isfile(k)]
+        if keys:  # OpenSSH skips an IdentityFile that is not there; connection.key must be
+            kw.update(key_filename=keys, look_for_keys=False, allow_agent=not ep.identities_only)
+        else:
+            kw.update(look_for_keys=True, allow_agent=True)
+        return kw
 
     def connect(self) -> None:
-        """Open the SSH session; every failure is one ConnectError line a person can act on."""
-        import errno
-        import paramiko
-
-        addr = f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
-        login = f"{self.user}@{addr}"
-        t = f"{self.timeout:g} s"
-        no_server = f"no SSH server answered on {addr}"
-        check = "(is the rig up, is the port right?)"
+        """Open the SSH session (through the jump hosts, if any); every failure is one
+        ConnectError line a person can act on."""
         key = self.host.cfg["connection"]["key"]
         key = os.path.expanduser(key) if key else None
         if key and not os.path.isfile(key):
             raise ConnectError(f"connection.key: no such file: {key}")
+        from . import sshconf
+        self._close_hops()
         t0 = time.monotonic()
         try:
+            sock = self._route()
+            if sock is not None:
+                self.conn.connect_kwargs["sock"] = sock
+            else:
+                self.conn.connect_kwargs.pop("sock", None)
             self.conn.open()
-        except paramiko.BadHostKeyException:
-            kh_name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
-            raise ConnectError(
-                f"the host key of {addr} changed: it does not match {self.known_hosts} — refusing "
-                "to connect (possible man-in-the-middle; if the rig was reinstalled, remove the "
-                f"old key: ssh-keygen -f {self.known_hosts} -R '{kh_name}')") from None
-        except paramiko.AuthenticationException as e:
-            tried = (f"with key {key}" if key else
-                     "with the SSH agent and the default keys in ~/.ssh (set connection.key)")
-            detail = str(e).strip().rstrip(".")
-            raise ConnectError(f"{login} refused the login {tried}"
-                               + (f": {detail}" if detail and detail != "Authentication failed" else "")
-                               + f" (is the public key in {self.user}'s ~/.ssh/authorized_keys?)") from None
-        except paramiko.SSHException as e:
-            msg = str(e)
-            waited = time.monotonic() - t0
-            if "not found in known_hosts" in msg or "Server" in msg and "not found" in msg:
-                raise ConnectError(f"the host key of {addr} is unknown: not in {self.known_hosts} "
-                                   "(add it, or set connection.host_key_policy: accept-new)") from None
-            if key and "private key" in msg:
-                raise ConnectError(f"connection.key: cannot use {key}: {msg}") from None
-            if msg.startswith("Error reading SSH protocol banner") or msg == "No existing session":
-                if waited >= self.timeout * 0.8:
-                    raise ConnectError(f"{no_server} within {t} {check}") from None
-                raise ConnectError(f"{no_server}: something there closed the connection without "
-                                   "speaking SSH (is the port right?)") from None
-            raise ConnectError(f"SSH to {login} failed: {msg.splitlines()[0] if msg else type(e).__name__}") from None
-        except (socket.timeout, TimeoutError):
-            raise ConnectError(f"{no_server} within {t} {check}") from None
-        except socket.gaierror:
-            raise ConnectError(f"cannot resolve the host name {self.address!r} (connection.address: "
-                               "check the spelling, DNS or /etc/hosts)") from None
-        except paramiko.ssh_exception.NoValidConnectionsError as e:
-            codes = {getattr(x, "errno", None) for x in e.errors.values()}
-            if codes <= {errno.ECONNREFUSED}:
-                raise ConnectError(f"{no_server}: connection refused {check}") from None
-            reason = next((x.strerror for x in e.errors.values() if getattr(x, "strerror", None)), str(e))
-            raise ConnectError(f"cannot reach {addr}: {reason} {check}") from None
-        except ConnectionRefusedError:
-            raise ConnectError(f"{no_server}: connection refused {check}") from None
-        except (ConnectionResetError, EOFError):
-            raise ConnectError(f"the SSH server on {addr} closed the connection before login "
-                               "(too many connections, or it refuses this client)") from None
-        except OSError as e:
-            reason = e.strerror or str(e) or type(e).__name__
-            raise ConnectError(f"cannot reach {addr}: {reason} {check}") from None
+        except ConnectError:
+            self._close_hops()
+            raise
+        except Exception as e:
+            self._close_hops()
+            err = sshconf.connect_error(e, self.ep, t0, self.known_hosts)
+            if err is None:
+                raise
+            raise err from None
+
+    def _route(self):
+        """The socket the rig's SSH session runs over: None (a direct TCP connection), a
+        ProxyCommand, or a direct-tcpip channel through the last jump host."""
+        import paramiko
+
+        from . import sshconf
+        if self.ep.proxy_command:
+            return paramiko.ProxyCommand(self.ep.proxy_command)
+        sock = None
+        for i, hop in enumerate(self.ep.jump):
+            client = paramiko.SSHClient()
+            self._trust(client)
+            self._hops.append(client)
+            t0 = time.monotonic()
+            try:
+                client.connect(hostname=hop.hostname, port=hop.port, username=hop.user, sock=sock,
+                               timeout=hop.timeout, **self._auth(hop))
+            except Exception as e:
+                err = sshconf.connect_error(e, hop, t0, self.known_hosts, hop=True)
+                if err is None:
+                    raise
+                raise err from None
+            nxt = self.ep.jump[i + 1] if i + 1 < len(self.ep.jump) else self.ep
+            try:
+                sock = client.get_transport().open_channel(
+                    "direct-tcpip", (nxt.hostname, nxt.port), ("", 0), timeout=nxt.timeout)
+            except paramiko.ChannelException as e:
+                raise ConnectError(f"the jump host {hop.alias} ({hop.shown}) cannot reach {nxt.shown}: "
+                                   f"{e.text or 'refused'} (is the rig up, is the port right?)") from None
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                why = str(e) or type(e).__name__
+                if "Timeout" in why or isinstance(e, socket.timeout):
+                    why = f"no answer within {nxt.timeout:g} s"
+                raise ConnectError(f"the jump host {hop.alias} ({hop.shown}) cannot reach {nxt.shown}: "
+                                   f"{why} (is the rig up, is the port right?)") from None
+        return sock
+
+    def _close_hops(self) -> None:
+        for client in reversed(self._hops):
+            try:
+                client.close()
+            except Exception:
+                pass
+        self._hops = []
 
     def is_root(self) -> bool:
         if self._root is None:
@@ -766,6 +840,7 @@ class SSHTarget(Target):
         if self._watch is not None:
             self._watch.stop()
         self.conn.close()
+        self._close_hops()
 
 
 class _AcceptNew:
@@ -786,10 +861,14 @@ class _AcceptNew:
 
 def connect(host: Host) -> Target:
     """A connected Target for `host` (raises ConnectError with one clear line)."""
-    if host.is_local:
-        return LocalTarget(host)
-    t = SSHTarget(host)
-    t.connect()
+    t: Target = LocalTarget(host) if host.is_local else SSHTarget(host)
+    try:
+        if isinstance(t, SSHTarget):
+            t.connect()
+        t.check_sudo()
+    except BaseException:
+        t.close()
+        raise
     return t
 
 
