@@ -302,7 +302,7 @@ def run_hosts(items: Sequence[T], work: Callable[[T], R], parallel: int,
                 break
             if token.cleaning > 0 and now - t0 > GRACE_S and not said and on_wait is not None:
                 said = True
-                on_wait("interrupted: putting the rig back first (a second Ctrl-C does not skip this)")
+                on_wait("Ctrl-C: putting the rig back first (power limits, llama-server); a second Ctrl-C does not skip this")
             time.sleep(0.02)
         except KeyboardInterrupt:
             continue

@@ -122,7 +122,8 @@ def render_worker_unit(cfg: dict, binary: str) -> str:
                   nft_table=NFT_TABLE, gpu_unit=GPU_UNIT, user=p["service_user"],
                   group=p["service_user"], workdir=worker_home(cfg), cache_dir=cache_dir(cfg),
                   visible_devices=",".join(r["gpus"]),
-                  prune_argv=[prune_path(cfg), cache_dir(cfg), str(cap)] if r["cache"] and cap else [],
+                  prune_argv=["/usr/bin/python3", prune_path(cfg), cache_dir(cfg), str(cap)]
+                  if r["cache"] and cap else [],
                   argv=worker_argv(cfg, binary))
 
 

@@ -85,7 +85,8 @@ def test_stdin_is_written_at_full_speed(sshd):
 @pytest.mark.sshd
 def test_ctrl_c_stops_the_command_in_flight_within_2s(sshd):
     """SIGINT to this process while a worker runs a remote command: run_hosts returns
-    (interrupted) within 2 s; the remote group is gone; a cleanup() block still runs."""
+    (interrupted) within 2 s; the remote group is gone; a cleanup() block still runs (and is
+    waited for, as the block owes it: keeper.owing)."""
     t = connect(host_for(sshd.sudo_rig))
     tag = f"{32000 + os.getpid() % 1000}"
     started = threading.Event()
@@ -93,12 +94,13 @@ def test_ctrl_c_stops_the_command_in_flight_within_2s(sshd):
 
     def work(_):
         started.set()
-        try:
-            t.run(f"sleep {tag}.5 & sleep {tag}", sudo=True)
-        finally:
-            with keeper.cleanup():
-                after.append(t.run("echo cleanup").stdout.strip())
-        after.append("not reached")
+        with keeper.owing():  # like RigGuard: the run waits for what this block owes the rig
+            try:
+                t.run(f"sleep {tag}.5 & sleep {tag}", sudo=True)
+            finally:
+                with keeper.cleanup():
+                    after.append(t.run("echo cleanup").stdout.strip())
+            after.append("not reached")
 
     def fire():
         started.wait(10)

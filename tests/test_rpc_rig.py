@@ -160,7 +160,7 @@ def pair(rig_factory, tmp_path_factory):
     upstream = make_upstream_repo(tmp / "upstream" / "llama.cpp")  # our own: we add a commit to it
     daemon = GitDaemon(upstream.path.parent, PROXY_ADDR).start()
     a = rig_factory(fake_nvidia_smi=False)
-    b = rig_factory(fake_nvidia_smi=False)
+    b = rig_factory(fake_nvidia_smi=False, capabilities=("CAP_NET_ADMIN",))  # nft in its own netns
     try:
         with linked(a, b) as b_if:
             p = Pair(a, b, daemon.url("llama.cpp"), upstream.head(), tmp)
@@ -314,3 +314,31 @@ def test_rpc_across_two_rigs(pair):
     assert rc == 0, out
     assert "worker w1" in out and re.search(r"/health 200 in \d+ ms; chat completion", out), out
 
+
+
+def test_rpc_gpu_benchmark_logic_on_the_cpu_build(pair, tmp_path):
+    """benchmarks/rpc_gpu.py (the device proof) with A's real binaries on this machine, --cpu: two
+    rpc servers on loopback vs direct, load times with and without the tensor cache."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    cur = f"{PREFIX}/llama.cpp/current/bin"
+    names = pair.a.sh(f"ls {cur}").stdout.split()
+    for n in ("llama-bench", "llama-server", "ggml-rpc-server"):
+        assert n in names, names
+        with open(bindir / n, "wb") as fh:
+            subprocess.run([*ssh_argv(pair.a), f"cat {cur}/{n}"], stdout=fh, check=True, timeout=120)
+        (bindir / n).chmod(0o755)
+    model = write_tiny_llama(tmp_path / "m", "tiny-llama", n_layer=4)[0]
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rpc_gpu.py"), "--cpu", "--bin", str(bindir),
+                        "--model", str(model), "--out", str(out), "--prompt", "64", "--gen", "16", "--reps", "2",
+                        "--ctx", "1024"], text=True, capture_output=True, timeout=600)
+    print(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.loads((out / "rpc_gpu.json").read_text())
+    assert rec["rpc"]["argv"][-2] == "--rpc" and rec["rpc"]["argv"][-1].count("127.0.0.1:") == 2
+    assert rec["rpc"]["devices"].count("127.0.0.1:") == 2  # llama-bench really used the two rpc servers
+    for k in ("prefill_ratio_rpc_vs_direct", "decode_ratio_rpc_vs_direct"):
+        assert rec[k] and rec[k] > 0
+    for k in ("direct_s", "rpc_no_cache_s", "rpc_cache_cold_s", "rpc_cache_warm_s"):
+        assert 0 < rec["load"][k] < 120

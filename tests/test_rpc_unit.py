@@ -132,7 +132,7 @@ def test_worker_unit_is_hardened_and_bound_to_the_private_address():
     d = dict(s)
     assert exec_words(d["ExecStart"]) == ["/opt/llama-rig/llama.cpp/current/bin/ggml-rpc-server", "-H",
                                           "10.9.0.2", "-p", "50052", "-c"]
-    assert exec_words(d["ExecStartPre"]) == ["/opt/llama-rig/bin/llama-rig-rpc-prune",
+    assert exec_words(d["ExecStartPre"]) == ["/usr/bin/python3", "/opt/llama-rig/bin/llama-rig-rpc-prune",
                                              "/var/lib/llama-rig/rpc-cache", "50000000000"]
     envs = [exec_words(v)[0] for k, v in s if k == "Environment"]
     assert "LLAMA_CACHE=/var/lib/llama-rig/rpc-cache" in envs and "CUDA_VISIBLE_DEVICES=0,1" in envs
@@ -393,3 +393,16 @@ def test_the_mains_lock_records_the_worker_builds():
     assert doc["lock"]["rpc"] == {"workers": {"w1": {"endpoint": "10.9.0.2:50052", "build": "b1-ccccccc-22222222",
                                                      "commit": "c" * 40}}}
     assert "rpc" not in lock.build(name="x", address="a", groups=[], cfg=cfg, state={"llama": {}})["lock"]
+
+
+def test_cache_pruner_keeps_the_most_recently_used_under_the_cap(tmp_path):
+    d = tmp_path / "rpc"
+    d.mkdir()
+    for i, name in enumerate(["old", "mid", "new"]):
+        f = d / name
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))
+    r = subprocess.run([sys.executable, str(ROOT / "provision/remote/rpc_cache_prune.py"), str(tmp_path), "2000"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "2 files, 0.0 MB kept, 1 removed" in r.stdout, r.stdout
+    assert sorted(p.name for p in d.iterdir()) == ["mid", "new"]

@@ -18,7 +18,7 @@ def all_steps() -> list[Step]:
     from .system import SystemStep
 
     # the service needs the llama build and the verified model; opencode needs the service's URL
-    return [FactsStep(), SystemStep(), GpuStep(), LlamaStep(), RpcStep(), ModelStep(), ServiceStep(), OpencodeStep()]
+    return [FactsStep(), SystemStep(), GpuStep(), LlamaStep(), ModelStep(), RpcStep(), ServiceStep(), OpencodeStep()]
 
 
 def step_names() -> list[str]:

@@ -228,7 +228,7 @@ class OpencodeStep(Step):
     title = "opencode provider config for the rig's llama-server"
 
     def plan(self, ctx: Context) -> list[Change]:
-        if ctx.cfg["rpc"]["bind"]:
+        if (ctx.cfg.get("rpc") or {}).get("bind"):
             return []  # an RPC worker holds no model and serves no API (steps/rpc.py)
         return plan_rig(ctx)
 

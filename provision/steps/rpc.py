@@ -348,7 +348,7 @@ def probe_from_main(ctx: Context, endpoints: list[str], wait_s: float = 0) -> di
 def gate(ctx: Context) -> None:
     """Before llama-server starts on a main host: same builds everywhere, every worker answers.
     Records what it saw (the restart that follows saves it)."""
-    if not ctx.host.rpc_workers:
+    if not getattr(ctx.host, "rpc_workers", None):
         return
     last = ctx.facts.get("rpc.gate")
     if last and time.monotonic() - last < 60:
@@ -428,7 +428,7 @@ class RpcStep(Step):
 
 def status_rows(ctx: Context) -> tuple[list[list[str]], list[str]]:
     """Rows for `service.status` on a main host (one per worker) and the problems found."""
-    if not ctx.host.rpc_workers:
+    if not getattr(ctx.host, "rpc_workers", None):
         return [], []
     eps = health_endpoints(ctx)
     live = probe_from_main(ctx, eps)
@@ -500,7 +500,7 @@ def remote_devices(ctx: Context) -> list[rpc.RemoteDevice]:
 def preflight_remote(ctx: Context, devices: dict[str, tuple[int, int, int]], margin: int) -> None:
     """The VRAM preflight for the workers' devices: llama-fit-params (run with --rpc) estimates
     each RPC device; each worker GPU's free memory comes from its own nvidia-smi."""
-    if not ctx.host.rpc_workers or not rpc.remote_rows(devices):
+    if not getattr(ctx.host, "rpc_workers", None) or not rpc.remote_rows(devices):
         return
     rep = rpc.check_remote_fit(devices, remote_devices(ctx), margin)
     ctx.console.table(f"VRAM preflight: RPC workers of {ctx.host.name} (MiB, margin {margin})",

@@ -432,7 +432,7 @@ class ServiceStep(Step):
     title = "llama-server systemd unit, env file, readiness, restarts"
 
     def plan(self, ctx: Context) -> list[Change]:
-        if ctx.cfg["rpc"]["bind"]:
+        if (ctx.cfg.get("rpc") or {}).get("bind"):
             return []  # an RPC worker serves ggml-rpc-server (steps/rpc.py), not llama-server
         auth.warn_open(ctx)
         have_binary = ctx.target.exists(binary_path(ctx.cfg))
@@ -464,7 +464,7 @@ class ServiceStep(Step):
 
 def _handler(ctx: Context) -> None:
     """Owed restart when the service step itself did not run (e.g. `--only llama`)."""
-    if ctx.cfg["rpc"]["bind"] or not unit_installed(ctx):
+    if (ctx.cfg.get("rpc") or {}).get("bind") or not unit_installed(ctx):
         ctx.say(f"handler: {SERVICE} is not installed yet — nothing to restart")
         return
     try:
@@ -498,7 +498,7 @@ def status(ctx: Context) -> bool:
     name = ctx.host.name
     port = ctx.cfg["server"]["port"]
     from . import rpc as rpc_step
-    if ctx.cfg["rpc"]["bind"]:
+    if (ctx.cfg.get("rpc") or {}).get("bind"):
         return rpc_step.worker_status(ctx)
     if not ctx.target.exists(UNIT_PATH):
         ctx.say(f"service: {SERVICE} is not installed on {name} yet — run "
