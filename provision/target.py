@@ -252,6 +252,18 @@ class Target(abc.ABC):
         """One line if the link to the box was declared dead mid-run (keeper.LinkWatch), else ""."""
         return ""
 
+    _stop_reason: str = ""
+
+    def stop_all(self, reason: str) -> None:
+        """From now on every command raises StepError(reason) (the run lock was lost)."""
+        self._stop_reason = reason
+
+    def _check_stop(self) -> None:
+        keeper.check()
+        if self._stop_reason and not self.lost():  # a dead link is the better line (UNREACHABLE)
+            from .errors import StepError
+            raise StepError(self._stop_reason)
+
     # -- running -----------------------------------------------------------
     @property
     def needs_sudo(self) -> bool:
@@ -460,7 +472,7 @@ class LocalTarget(Target):
         return os.geteuid() == 0
 
     def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
-        keeper.check()
+        self._check_stop()
         proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 errors="replace", start_new_session=True,
@@ -514,7 +526,7 @@ class LocalTarget(Target):
         return Result(command, rc, "".join(chunks["out"]), "".join(chunks["err"]))
 
     def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
-        keeper.check()
+        self._check_stop()
         return _LocalHeld(command, stdin, timeout)
 
     def _pipe(self, line: str, timeout: float | None):
@@ -633,7 +645,7 @@ class SSHTarget(Target):
         import codecs
         import select
 
-        keeper.check()
+        self._check_stop()
         tr = self._transport()
         try:
             chan = tr.open_session(timeout=self.timeout)
@@ -728,7 +740,7 @@ class SSHTarget(Target):
             pass
 
     def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
-        keeper.check()
+        self._check_stop()
         tr = self._transport()
         try:
             return _SSHHeld(tr, command, stdin, timeout)
@@ -737,7 +749,7 @@ class SSHTarget(Target):
 
     def _pipe(self, line: str, timeout: float | None):
         from .pipe import PipeError, SSHPipe
-        keeper.check()
+        self._check_stop()
         tr = self._transport()
         try:
             return SSHPipe(tr, f"exec env {keeper.RUN_ENV}={self.run_id} sh -c {quote(line)}", timeout)
@@ -745,7 +757,7 @@ class SSHTarget(Target):
             raise ConnectError(f"{self.name} ({self.address}): connection lost: {e}") from None
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
-        keeper.check()
+        self._check_stop()
         self._transport()
         # not conn.put(): it writes the bytes under the server's umask (0644 in /tmp) and only
         # then chmods -- a window in which anyone on the box can read a secret. Here the empty
@@ -757,7 +769,7 @@ class SSHTarget(Target):
                 fh.set_pipelined(True)
                 with open(local_path, "rb") as src:
                     while True:
-                        keeper.check()
+                        self._check_stop()
                         chunk = src.read(1 << 20)
                         if not chunk:
                             break
