@@ -252,3 +252,77 @@ def connect_error(e: BaseException, ep: Endpoint, t0: float, known_hosts: str,
         reason = e.strerror or str(e) or type(e).__name__
         return ConnectError(f"{pre}cannot reach {addr}: {reason} {check}")
     return None
+
+
+# -- dialling ------------------------------------------------------------------------------------
+
+class AcceptNew:
+    """Like OpenSSH's StrictHostKeyChecking=accept-new: record unknown keys, reject changed ones
+    (a changed key raises BadHostKeyException inside paramiko before we are asked)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(line)
+
+
+def trust(client, known_hosts: str, policy: str) -> None:
+    """Host keys for a paramiko client: known_hosts, and strict or accept-new for the rest."""
+    import paramiko
+    if os.path.exists(known_hosts):
+        client.load_host_keys(known_hosts)
+    client.set_missing_host_key_policy(AcceptNew(known_hosts) if policy == "accept-new"
+                                       else paramiko.RejectPolicy())
+
+
+def auth_kwargs(ep: Endpoint) -> dict:
+    kw: dict = {"banner_timeout": ep.timeout, "auth_timeout": ep.timeout}
+    keys = [k for k in ep.keys if ep.key_source == "connection.key" or os.path.isfile(k)]
+    if keys:  # OpenSSH skips an IdentityFile that is not there; connection.key must be
+        kw.update(key_filename=keys, look_for_keys=False, allow_agent=not ep.identities_only)
+    else:
+        kw.update(look_for_keys=True, allow_agent=True)
+    return kw
+
+
+def open_route(ep: Endpoint, known_hosts: str, policy: str, hops: list):
+    """The socket the rig's SSH session runs over: None (a direct TCP connection), a
+    ProxyCommand, or a direct-tcpip channel through the last jump host. Each jump host's client
+    is appended to `hops` (the caller closes them) and its host key checked like the rig's."""
+    import paramiko
+    if ep.proxy_command:
+        return paramiko.ProxyCommand(ep.proxy_command)
+    sock = None
+    for i, hop in enumerate(ep.jump):
+        client = paramiko.SSHClient()
+        trust(client, known_hosts, policy)
+        hops.append(client)
+        t0 = time.monotonic()
+        try:
+            client.connect(hostname=hop.hostname, port=hop.port, username=hop.user, sock=sock,
+                           timeout=hop.timeout, **auth_kwargs(hop))
+        except Exception as e:
+            err = connect_error(e, hop, t0, known_hosts, hop=True)
+            if err is None:
+                raise
+            raise err from None
+        nxt = ep.jump[i + 1] if i + 1 < len(ep.jump) else ep
+        try:
+            sock = client.get_transport().open_channel(
+                "direct-tcpip", (nxt.hostname, nxt.port), ("", 0), timeout=nxt.timeout)
+        except paramiko.ChannelException as e:
+            raise ConnectError(f"the jump host {hop.alias} ({hop.shown}) cannot reach {nxt.shown}: "
+                               f"{e.text or 'refused'} (is the rig up, is the port right?)") from None
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            why = str(e) or type(e).__name__
+            if "Timeout" in why or isinstance(e, socket.timeout):
+                why = f"no answer within {nxt.timeout:g} s"
+            raise ConnectError(f"the jump host {hop.alias} ({hop.shown}) cannot reach {nxt.shown}: "
+                               f"{why} (is the rig up, is the port right?)") from None
+    return sock

@@ -413,33 +413,15 @@ class SSHTarget(Target):
         self.port = self.ep.port
         self.timeout = self.ep.timeout
         self.known_hosts = os.path.expanduser(con["known_hosts"])
+        self._policy = con["host_key_policy"]
         self._hops: list = []  # paramiko clients of the jump hosts while connected
         self.conn = fabric.Connection(
             self.address, user=self.user, port=self.port, connect_timeout=self.timeout,
             config=fabric.Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True}}),
-            connect_kwargs=self._auth(self.ep),
+            connect_kwargs=sshconf.auth_kwargs(self.ep),
         )
-        self._trust(self.conn.client)
+        sshconf.trust(self.conn.client, self.known_hosts, self._policy)
         self._root: bool | None = None
-
-    def _trust(self, client) -> None:
-        import paramiko
-        if os.path.exists(self.known_hosts):
-            client.load_host_keys(self.known_hosts)
-        if self.host.cfg["connection"]["host_key_policy"] == "accept-new":
-            client.set_missing_host_key_policy(_AcceptNew(self.known_hosts))
-        else:
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-
-    @staticmethod
-    def _auth(ep) -> dict:
-        kw: dict = {"banner_timeout": ep.timeout, "auth_timeout": ep.timeout}
-        keys = [k for k in ep.keys if ep.key_source == "connection.key" or os.path.isfile(k)]
-        if keys:  # OpenSSH skips an IdentityFile that is not there; connection.key must be
-            kw.update(key_filename=keys, look_for_keys=False, allow_agent=not ep.identities_only)
-        else:
-            kw.update(look_for_keys=True, allow_agent=True)
-        return kw
 
     def connect(self) -> None:
         """Open the SSH session (through the jump hosts, if any); every failure is one
@@ -452,7 +434,7 @@ class SSHTarget(Target):
         self._close_hops()
         t0 = time.monotonic()
         try:
-            sock = self._route()
+            sock = sshconf.open_route(self.ep, self.known_hosts, self._policy, self._hops)
             if sock is not None:
                 self.conn.connect_kwargs["sock"] = sock
             else:
@@ -468,48 +450,11 @@ class SSHTarget(Target):
                 raise
             raise err from None
 
-    def _route(self):
-        """The socket the rig's SSH session runs over: None (a direct TCP connection), a
-        ProxyCommand, or a direct-tcpip channel through the last jump host."""
-        import paramiko
-
-        from . import sshconf
-        if self.ep.proxy_command:
-            return paramiko.ProxyCommand(self.ep.proxy_command)
-        sock = None
-        for i, hop in enumerate(self.ep.jump):
-            client = paramiko.SSHClient()
-            self._trust(client)
-            self._hops.append(client)
-            t0 = time.monotonic()
-            try:
-                client.connect(hostname=hop.hostname, port=hop.port, username=hop.user, sock=sock,
-                               timeout=hop.timeout, **self._auth(hop))
-            except Exception as e:
-                err = sshconf.connect_error(e, hop, t0, self.known_hosts, hop=True)
-                if err is None:
-                    raise
-                raise err from None
-            nxt = self.ep.jump[i + 1] if i + 1 < len(self.ep.jump) else self.ep
-            try:
-                sock = client.get_transport().open_channel(
-                    "direct-tcpip", (nxt.hostname, nxt.port), ("", 0), timeout=nxt.timeout)
-            except paramiko.ChannelException as e:
-                raise ConnectError(f"the jump host {hop.alias} ({hop.shown}) cannot reach {nxt.shown}: "
-                                   f"{e.text or 'refused'} (is the rig up, is the port right?)") from None
-            except (paramiko.SSHException, OSError, EOFError) as e:
-                why = str(e) or type(e).__name__
-                if "Timeout" in why or isinstance(e, socket.timeout):
-                    why = f"no answer within {nxt.timeout:g} s"
-                raise ConnectError(f"the jump host {hop.alias} ({hop.shown}) cannot reach {nxt.shown}: "
-                                   f"{why} (is the rig up, is the port right?)") from None
-        return sock
-
     def _close_hops(self) -> None:
         for client in reversed(self._hops):
             try:
                 client.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - a dead jump host may fail any way
                 pass
         self._hops = []
 
@@ -632,22 +577,6 @@ class SSHTarget(Target):
             self._watch.stop()
         self.conn.close()
         self._close_hops()
-
-
-class _AcceptNew:
-    """Like OpenSSH's StrictHostKeyChecking=accept-new: record unknown keys, reject changed ones
-    (a changed key raises BadHostKeyException inside paramiko before we are asked)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def missing_host_key(self, client, hostname, key) -> None:
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a") as fh:
-            fh.write(line)
 
 
 def connect(host: Host) -> Target:
