@@ -49,8 +49,8 @@ def in_postinst(rig) -> bool:
 def reset(rigs) -> None:
     """Back to 'package not installed' with the slow postinst armed."""
     for r in rigs:
-        r.sh(f"dpkg --configure -a >/dev/null 2>&1; apt-get purge -y -q llama-rig-slow >/dev/null 2>&1; "
-             f"touch {SLOW_FLAG}", check=False)
+        r.sh(f"rm -f {SLOW_FLAG}; dpkg --configure -a >/dev/null 2>&1; "
+             f"apt-get purge -y -q llama-rig-slow >/dev/null 2>&1; touch {SLOW_FLAG}", check=False, timeout=300)
 
 
 def sigint_to_exit(rigs: dict, tmp: Path) -> float:

@@ -616,7 +616,7 @@ def finish_interrupted(console: Console, reports: Sequence[HostReport], seconds:
             r.seconds = seconds
         finished = [f"{x.step} ({x.status})" for x in r.results if x.status != "skipped"]
         names = {x.step for x in r.results}
-        stopped = r.current or "connect"
+        stopped = r.current or "nothing (it had not started: --parallel)"
         rest = [n for n in (planned or []) if n not in names and n != stopped]
         console.line(f"[{r.host}] interrupted: done: {', '.join(finished) or 'nothing'}; "
                      f"stopped: {stopped}" + (f"; not run: {', '.join(rest)}" if rest else ""))

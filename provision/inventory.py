@@ -186,7 +186,7 @@ DEFAULT_PACKAGES = ["build-essential", "cmake", "git", "ninja-build", "ccache", 
 SCHEMA: dict[str, dict[str, F]] = {
     "connection": {
         "type": F("str", "ssh", choices=("ssh", "local")),
-        "address": F("str", None, value="host"),
+        "address": F("str", None, value="ssh_address"),
         "port": F("int", 22, 1, 65535),
         "user": F("str", "root", value="login_user"),
         "key": F("str", None, value="local_path"),
@@ -195,6 +195,9 @@ SCHEMA: dict[str, dict[str, F]] = {
         "sudo": F("bool", None),
         "sudo_password_env": F("str", None, value="env_name"),
         "connect_timeout": F("num", 10, 1, 300),
+        # OpenSSH client config read for Host aliases, User, Port, IdentityFile, ProxyJump
+        # (default: $LLAMA_RIG_SSH_CONFIG, else ~/.ssh/config; `none`: read none)
+        "ssh_config": F("str", None, value="local_path"),
     },
     "gpus": {
         "count": F("int", 0, 0, 64),
@@ -328,6 +331,9 @@ class Host:
     groups: list[str]
     cfg: dict[str, Any]
     source: str = "hosts.yaml"
+    # "section.key" of every value the inventory (any layer) or the command line set: these win
+    # over ~/.ssh/config (provision.sshconf); None: treat every connection key as set
+    explicit: frozenset[str] | None = None
     rpc_workers: list["Host"] = field(default_factory=list, repr=False, compare=False)  # rpc.workers, resolved
     rpc_mains: list["Host"] = field(default_factory=list, repr=False, compare=False)  # hosts that use this worker
 
@@ -384,14 +390,32 @@ def _did_you_mean(word: str, options) -> str:
 
 
 def check_control_files(hosts: list[Host]) -> None:
-    """Files on THIS machine that a selected host needs before it is contacted: the SSH key.
-    A missing one is bad input (exit 2), not an unreachable rig."""
+    """What THIS machine must have for a selected host before it is contacted: the SSH key, a
+    readable ssh_config without errors, the sudo password's environment variable. A missing or
+    bad one is bad input (exit 2), not an unreachable rig. The user and port that ssh_config
+    gives (where the inventory sets none) are written into the host's settings."""
+    from . import sshconf
     for h in hosts:
-        key = h.cfg["connection"]["key"]
-        if h.is_local or not key:
+        con = h.cfg["connection"]
+        where = f"{h.source}: host {_key(h.name)!r}"
+        env = con["sudo_password_env"]
+        if env:
+            pw = os.environ.get(env)
+            if not pw:
+                raise InventoryError(f"{where}: connection.sudo_password_env: the environment variable "
+                                     f"{env} is not set (or empty)")
+            if "\n" in pw or "\0" in pw or "\r" in pw:
+                raise InventoryError(f"{where}: connection.sudo_password_env: ${env} holds more than "
+                                     "one line (a sudo password is one line)")
+        if h.is_local:
+            continue
+        ep = sshconf.resolve(h)
+        con["user"], con["port"] = ep.user, ep.port
+        key = con["key"]
+        if not key:
             continue
         full = os.path.expanduser(key)
-        where = f"{h.source}: host {_key(h.name)!r}: connection.key"
+        where = f"{where}: connection.key"
         if not os.path.exists(full):
             raise InventoryError(f"{where}: no such file: {values.clip(full, 200)}")
         if not os.path.isfile(full):
@@ -455,6 +479,26 @@ def _merge(base: dict[str, Any], layer: dict[str, Any]) -> None:
             base[sec].update(copy.deepcopy(body))
         else:
             base[sec] = copy.deepcopy(body)
+
+
+def _explicit(layers: list[dict[str, Any]]) -> set[str]:
+    return {f"{sec}.{k}" for layer in layers for sec, body in layer.items()
+            if isinstance(body, dict) for k in body}
+
+
+def _split_address(cfg: dict[str, Any], explicit: set[str], where: str) -> None:
+    """connection.address `[v6]`, `[v6]:port` or `host:port` -> a bare address (+ the port)."""
+    con = cfg["connection"]
+    if not con["address"]:
+        return
+    addr, port = values.split_host_port(con["address"])
+    if port is not None:
+        if "connection.port" in explicit and con["port"] != port:
+            raise InventoryError(f"{where}: connection.port: {con['port']} but connection.address "
+                                 f"{cut(con['address'])} says port {port}")
+        con["port"] = port
+        explicit.add("connection.port")
+    con["address"] = addr
 
 
 def _cross_check(cfg: dict[str, Any], where: str) -> None:
@@ -666,8 +710,10 @@ def from_data(data: Any, fname: str = "hosts.yaml", path: Path | None = None,
             _merge(cfg, group_layers[g])
         _merge(cfg, layer)
         _merge(cfg, over)
+        explicit = _explicit([dflt, *(group_layers[g] for g in member_of), layer, over])
+        _split_address(cfg, explicit, where)
         _cross_check(cfg, where)
-        hosts[hname] = Host(hname, member_of, cfg, fname)
+        hosts[hname] = Host(hname, member_of, cfg, fname, frozenset(explicit))
     _link_rpc(hosts, groups, fname)
     return Inventory(path, hosts, groups)
 

@@ -154,6 +154,12 @@ def stop_groups_sh(wait: float = KILL_WAIT_S) -> str:
     see other users' environments (the run lock's keeper and the kill line run under sudo)."""
     n = max(1, int(wait / 0.1))
     return (
+        # a group whose members are all zombies (their reaper is slow) is gone: with ps, ask for
+        # the live members of the session (every group here leads its session)
+        "alive() {\n"
+        "  if command -v ps >/dev/null 2>&1; then ps -o stat= -s \"$1\" 2>/dev/null | grep -qv '^Z'\n"
+        "  else kill -0 \"-$1\" 2>/dev/null; fi\n"
+        "}\n"
         "stop_groups() {\n"
         "  me=$(sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3); pgs=''\n"
         "  for g in $1; do [ \"$g\" != \"$me\" ] && pgs=\"$pgs $g\"; done\n"
@@ -168,7 +174,7 @@ def stop_groups_sh(wait: float = KILL_WAIT_S) -> str:
         "  for g in $pgs; do kill -TERM \"-$g\" 2>/dev/null; done\n"
         "  i=0\n"
         f"  while [ $i -lt {n} ]; do\n"
-        "    left=''; for g in $pgs; do kill -0 \"-$g\" 2>/dev/null && left=\"$left $g\"; done\n"
+        "    left=''; for g in $pgs; do alive \"$g\" && left=\"$left $g\"; done\n"
         "    [ -z \"$left\" ] && break; sleep 0.1; i=$((i+1))\n"
         "  done\n"
         "  for g in $pgs; do kill -KILL \"-$g\" 2>/dev/null; done\n"
@@ -302,7 +308,7 @@ def run_hosts(items: Sequence[T], work: Callable[[T], R], parallel: int,
                 break
             if token.cleaning > 0 and now - t0 > GRACE_S and not said and on_wait is not None:
                 said = True
-                on_wait("interrupted: putting the rig back first (a second Ctrl-C does not skip this)")
+                on_wait("Ctrl-C: putting the rig back first (power limits, llama-server); a second Ctrl-C does not skip this")
             time.sleep(0.02)
         except KeyboardInterrupt:
             continue

@@ -117,17 +117,22 @@ def lock_command(state_dir: str, owner: str, run_id: str, lease: int | None = No
 
 
 class _Heart:
-    """Sends the keeper a heartbeat every HEARTBEAT_S seconds until stopped."""
+    """Sends the keeper a heartbeat every HEARTBEAT_S seconds until stopped. A keeper that ended
+    while the run still holds the lock (its lease ran out) stops the run: every later command of
+    the target raises (the lock fails closed)."""
 
-    def __init__(self, held, interval: float):
+    def __init__(self, held, interval: float, on_lost: Callable[[], None]):
         self.held = held
+        self.on_lost = on_lost
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, args=(interval,), name="runlock-heartbeat", daemon=True)
         self._t.start()
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            if not self.held.beat():
+            if not self.held.beat() or not self.held.alive():
+                if not self._stop.is_set() and not self.held.alive():
+                    self.on_lost()
                 return
 
     def stop(self) -> None:
@@ -171,7 +176,9 @@ def run_lock(target: Target, host_name: str, state_dir: str, what: str,
              "the host was stopped")
     with _held_lock:
         _held[key] = 1
-    heart = _Heart(held, HEARTBEAT_S)
+    heart = _Heart(held, HEARTBEAT_S, lambda: target.stop_all(
+        f"{host_name}: the run lock {lock} was lost (its keeper on the host ended: lease of {lease} s "
+        "without a heartbeat, or its session closed); stopping this run"))
     try:
         yield
     finally:

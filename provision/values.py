@@ -219,6 +219,37 @@ def host(s: str) -> str | None:
     return None
 
 
+def split_host_port(s: str) -> tuple[str, int | None]:
+    """`[v6]` / `[v6]:port` / `name:port` / `v4:port` / a bare IPv6 / a name -> (address, port)."""
+    m = re.fullmatch(r"\[([^\[\]]+)\](?::([0-9]{1,5}))?", s)
+    if m:
+        return m.group(1), int(m.group(2)) if m.group(2) else None
+    if s.count(":") == 1:
+        h, _, p = s.partition(":")
+        if p.isdigit():
+            return h, int(p)
+    return s, None
+
+
+def ssh_address(s: str) -> str | None:
+    """connection.address: what `host` takes, and `[v6]:port` / `name:port` (port 1-65535)."""
+    what = "a host name, an IPv4 or an IPv6 address (optionally [address]:port)"
+    err = _plain(s, what, "192.168.1.50, rig.lan or [fe80::1%eth0]:2222")
+    if err:
+        return err
+    h, port = split_host_port(s)
+    if s.startswith("["):
+        try:
+            ipaddress.IPv6Address(h)
+        except ValueError:
+            return f"must be {what}; brackets hold an IPv6 address, got {cut(s)}"
+    if port is not None and not 0 < port < 65536:
+        return f"must be {what} with a port of 1 to 65535, got {cut(s)}"
+    if host_error(h):
+        return f"must be {what}, got {cut(s)}"
+    return None
+
+
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _LOGIN_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 
@@ -449,7 +480,7 @@ CHECKS: dict[str, Callable[[str], str | None]] = {
     "service_user": service_user, "login_user": login_user, "env_name": env_name,
     "hf_model_id": hf_model_id, "name": name, "cuda_arch": cuda_arch, "alias": alias,
     "extra_arg": extra_arg, "glob": glob, "proxy_url": proxy_url, "http_url": http_url,
-    "url_or_path": url_or_path, "pip_requirement": pip_requirement,
+    "url_or_path": url_or_path, "pip_requirement": pip_requirement, "ssh_address": ssh_address,
     "rpc_address": rpc_address, "gpu_index": gpu_index,
 }
 CHECKS["deb_package_or_empty"] = lambda s: None if s == "" else deb_package(s)

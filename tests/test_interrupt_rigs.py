@@ -85,7 +85,8 @@ def test_stdin_is_written_at_full_speed(sshd):
 @pytest.mark.sshd
 def test_ctrl_c_stops_the_command_in_flight_within_2s(sshd):
     """SIGINT to this process while a worker runs a remote command: run_hosts returns
-    (interrupted) within 2 s; the remote group is gone; a cleanup() block still runs."""
+    (interrupted) within 2 s; the remote group is gone; a cleanup() block still runs (and is
+    waited for, as the block owes it: keeper.owing)."""
     t = connect(host_for(sshd.sudo_rig))
     tag = f"{32000 + os.getpid() % 1000}"
     started = threading.Event()
@@ -93,12 +94,13 @@ def test_ctrl_c_stops_the_command_in_flight_within_2s(sshd):
 
     def work(_):
         started.set()
-        try:
-            t.run(f"sleep {tag}.5 & sleep {tag}", sudo=True)
-        finally:
-            with keeper.cleanup():
-                after.append(t.run("echo cleanup").stdout.strip())
-        after.append("not reached")
+        with keeper.owing():  # like RigGuard: the run waits for what this block owes the rig
+            try:
+                t.run(f"sleep {tag}.5 & sleep {tag}", sudo=True)
+            finally:
+                with keeper.cleanup():
+                    after.append(t.run("echo cleanup").stdout.strip())
+            after.append("not reached")
 
     def fire():
         started.wait(10)
@@ -301,7 +303,14 @@ def test_ctrl_c_while_two_hosts_hang_in_the_ssh_handshake(tmp_path):
     srv.listen(16)
     port = srv.getsockname()[1]
     held = []
-    threading.Thread(target=lambda: [held.append(srv.accept()) for _ in range(8)], daemon=True).start()
+
+    def accept():
+        try:
+            while True:
+                held.append(srv.accept())
+        except OSError:  # closed at the end of the test
+            pass
+    threading.Thread(target=accept, daemon=True).start()
     hosts = {n: {"connection": {"address": "127.0.0.1", "port": port, "user": "root", "connect_timeout": 60,
                                 "known_hosts": str(tmp_path / "kh"), "host_key_policy": "accept-new"}}
              for n in ("a", "b")}

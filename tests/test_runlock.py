@@ -200,3 +200,24 @@ def test_over_ssh_as_sudo_user_and_a_dropped_session_frees_the_lock(sshd, tmp_pa
     finally:
         first.close()
         second.close()
+
+
+def test_a_lock_lost_mid_run_stops_the_run(tmp_path):
+    """The keeper on the box ends while the run still holds the lock (here: killed; on a real rig:
+    its lease ran out): the run's next command raises one line instead of going on unlocked."""
+    from provision.errors import StepError
+    sd = tmp_path / "state"
+    t = LocalTarget(local_host(sd))
+    with run_lock(t, "box", str(sd), "provision"):
+        assert t.run("echo ok").stdout == "ok\n"
+        pid = subprocess.run(["pgrep", "-f", f"llama-rig-lock {sd} "], capture_output=True,
+                             text=True).stdout.split()
+        assert len(pid) == 1, pid
+        os.kill(int(pid[0]), signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(StepError) as ei:
+            while time.monotonic() - t0 < 15:
+                t.run("true")
+                time.sleep(0.2)
+        assert str(ei.value) == (f"box: the run lock {sd}/run.lock was lost (its keeper on the host ended: "
+                                 "lease of 30 s without a heartbeat, or its session closed); stopping this run")
