@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .. import sections
+
 QUERY_FIELDS = ("index", "uuid", "name", "pci.bus_id", "compute_cap", "memory.total", "memory.used",
                 "persistence_mode", "power.draw", "power.limit", "power.default_limit",
                 "power.min_limit", "power.max_limit", "driver_version")
@@ -101,17 +103,20 @@ def parse_banner_cuda(banner: str) -> str | None:
 
 GATHER = (
     "if ! command -v nvidia-smi >/dev/null 2>&1; then echo '@@absent'; exit 0; fi; "
-    f"out=$({QUERY} 2>&1); rc=$?; echo \"@@rc=$rc\"; printf '%s\\n' \"$out\"; "
+    f"out=$({QUERY} 2>&1); rc=$?; echo \"@@rc $rc\"; printf '%s\\n' \"$out\"; "
     "echo '@@banner'; nvidia-smi 2>/dev/null | head -n 5"
 )
+SECTIONS = ("absent", "rc", "banner")
 
 
 def parse_gather(output: str) -> GpuFacts:
-    if output.startswith("@@absent"):
+    parts = {s.name: s for s in sections.parse(output, SECTIONS)}
+    if "absent" in parts:
         return GpuFacts(False, "nvidia-smi not found (no NVIDIA driver installed)")
-    head, _, banner = output.partition("@@banner")
-    first, _, body = head.partition("\n")
-    rc = int(first.strip().split("=", 1)[1]) if first.startswith("@@rc=") else 255
+    got = parts.get("rc")
+    rc = int(got.arg) if got is not None and got.arg.lstrip("-").isdigit() else 255
+    body = got.text if got is not None else ""
+    banner = parts["banner"].text if "banner" in parts else ""
     if rc != 0:
         msg = (body.strip().splitlines() or [f"exit {rc}"])[0]
         return GpuFacts(False, f"nvidia-smi failed (exit {rc}): {msg}")

@@ -7,6 +7,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from . import gpu as gpu_facts
+from .. import sections
 
 
 @dataclass(frozen=True)
@@ -101,20 +102,8 @@ def script(models_dir: str) -> str:
     ])
 
 
-def _sections(output: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {s: [] for s in SECTIONS}
-    cur = None
-    for line in output.splitlines():
-        if line.startswith("@@") and line[2:] in out:
-            cur = line[2:]
-            continue
-        if cur:
-            out[cur].append(line)
-    return out
-
-
 def parse(output: str) -> HostFacts:
-    s = _sections(output)
+    s = sections.split(output, SECTIONS)
     osr = {}
     for line in s["os"]:
         if "=" in line:

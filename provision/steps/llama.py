@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .. import llama_build as lb
 from .. import llama_cuda_subset as cuda_subset
-from .. import reach, values
+from .. import reach, sections, values
 from ..engine import Call, Change, Context, Step
 from ..errors import CommandError, StepError, UnsafeValue
 from ..facts import host as hostfacts
@@ -77,23 +77,15 @@ def view_script(base: str) -> str:
 
 def parse_view(output: str) -> RigView:
     v = RigView()
-    sec = None
-    cur_build: str | None = None
     chunks: dict[str, list[str]] = {}
-    for line in output.splitlines():
-        if line in ("@@current", "@@src", "@@builds"):
-            sec = line[2:]
-            continue
-        if sec == "current" and line.strip():
-            v.current = line.strip().rstrip("/").split("/")[-1]
-        elif sec == "src" and line.strip():
-            v.src_url = line.strip()
-        elif sec == "builds":
-            if line.startswith("@@b "):
-                cur_build = line[4:].strip()
-                chunks[cur_build] = []
-            elif cur_build:
-                chunks[cur_build].append(line)
+    for s in sections.parse(output, ("current", "src", "builds", "b")):
+        line = next((ln.strip() for ln in s.lines if ln.strip()), "")
+        if s.name == "current" and line:
+            v.current = line.rstrip("/").split("/")[-1]
+        elif s.name == "src" and line:
+            v.src_url = line
+        elif s.name == "b" and s.arg:
+            chunks[s.arg] = s.lines
     for name, lines in chunks.items():
         try:
             d = json.loads("\n".join(lines))

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .. import remote
+from .. import remote, sections
 from ..engine import Context
 from ..errors import ConnectError, StepError
 from ..pipe import PipeError, PipeTimeout
@@ -384,11 +384,6 @@ def _read_events(dst, events: list[dict], progress: Callable[[dict], None], done
             progress(ev)
 
 
-REACH = ("import socket, sys\n"
-         "try:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()\n"
-         "except OSError as e:\n    sys.exit(f'{type(e).__name__}: {e.strerror or e}')\n")
-
-
 class DirectKey:
     """The temporary key of one direct copy: made on the destination, allowed on the source."""
 
@@ -410,7 +405,7 @@ class DirectKey:
 
     def open(self, items: Sequence[Item]) -> None:
         # can the destination reach the source's sshd at all? (before anything is written anywhere)
-        r = self.ctx.target.run(f"python3 -c {quote(REACH)} {quote(self.addr)} {self.port}", check=False,
+        r = self.ctx.target.run(remote.command("tcp_reach.py", self.addr, str(self.port)), check=False,
                                 timeout=30)
         if not r.ok:
             why = (r.stderr.strip().splitlines() or [f"exit {r.exited}"])[-1]
@@ -424,7 +419,8 @@ class DirectKey:
         if not r.ok:
             raise DirectUnavailable(f"cannot make a key on {self.ctx.host.name} (ssh-keygen): "
                                     f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        pub, _, addrs = r.stdout.partition("@@addr")
+        sec = sections.split("@@pub\n" + r.stdout, ("pub", "addr"))
+        pub, addrs = "\n".join(sec["pub"]), " ".join(sec["addr"])
         hk = self.src.run("cat /etc/ssh/ssh_host_*_key.pub 2>/dev/null; true", check=False).stdout
         host = self.addr if self.port == 22 else f"[{self.addr}]:{self.port}"
         known = [f"{host} {' '.join(ln.split()[:2])}" for ln in hk.splitlines() if len(ln.split()) >= 2]
