@@ -45,6 +45,7 @@ class GpuFacts:
     reason: str  # why not available ("" when available)
     gpus: tuple[Gpu, ...] = ()
     cuda_version: str | None = None  # from the nvidia-smi banner ("CUDA Version: 12.8")
+    nvidia_smi: str | None = None  # where it is (`command -v nvidia-smi`; None: absent)
 
     @property
     def driver_version(self) -> str | None:
@@ -103,10 +104,11 @@ def parse_banner_cuda(banner: str) -> str | None:
 
 GATHER = (
     "if ! command -v nvidia-smi >/dev/null 2>&1; then echo '@@absent'; exit 0; fi; "
+    "echo \"@@path $(command -v nvidia-smi)\"; "
     f"out=$({QUERY} 2>&1); rc=$?; echo \"@@rc $rc\"; printf '%s\\n' \"$out\"; "
     "echo '@@banner'; nvidia-smi 2>/dev/null | head -n 5"
 )
-SECTIONS = ("absent", "rc", "banner")
+SECTIONS = ("absent", "path", "rc", "banner")
 
 
 def parse_gather(output: str) -> GpuFacts:
@@ -117,14 +119,15 @@ def parse_gather(output: str) -> GpuFacts:
     rc = int(got.arg) if got is not None and got.arg.lstrip("-").isdigit() else 255
     body = got.text if got is not None else ""
     banner = parts["banner"].text if "banner" in parts else ""
+    smi = parts["path"].arg or None if "path" in parts else None
     if rc != 0:
         msg = (body.strip().splitlines() or [f"exit {rc}"])[0]
-        return GpuFacts(False, f"nvidia-smi failed (exit {rc}): {msg}")
+        return GpuFacts(False, f"nvidia-smi failed (exit {rc}): {msg}", nvidia_smi=smi)
     try:
         gpus = parse_query(body)
     except ValueError as e:
-        return GpuFacts(False, f"cannot parse nvidia-smi output: {e}")
-    return GpuFacts(True, "", gpus, parse_banner_cuda(banner))
+        return GpuFacts(False, f"cannot parse nvidia-smi output: {e}", nvidia_smi=smi)
+    return GpuFacts(True, "", gpus, parse_banner_cuda(banner), nvidia_smi=smi)
 
 
 def gather(target) -> GpuFacts:

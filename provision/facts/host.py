@@ -214,6 +214,19 @@ def gpu(ctx) -> gpu_facts.GpuFacts:
     return ctx.fact("gpu", lambda: gpu_facts.gather(ctx.target))
 
 
+def host_and_gpu(ctx) -> tuple[HostFacts, gpu_facts.GpuFacts]:
+    """Both, in ONE remote command when neither is cached yet (the facts step: a no-op run opens
+    one session for all its facts)."""
+    if "host" not in ctx.facts and "gpu" not in ctx.facts:
+        out = ctx.target.run(script(ctx.cfg["model"]["dir"]) + "; echo '@@gpu_facts'; ( "
+                             + gpu_facts.GATHER + " )", check=False).stdout
+        lines = out.splitlines()
+        cut = lines.index("@@gpu_facts") if "@@gpu_facts" in lines else len(lines)
+        ctx.facts["host"] = parse("\n".join(lines[:cut]))
+        ctx.facts["gpu"] = gpu_facts.parse_gather("\n".join(lines[cut + 1:]))
+    return host_facts(ctx), gpu(ctx)
+
+
 def invalidate(ctx, *keys: str) -> None:
     for k in keys or ("host", "gpu"):
         ctx.facts.pop(k, None)

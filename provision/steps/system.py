@@ -10,7 +10,7 @@ import base64
 import re
 from dataclasses import dataclass, field
 
-from .. import nvidia, reach
+from .. import nvidia, reach, readahead
 from ..engine import Change, Context, RebootHost, Run, Step, WriteFile
 from ..errors import StepError, UnsafeValue
 from ..facts import host as hostfacts
@@ -350,6 +350,9 @@ def cuda_repo_plan(cfg: dict, hf: HostFacts, needed: bool) -> tuple[list[Change]
 # the step
 
 
+readahead.wants(lambda ctx: readahead.Want(read=[PROXY_FILE] if ctx.cfg["system"]["apt_proxy"] else []))
+
+
 class SystemStep(Step):
     name = "system"
     title = "packages, CUDA repo + toolkit, driver, kernel headers"
@@ -357,7 +360,7 @@ class SystemStep(Step):
     def plan(self, ctx: Context) -> list[Change]:
         hf = hostfacts.host_facts(ctx)
         gf = hostfacts.gpu(ctx)
-        proxy_now = ctx.target.read_file(PROXY_FILE) if ctx.cfg["system"]["apt_proxy"] else None
+        proxy_now = readahead.read_file(ctx, PROXY_FILE) if ctx.cfg["system"]["apt_proxy"] else None
         notes: list[str] = []
         changes = plan(ctx.cfg, hf, gf, proxy_now, notes)
         if hf.reboot_required and not any(isinstance(c, RebootHost) for c in changes):

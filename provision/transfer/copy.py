@@ -164,44 +164,38 @@ def human(n: float | int | None) -> str:
 
 
 class Progress:
-    """One line when an item starts and ends, and every `every_s` in between."""
+    """Copy events through the one progress display (provision/progress.py): a line when an item
+    starts and ends; its bytes as a bar on a terminal, else a line every `every_s`."""
 
     def __init__(self, ctx: Context, prefix: str, source: str, items: Sequence[Item], every_s: float = 5.0):
-        self.ctx, self.prefix, self.source = ctx, prefix, source
+        from ..progress import Progress as Display
+        self.source = source
         self.labels = {it.id: it.label or os.path.basename(it.dest) for it in items}
-        self.every_s = every_s
-        self.started = time.monotonic()
-        self.t0: dict[str, float] = {}
-        self.base: dict[str, int] = {}
-        self.last: dict[str, float] = {}
+        self.display = Display(ctx, prefix, "bytes", every_s=every_s).__enter__()
 
     def __call__(self, ev: dict) -> None:
         kind, iid = ev.get("event"), ev.get("id")
         name = self.labels.get(iid, str(iid))
-        now = time.monotonic()
+        d = self.display
         if kind == "start":
             off, size = int(ev.get("offset") or 0), int(ev.get("size") or 0)
-            self.t0[iid], self.base[iid], self.last[iid] = now, off, now
-            self.ctx.say(f"{self.prefix}: {name} <- {self.source}: "
-                         + (f"resuming at {human(off)} of {human(size)}" if off else f"copying {human(size)}"))
+            d.say(f"{name} <- {self.source}: "
+                  + (f"resuming at {human(off)} of {human(size)}" if off else f"copying {human(size)}"))
+            d.add(str(iid), name, total=size or None, done=off)
         elif kind == "progress":
-            if now - self.last.get(iid, 0) < self.every_s:
-                return
-            self.last[iid] = now
-            done, total = int(ev.get("bytes") or 0), ev.get("total")
-            el = max(now - self.t0.get(iid, self.started), 1e-6)
-            rate = (done - self.base.get(iid, 0)) / el
-            eta = (int(total) - done) / rate if total and rate > 0 else None
-            from ..progress import duration
-            self.ctx.say(f"{self.prefix}: {name}: {human(done)} / {human(total)}, {human(rate)}/s, ETA {duration(eta)}")
+            total = ev.get("total")
+            d.update(str(iid), int(ev.get("bytes") or 0), int(total) if total else None)
         elif kind == "done":
             secs = float(ev.get("seconds") or 0)
             n = int(ev.get("bytes") or 0)
-            self.ctx.say(f"{self.prefix}: {name} <- {self.source}: {human(n)} in {secs:.1f}s "
-                         f"({human(n / max(secs, 1e-6))}/s)"
-                         + (f", {ev.get('files')} files" if ev.get("files", 1) != 1 else ""))
+            d.complete(str(iid), n)
+            d.say(f"{name} <- {self.source}: {human(n)} in {secs:.1f}s ({human(n / max(secs, 1e-6))}/s)"
+                  + (f", {ev.get('files')} files" if ev.get("files", 1) != 1 else ""))
         elif kind == "error":
-            self.ctx.say(f"{self.prefix}: {name}: copy from {self.source} failed: {ev.get('error')}")
+            d.say(f"{name}: copy from {self.source} failed: {ev.get('error')}")
+
+    def close(self) -> None:
+        self.display.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +269,16 @@ def copy(ctx: Context, src: SourceRig, items: Sequence[Item], prefix: str,
          offsets: dict[str, int] | None = None) -> CopyRun:
     """Copy `items` from the source onto ctx's rig. Never raises for a copy that fails (each
     item's Result says why); raises ConnectError only when THIS rig goes away."""
-    offsets = offsets or {}
-    t0 = time.monotonic()
     progress = Progress(ctx, prefix, src.name, items)
+    try:
+        return _copy(ctx, src, items, offsets or {}, progress)
+    finally:
+        progress.close()
+
+
+def _copy(ctx: Context, src: SourceRig, items: Sequence[Item], offsets: dict[str, int],
+          progress: Progress) -> CopyRun:
+    t0 = time.monotonic()
     mode = src.cfg["transfer"]["mode"]
     why = ""
     if mode != "relay" and src.address and not src.direct_failed:
@@ -299,7 +300,7 @@ def copy(ctx: Context, src: SourceRig, items: Sequence[Item], prefix: str,
     if mode == "direct":
         msg = f"direct copy impossible ({why}) and {src.name}'s transfer.mode is direct"
         return CopyRun("direct", msg, results_from([], items, msg), time.monotonic() - t0)
-    ctx.say(f"{prefix}: relaying through this machine: {why}")
+    progress.display.say(f"relaying through this machine: {why}")
     try:
         results = _relay(ctx, src, items, offsets, progress)
     except SourceUnavailable as e:
