@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("hf_pull.py", "sha256_files.py", "http_probe.py", "model_probe.py", "rig_status.py", "rig_copy.py",
-           "rig_keys.py", "rig_read.py", "tcp_reach.py")
+           "rig_keys.py", "rig_read.py", "tcp_reach.py", "bench_point.sh")
 
 
 @lru_cache(maxsize=None)
