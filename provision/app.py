@@ -71,7 +71,7 @@ class App:
             from .engine import active_steps, select_steps
             from .steps import all_steps
             hosts = self.hosts(host, all_hosts)
-            the_steps = steps or all_steps()
+            the_steps = steps or all_steps(_csv(only), _csv(skip))
             opts = RunOptions(check=check, diff=diff, only=_csv(only), skip=_csv(skip),
                               parallel=parallel, reboot=reboot, what=" ".join(
                                   ["provision"] + ([f"--only {only}"] if only else [])

@@ -84,8 +84,6 @@ def script(models_dir: str) -> str:
         "echo '@@reboot'; if [ -e /var/run/reboot-required ]; then echo yes; cat /var/run/reboot-required.pkgs 2>/dev/null; fi",
         "echo '@@headers'; [ -e /lib/modules/$(uname -r)/build ] && echo yes",
         "echo '@@init'; [ -d /run/systemd/system ] && echo systemd",
-        "echo '@@headers_candidate'; command -v apt-cache >/dev/null && "
-        "apt-cache policy \"linux-headers-$(uname -r)\" 2>/dev/null | sed -n 's/^ *Candidate: *//p'",
         "echo '@@secureboot'; if command -v mokutil >/dev/null 2>&1; then mokutil --sb-state 2>&1; "
         "else for f in /sys/firmware/efi/efivars/SecureBoot-*; do [ -r \"$f\" ] && "
         "od -An -t u1 \"$f\" | awk '{print \"efivar \" $NF}'; done; fi",
@@ -227,6 +225,19 @@ def host_and_gpu(ctx) -> tuple[HostFacts, gpu_facts.GpuFacts]:
     return host_facts(ctx), gpu(ctx)
 
 
+# apt's candidate for the running kernel's headers: apt-cache loads the whole package cache (half a
+# second on a small box), so it is asked only when the headers may have to be installed
+# (`headers_candidate(ctx)`, from the system step), never in the one facts command.
+HEADERS_CANDIDATE = ("command -v apt-cache >/dev/null && apt-cache policy \"linux-headers-$(uname -r)\" "
+                     "2>/dev/null | sed -n 's/^ *Candidate: *//p'")
+
+
+def headers_candidate(ctx) -> str | None:
+    """apt's candidate version of linux-headers-<running kernel> (None: apt has none). Cached."""
+    return ctx.fact("headers_candidate", lambda: _candidate(
+        ctx.target.run(HEADERS_CANDIDATE, check=False).stdout.splitlines()))
+
+
 def invalidate(ctx, *keys: str) -> None:
-    for k in keys or ("host", "gpu"):
+    for k in keys or ("host", "gpu", "headers_candidate"):
         ctx.facts.pop(k, None)

@@ -7,6 +7,7 @@ a planned change (`RebootHost`) that is reported — and done only with `invoke 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -196,6 +197,18 @@ def headers_plan(cfg: dict, hf: HostFacts, dkms_build: bool, notes: list[str]) -
     return [name]
 
 
+def headers_may_be_wanted(cfg: dict, hf: HostFacts, gf: GpuFacts) -> bool:
+    """Whether `headers_plan` may look at apt's candidate (a superset of when it does): only then
+    is apt asked (`hostfacts.headers_candidate`)."""
+    name = f"linux-headers-{hf.kernel}"
+    if hf.kernel_headers or name in hf.packages or not hf.uses_apt:
+        return False
+    asked = cfg["system"]["kernel_headers"]
+    if asked is not None:
+        return bool(asked)
+    return cfg["gpus"]["count"] > 0 and not gf.available and cfg["system"]["driver"] == "install"
+
+
 def nouveau_changes(hf: HostFacts) -> list[Change]:
     if not hf.nouveau_loaded or hf.nouveau_blacklisted:
         return []
@@ -360,6 +373,8 @@ class SystemStep(Step):
     def plan(self, ctx: Context) -> list[Change]:
         hf = hostfacts.host_facts(ctx)
         gf = hostfacts.gpu(ctx)
+        if headers_may_be_wanted(ctx.cfg, hf, gf):
+            hf = dataclasses.replace(hf, headers_candidate=hostfacts.headers_candidate(ctx))
         proxy_now = readahead.read_file(ctx, PROXY_FILE) if ctx.cfg["system"]["apt_proxy"] else None
         notes: list[str] = []
         changes = plan(ctx.cfg, hf, gf, proxy_now, notes)
