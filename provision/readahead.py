@@ -71,16 +71,55 @@ def _fetch_each(t, want: Want, systemd_too: bool) -> Snapshot:
                          .splitlines() or [""])[0] if systemd else "" for u in want.enabled}, systemd)
 
 
-def _fetch(ctx, want: Want) -> Snapshot:
-    arg = json.dumps({"read": want.read, "sha256": want.sha256, "enabled": want.enabled})
-    r = ctx.target.run(remote.command("rig_read.py", arg), sudo=True, check=False, timeout=120)
+def _command(want: Want) -> str:
+    return remote.command("rig_read.py", json.dumps({"read": want.read, "sha256": want.sha256,
+                                                     "enabled": want.enabled}))
+
+
+def _parse(output: str) -> Snapshot | None:
     try:
-        d = json.loads(r.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+        d = json.loads(output.strip().splitlines()[-1])
+        return Snapshot(d["read"], d["sha256"], d["enabled"], bool(d["systemd"]))
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
+def _fetch(ctx, want: Want) -> Snapshot:
+    r = ctx.target.run(_command(want), sudo=True, check=False, timeout=120)
+    snap = _parse(r.stdout)
+    if snap is None:
         from .errors import CommandError
         raise CommandError(ctx.host.name, "read the rig's files (remote/rig_read.py)", r.exited,
-                           r.stdout, r.stderr) from None
-    return Snapshot(d["read"], d["sha256"], d["enabled"], bool(d["systemd"]))
+                           r.stdout, r.stderr)
+    return snap
+
+
+def _declared(ctx, ask: Want | None = None) -> Want:
+    want = Want()
+    for fn in _WANTS:
+        want.add(fn(ctx))
+    if ask is not None:
+        want.add(ask)
+    return want
+
+
+def along(ctx) -> str | None:
+    """The read-ahead as a shell line to run INSIDE another read-only command (the facts step's:
+    one round trip for all a no-op reads); hand that command's output for it to `accept`. None
+    when it cannot ride along: already read, a target with its own files, or sudo that wants a
+    password on stdin."""
+    if KEY in ctx.facts or _own_files(ctx.target):
+        return None
+    line = ctx.target.wrap(_command(_declared(ctx)), sudo=True)
+    return None if line.startswith("sudo -S") else line
+
+
+def accept(ctx, output: str) -> None:
+    """The output of `along()`'s line: kept as this run's read-ahead (unreadable: ignored, the
+    first read then asks the rig itself)."""
+    snap = _parse(output) if output.strip() else None
+    if snap is not None:
+        ctx.facts[KEY] = snap
 
 
 def _get(ctx, ask: Want, systemd_too: bool = False) -> Snapshot:
@@ -88,11 +127,7 @@ def _get(ctx, ask: Want, systemd_too: bool = False) -> Snapshot:
         return _fetch_each(ctx.target, ask, systemd_too)
     snap: Snapshot | None = ctx.facts.get(KEY)
     if snap is None:
-        want = Want()
-        for fn in _WANTS:
-            want.add(fn(ctx))
-        want.add(ask)
-        snap = ctx.facts[KEY] = _fetch(ctx, want)
+        snap = ctx.facts[KEY] = _fetch(ctx, _declared(ctx, ask))
         return snap
     missing = Want([p for p in ask.read if p not in snap.read],
                    [p for p in ask.sha256 if p not in snap.sha256],

@@ -125,3 +125,29 @@ def test_the_engine_reads_ahead_once_and_forgets_when_it_changes_something(tmp_p
     assert reads == ["v\n", "v\n"]
     # the no-op: the run lock, then ONE read of the app file, the state file and f1 together
     assert reports[0].commands == 2, out.getvalue()
+
+
+def test_facts_gpu_and_the_read_ahead_in_one_command(tmp_path, declared, monkeypatch):
+    """The facts step's round trip: host facts, the GPU query (beside them) and the read-ahead."""
+    import sys
+
+    from provision.facts import host as hostfacts
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    smi = __import__("pathlib").Path(__file__).resolve().parent / "rigs" / "fake_nvidia_smi.py"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {smi} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_STATE", str(tmp_path / "smi-state"))
+    f1, _ = declared
+    ctx = _ctx(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.json").write_text('{"owed": ["x.restart"]}')
+    hf, gf = hostfacts.host_and_gpu(ctx, read_ahead=True)
+    assert ctx.target.commands_run == 1
+    assert hf.kernel and hf.cpus > 0 and hf.mem_total_kib > 0
+    assert gf.available and len(gf.gpus) >= 1 and gf.cuda_version and gf.nvidia_smi == str(fake)
+    assert ra.read_file(ctx, str(f1)) == "1\n" and ctx.state.owed == ["x.restart"]
+    assert ctx.target.commands_run == 1  # all of it came with the facts
+    # the GPU query alone (after a change) still parses the same way
+    assert [g.uuid for g in hostfacts.gpu_facts.gather(ctx.target).gpus] == [g.uuid for g in gf.gpus]

@@ -105,8 +105,10 @@ def parse_banner_cuda(banner: str) -> str | None:
 GATHER = (
     "if ! command -v nvidia-smi >/dev/null 2>&1; then echo '@@absent'; exit 0; fi; "
     "echo \"@@path $(command -v nvidia-smi)\"; "
-    f"out=$({QUERY} 2>&1); rc=$?; echo \"@@rc $rc\"; printf '%s\\n' \"$out\"; "
-    "echo '@@banner'; nvidia-smi 2>/dev/null | head -n 5"
+    # the banner (CUDA version) is read beside the query: each nvidia-smi call takes a while
+    "b=$(mktemp 2>/dev/null) || b=''; [ -z \"$b\" ] || { nvidia-smi 2>/dev/null | head -n 5 >\"$b\" & }; "
+    f"out=$({QUERY} 2>&1); rc=$?; echo \"@@rc $rc\"; printf '%s\\n' \"$out\"; wait; "
+    "echo '@@banner'; if [ -n \"$b\" ]; then cat \"$b\"; rm -f \"$b\"; else nvidia-smi 2>/dev/null | head -n 5; fi"
 )
 SECTIONS = ("absent", "path", "rc", "banner")
 

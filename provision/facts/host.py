@@ -212,17 +212,30 @@ def gpu(ctx) -> gpu_facts.GpuFacts:
     return ctx.fact("gpu", lambda: gpu_facts.gather(ctx.target))
 
 
-def host_and_gpu(ctx) -> tuple[HostFacts, gpu_facts.GpuFacts]:
-    """Both, in ONE remote command when neither is cached yet (the facts step: a no-op run opens
-    one session for all its facts)."""
+def host_and_gpu(ctx, read_ahead: bool = False) -> tuple[HostFacts, gpu_facts.GpuFacts]:
+    """Both, in ONE remote command when neither is cached yet, the GPU query running beside the
+    host's (the facts step: a no-op run reads everything in one session). `read_ahead`: the
+    run's read-ahead (provision/readahead.py: state, units, hashes; as root) rides along."""
     if "host" not in ctx.facts and "gpu" not in ctx.facts:
-        out = ctx.target.run(script(ctx.cfg["model"]["dir"]) + "; echo '@@gpu_facts'; ( "
-                             + gpu_facts.GATHER + " )", check=False).stdout
-        lines = out.splitlines()
-        cut = lines.index("@@gpu_facts") if "@@gpu_facts" in lines else len(lines)
-        ctx.facts["host"] = parse("\n".join(lines[:cut]))
-        ctx.facts["gpu"] = gpu_facts.parse_gather("\n".join(lines[cut + 1:]))
+        from .. import readahead
+        along = readahead.along(ctx) if read_ahead else None
+        cmd = ("g=$(mktemp) || exit 1; ( " + gpu_facts.GATHER + " ) >\"$g\" 2>/dev/null & "
+               + script(ctx.cfg["model"]["dir"]) + "; "
+               + (f"echo '@@read_ahead'; {along}; " if along else "")
+               + "wait; echo '@@gpu_facts'; cat \"$g\"; rm -f \"$g\"")
+        lines = ctx.target.run(cmd, check=False).stdout.splitlines()
+        gpu_at = _last(lines, "@@gpu_facts", len(lines))
+        ra_at = _last(lines[:gpu_at], "@@read_ahead", gpu_at) if along else gpu_at
+        ctx.facts["host"] = parse("\n".join(lines[:ra_at]))
+        ctx.facts["gpu"] = gpu_facts.parse_gather("\n".join(lines[gpu_at + 1:]))
+        if along:
+            readahead.accept(ctx, "\n".join(lines[ra_at + 1:gpu_at]))
     return host_facts(ctx), gpu(ctx)
+
+
+def _last(lines: list[str], marker: str, default: int) -> int:
+    at = [i for i, ln in enumerate(lines) if ln == marker]
+    return at[-1] if at else default
 
 
 # apt's candidate for the running kernel's headers: apt-cache loads the whole package cache (half a
