@@ -73,7 +73,8 @@ def inventory(path: Path, a, n: int, limits: list[float]) -> None:
         # an offline box: nothing to install from apt (what the build needs is there already)
         "system": {"packages": [], "driver": "require"},
         "llama_cpp": {"repo": a.upstream, "ref": "master", "cuda": True, "cuda_architectures": "auto",
-                      "prebuilt_ui": False, "targets": ["llama-server"]},
+                      "fa_all_quants": a.fa_all_quants == "on", "prebuilt_ui": False,
+                      "targets": [t for t in a.targets.split(",") if t]},
         "paths": {"prefix": a.prefix, "state_dir": f"{a.prefix}/state"},
     }}}, sort_keys=False))
 
@@ -99,6 +100,11 @@ def main() -> int:
     ap.add_argument("--prefix", default="/tmp/llama-proof")
     ap.add_argument("--delta", type=float, default=50.0, help="lower each GPU's limit by this many W")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--targets", default="llama-server",
+                    help="llama_cpp.targets, comma-separated (add llama-bench,llama-fit-params to reuse the "
+                         "build for benchmarks/tune_gpu.py: --prefix <work>/prefix)")
+    ap.add_argument("--fa-all-quants", choices=("on", "off"), default="on",
+                    help="llama_cpp.fa_all_quants (off: the tree's default FA quants, a shorter CUDA build)")
     ap.add_argument("--skip", default="model,service,opencode",
                     help="steps to skip (a dry run without a GPU: llama,model,service,opencode)")
     a = ap.parse_args()

@@ -9,6 +9,11 @@ the same argv the unit's ExecStart= gets) with the seed's flags (-ngl 999 -c 262
   * llama-fit-params' per-GPU estimate (the service step's VRAM preflight, same argv) vs
     nvidia-smi's memory.used per GPU after the model is loaded (minus the idle baseline);
   * time to /health 200, one real chat completion (content, timings);
+  * the API key as the service passes it (server.api_key: auto): the key made by the service
+    step's own generator in /etc/llama-rig/api-key, `--api-key-file` in the rendered argv, and the
+    real CUDA llama-server answering 401 without / with a wrong key on /v1/models and
+    /v1/chat/completions, 200 with the key, /health open (the readiness gate);
+  * the hardened unit's [Service] sandbox lines (rendered; no systemd on that box to run them);
   * what the gpu step does with power limits there (set + re-query, or nvidia-smi's message).
 
     python3 benchmarks/service_gpu.py --prefix /tmp/llama-bench --gpus 0 --json $OUT/svc-1gpu.json
@@ -37,6 +42,7 @@ from provision.engine import Context  # noqa: E402
 from provision.errors import StepError  # noqa: E402
 from provision.facts import gpu as gpu_facts  # noqa: E402
 from provision.steps import gpu as gpu_step  # noqa: E402
+from provision.steps import api_key as auth  # noqa: E402
 from provision.steps import service  # noqa: E402
 from provision.target import LocalTarget  # noqa: E402
 
@@ -56,9 +62,15 @@ def mem_used(gpus: list[int]) -> dict[int, int]:
     return {i: vals[g] for i, g in enumerate(gpus)}
 
 
-def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, str]:
+KEY: str | None = None  # the key of /etc/llama-rig/api-key (set in main), sent unless told otherwise
+
+
+def http(url: str, body: dict | None = None, timeout: float = 60, key: str | None | bool = True) -> tuple[int, str]:
+    """key=True: the service's key; None/False: none; a string: that one."""
     data = json.dumps(body).encode() if body is not None else None
-    rq = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    k = KEY if key is True else (key or None)
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {k}"} if k else {})}
+    rq = urllib.request.Request(url, data=data, headers=h)
     try:
         with urllib.request.urlopen(rq, timeout=timeout) as r:
             return r.status, r.read().decode()
@@ -80,7 +92,7 @@ def serve(argv_: list[str], env: dict, gpus: list[int], port: int, alias: str, f
     try:
         code = 0
         while time.monotonic() - t0 < 300:
-            code, _ = http(f"http://127.0.0.1:{port}/health", timeout=5)
+            code, _ = http(f"http://127.0.0.1:{port}/health", timeout=5, key=None)  # open
             if code == 200 or proc.poll() is not None:
                 break
             time.sleep(0.2)
@@ -101,6 +113,18 @@ def serve(argv_: list[str], env: dict, gpus: list[int], port: int, alias: str, f
         for r in rows:
             print(f"{r['device']} (GPU {r['gpu']}): fit-params {r['fit_estimate_mib']} MiB, "
                   f"nvidia-smi +{r['measured_mib']} MiB, error {r['error_pct']} %", flush=True)
+        if KEY:  # the API key, as the service passes it: refused without it, served with it
+            chat = {"model": alias, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+            a: dict = {}
+            for name, k in (("no_key", None), ("wrong_key", "not-the-key"), ("key", True)):
+                a[name] = {"/v1/models": http(f"http://127.0.0.1:{port}/v1/models", key=k)[0],
+                           "/v1/chat/completions": http(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                                        chat, timeout=120, key=k)[0]}
+            a["/health without key"] = http(f"http://127.0.0.1:{port}/health", key=None)[0]
+            a["ok"] = (all(v == 401 for v in {**a["no_key"], **a["wrong_key"]}.values())
+                       and all(v == 200 for v in a["key"].values()) and a["/health without key"] == 200)
+            rec["auth"] = a
+            print(f"API key: {json.dumps(a)}", flush=True)
         t1 = time.monotonic()
         code, body = http(f"http://127.0.0.1:{port}/v1/chat/completions",
                           {"model": alias, "max_tokens": 32,
@@ -259,8 +283,11 @@ def main(argv=None) -> int:
     ap.add_argument("--margin", type=int, default=None,
                     help="server.vram_margin_mib for the preflight (default: the inventory default)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--key-dir", default=auth.KEY_DIR,
+                    help="where the API key file goes (default: the service's own /etc/llama-rig)")
     a = ap.parse_args(argv)
     gpus = [int(x) for x in a.gpus.split(",")]
+    auth.KEY_DIR, auth.KEY_PATH = a.key_dir, f"{a.key_dir}/api-key"
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     rec: dict = {"gpus": gpus, "size": a.size}
@@ -292,6 +319,18 @@ def main(argv=None) -> int:
     print("rendered command line: " + " ".join(argv_), flush=True)
     unit = service.render_unit(cfg, str(first))
     rec["unit_execstart"] = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")]
+    rec["unit_sandbox"] = [ln for ln in unit.split("[Service]")[1].split("[Install]")[0].splitlines()
+                           if ln.startswith(("Protect", "Private", "Device", "Restrict", "NoNew",
+                                             "Capability", "SystemCall", "ReadWrite", "ExecStartPre"))]
+    # the API key exactly as the service step makes it (its generator, here as root)
+    global KEY
+    if auth.enabled(cfg):
+        assert argv_[argv_.index("--api-key-file") + 1] == auth.KEY_PATH
+        subprocess.run(["sh", "-c", auth.generate_command("root")], check=True)
+        KEY = Path(auth.KEY_PATH).read_text().strip()
+        rec["key_file"] = subprocess.run(["stat", "-c", "%U:%G %a", auth.KEY_PATH], capture_output=True,
+                                         text=True).stdout.strip()
+        print(f"API key file {auth.KEY_PATH} ({rec['key_file']}), {len(KEY)} hex digits", flush=True)
 
     env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
     ver = subprocess.run([binary, "--version"], capture_output=True, text=True, env=env)
@@ -342,6 +381,8 @@ def main(argv=None) -> int:
         Path(a.json).write_text(text)
     print(text)
     ok = rec.get("health") == 200 and rec.get("completion_status") == 200
+    if KEY:
+        ok = ok and bool(rec.get("auth", {}).get("ok"))
     if a.squeeze:
         sq = rec["squeeze"]
         ok = ok and "refused" in sq.get("squeezed", {}) and sq.get("with_proposed", {}).get("ok") \

@@ -98,23 +98,31 @@ def bindir(work: Path) -> Path:
     return prefix(work) / "llama.cpp" / "current" / "bin"
 
 
-def build(src: Path, work: Path, jobs: int) -> Path:
-    bdir = prefix(work) / "llama.cpp" / "builds" / "gpu"
-    if all((bdir / "bin" / t).exists() for t in TARGETS):
-        print(f"build: {bdir}/bin has {', '.join(TARGETS)}", flush=True)
+def _rpc_target(src: Path) -> str:
+    """ggml-rpc-server (new trees) or rpc-server (older): what tools/rpc builds."""
+    text = (src / "tools" / "rpc" / "CMakeLists.txt").read_text() if (src / "tools" / "rpc").exists() else ""
+    return "ggml-rpc-server" if "ggml-rpc-server" in text else "rpc-server"
+
+
+def build(src: Path, work: Path, jobs: int, rpc: bool = False) -> Path:
+    name = "gpu-rpc" if rpc else "gpu"  # --rpc: -DGGML_RPC=ON and the rpc server (benchmarks/rpc_gpu.py)
+    bdir = prefix(work) / "llama.cpp" / "builds" / name
+    targets = TARGETS + ((_rpc_target(src),) if rpc else ())
+    if all((bdir / "bin" / t).exists() for t in targets):
+        print(f"build: {bdir}/bin has {', '.join(targets)}", flush=True)
     else:
         t0 = time.monotonic()
         opts = ("-G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DBUILD_SHARED_LIBS=OFF "
                 f"-DCMAKE_CUDA_ARCHITECTURES={gpu_arch()} -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
-                "-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF")
-        log = work / "build.log"
+                "-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF" + (" -DGGML_RPC=ON" if rpc else ""))
+        log = work / f"build-{name}.log"
         sh(f"cmake -S {src} -B {bdir} {opts} > {log} 2>&1 || (tail -30 {log}; exit 1)")
-        sh(f"cmake --build {bdir} -j{jobs} --target {' '.join(TARGETS)} >> {log} 2>&1 || (tail -30 {log}; exit 1)")
-        print(f"build: {', '.join(TARGETS)} with CUDA in {time.monotonic() - t0:.0f}s", flush=True)
+        sh(f"cmake --build {bdir} -j{jobs} --target {' '.join(targets)} >> {log} 2>&1 || (tail -30 {log}; exit 1)")
+        print(f"build: {', '.join(targets)} with CUDA in {time.monotonic() - t0:.0f}s", flush=True)
     cur = prefix(work) / "llama.cpp" / "current"
     if cur.is_symlink() or cur.exists():
         cur.unlink()
-    cur.symlink_to("builds/gpu")
+    cur.symlink_to(f"builds/{name}")
     return bindir(work) / "llama-bench"
 
 
@@ -308,6 +316,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", default=None, help="ub/b pairs (default: provision.tune.options.DEFAULT_PAIRS)")
     ap.add_argument("--depths", default="0,4096,16384", help="run: bench depths")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 8)
+    ap.add_argument("--rpc", action="store_true", help="build: with -DGGML_RPC=ON and the rpc server "
+                    "(into builds/gpu-rpc; benchmarks/rpc_gpu.py)")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     a.out = a.out or a.work / "out"
@@ -315,7 +325,7 @@ def main(argv=None) -> int:
     if a.what == "build":
         if not a.llama_src:
             ap.error("build needs --llama-src")
-        build(a.llama_src, a.work, a.jobs)
+        build(a.llama_src, a.work, a.jobs, rpc=a.rpc)
         return 0
     if a.what == "model":
         make_model(a.work, a.size)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import inventory as inv
+from . import keeper
 from .console import Console, Environment
 from .engine import Context, HostReport, RunOptions, StepResult, print_recap, run as run_steps
 from .errors import ConnectError, ExitStatus, RigError, UsageError
@@ -137,18 +137,22 @@ class App:
         result reports "changed"."""
         def go() -> ExitStatus:
             hosts = self.hosts(host, all_hosts)
-            reports: list[HostReport] = []
+            reports = [HostReport(h.name) for h in hosts]
+            t_run = time.monotonic()
 
-            def one(h: Host) -> HostReport:
-                rep = HostReport(h.name)
+            def one(i: int) -> HostReport:
+                h, rep = hosts[i], reports[i]
                 t0 = time.monotonic()
+                rep.current = "connect"
                 try:
                     target = self.target_factory(h)
                 except ConnectError as e:
                     rep.unreachable = str(e)
+                    rep.done = True
                     self.console.error(f"[{h.name}] UNREACHABLE: {e}")
                     return rep
                 ctx = Context(h, target, self.console, check=check)
+                rep.current = title
                 try:
                     if changes and not check:
                         with run_lock(target, h.name, h.cfg["paths"]["state_dir"], title, ctx.warn):
@@ -156,23 +160,33 @@ class App:
                     else:
                         changed = action(ctx)
                     rep.results.append(StepResult(title, "changed" if changed and not restores else "ok"))
+                    rep.current = ""
                 except ConnectError as e:
                     rep.unreachable = str(e)
                     self.console.error(f"[{h.name}] UNREACHABLE: {e}")
                 except RigError as e:
-                    self.console.error(f"[{h.name}] {title}: FAILED: {e}")
-                    rep.results.append(StepResult(title, "failed", message=str(e)))
+                    if target.lost():  # a step that turned the dropped link into its own error
+                        rep.unreachable = target.lost()
+                        self.console.error(f"[{h.name}] UNREACHABLE: {rep.unreachable}")
+                    else:
+                        self.console.error(f"[{h.name}] {title}: FAILED: {e}")
+                        rep.results.append(StepResult(title, "failed", message=str(e)))
+                except keeper.Interrupted:
+                    rep.interrupted = True
                 finally:
                     rep.commands = target.commands_run
                     target.close()
                     rep.seconds = time.monotonic() - t0
+                rep.done = not rep.interrupted
                 return rep
 
-            if len(hosts) == 1:
-                reports.append(one(hosts[0]))
-            else:
-                with ThreadPoolExecutor(max_workers=parallel) as pool:
-                    reports.extend(pool.map(one, hosts))
+            _, interrupted = keeper.run_hosts(range(len(hosts)), one, parallel,
+                                              on_wait=self.console.line)
+            if interrupted:
+                from .engine import finish_interrupted
+                finish_interrupted(self.console, reports, time.monotonic() - t_run)
+                print_recap(self.console, reports, check)
+                return ExitStatus.INTERRUPTED
             if recap or len(hosts) > 1:
                 print_recap(self.console, reports, check)
             from .engine import exit_status

@@ -10,19 +10,16 @@ from __future__ import annotations
 import abc
 import difflib
 import json
-import socket
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from . import readahead
+from . import keeper, readahead
 from .console import Console
-from .errors import ConnectError, ExitStatus, RigError
+from .errors import ConnectError, ExitStatus, RigError, StepError
 from .inventory import Host
-from .runlock import RunLockBusy, run_lock
+from .runlock import run_lock
 from .target import Target, connect
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +248,9 @@ class HostReport:
     seconds: float = 0.0
     commands: int = 0
     reboot_pending: str = ""  # the run stopped here: the host needs a reboot (no --reboot)
+    current: str = ""  # the step (or task) running now
+    done: bool = False  # the host's run ended (not still going when Ctrl-C came)
+    interrupted: bool = False  # Ctrl-C stopped it
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -297,14 +297,17 @@ def active_steps(steps: Sequence[Step], only: list[str] | None, skip: list[str] 
 
 
 def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptions,
-             target_factory: Callable[[Host], Target] = connect) -> HostReport:
-    report = HostReport(host.name)
+             target_factory: Callable[[Host], Target] = connect,
+             report: HostReport | None = None) -> HostReport:
+    report = report if report is not None else HostReport(host.name)
     t_start = time.monotonic()
+    report.current = "connect"
     try:
         target = target_factory(host)
     except ConnectError as e:
         report.unreachable = str(e)
         report.seconds = time.monotonic() - t_start
+        report.done = True
         console.error(f"[{host.name}] UNREACHABLE: {e}")
         return report
     ctx = Context(host, target, console, check=opts.check, show_diff=opts.diff)
@@ -312,18 +315,20 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
     active = active_steps(steps, opts.only, opts.skip)
     failed = False
     waiting = ""  # a reboot the run waits for (no --reboot, or --check)
-    watch = Watchdog(host, target)
     held = ExitStack()
     commands_before = 0  # remote commands of sessions that ended in a reboot
 
     def lock() -> bool:
         if opts.check:  # one changing run at a time per host; --check changes nothing
             return True
+        report.current = "run lock"
         try:
             held.enter_context(run_lock(ctx.target, host.name, host.cfg["paths"]["state_dir"],
                                         opts.what, ctx.warn))
             return True
-        except RunLockBusy as e:
+        except ConnectError:
+            raise
+        except StepError as e:  # busy, or it cannot be taken: the lock fails closed
             console.error(f"[{host.name}] run lock: FAILED: {e}")
             report.results.append(StepResult("run lock", "failed", message=str(e)))
             return False
@@ -342,6 +347,7 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
                 why = "an earlier step failed" if failed else f"after the reboot ({waiting})"
                 report.results.append(StepResult(step.name, "skipped", message=why))
                 continue
+            report.current = step.name
             res = _run_step(ctx, step)
             report.results.append(res)
             if res.status == "failed":
@@ -367,8 +373,7 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
                     res.status, res.message = "failed", msg
                     failed = True
                     continue
-                # --reboot: the old session, its run lock and its watchdog go with the old system
-                watch.stop()
+                # --reboot: the old session and its run lock go with the old system
                 try:
                     held.close()
                 except RigError:
@@ -380,7 +385,6 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
                 ctx.rebooted += 1
                 ctx.facts.clear()
                 ctx._state = None
-                watch = Watchdog(host, ctx.target)
                 held = ExitStack()
                 if not lock():
                     failed = True
@@ -397,26 +401,33 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
                     again.status, again.message = "failed", msg
                     failed = True
         if not failed and not waiting:
+            report.current = "handlers"
             report.results.extend(_run_handlers(ctx, handlers, active))
             if opts.after_host is not None and not report.count("failed"):
+                report.current = getattr(opts.after_host, "name", "hook")
                 _run_hook(ctx, opts.after_host, report)
         elif not failed and opts.check:
             _run_handlers(ctx, handlers, active)  # the plan shows what would run
+        report.current = ""
     except ConnectError as e:
         report.unreachable = str(e)
         console.error(f"[{host.name}] UNREACHABLE: {e}")
+    except keeper.Interrupted:
+        report.interrupted = True  # Ctrl-C: the command in flight was stopped on the host
     finally:
         try:
-            held.close()
+            with keeper.allowed():
+                held.close()  # the keeper on the host stops what is left of this run
         except RigError:
             pass  # the session is gone: so is the lock
-        watch.stop()
-        if watch.lost and not report.unreachable:
-            report.unreachable = watch.lost
-            console.error(f"[{host.name}] UNREACHABLE: {watch.lost}")
+        lost = ctx.target.lost()
+        if lost and not report.unreachable:
+            report.unreachable = lost
+            console.error(f"[{host.name}] UNREACHABLE: {lost}")
         report.commands = commands_before + ctx.target.commands_run
         ctx.target.close()
     report.seconds = time.monotonic() - t_start
+    report.done = not report.interrupted
     return report
 
 
@@ -484,83 +495,6 @@ def _run_hook(ctx: Context, fn: Callable[[Context], None], report: HostReport) -
     if failed:
         report.results.append(failed)
     return failed is None
-
-
-class Watchdog:
-    """Notices a host that went away in the middle of a run. A dropped network leaves an SSH
-    command waiting forever (no RST ever comes), so while the run lasts a thread opens a TCP
-    connection to the host's SSH port every few seconds; after `misses` failed probes in a row
-    (each waits up to connection.connect_timeout) the session is closed, which ends the waiting
-    command; that command and every later one raise ConnectError, and the host is reported
-    UNREACHABLE. Local hosts are not watched."""
-
-    def __init__(self, host: Host, target: Target, misses: int = 2):
-        self.lost = ""
-        self._stop = threading.Event()
-        con = host.cfg["connection"]
-        from .target import SSHTarget
-        if not isinstance(target, SSHTarget) or not con.get("address"):
-            self._thread = None  # local hosts and test doubles are not watched
-            return
-        self.addr = (con["address"], int(con["port"]))
-        self.timeout = float(con["connect_timeout"])
-        self.interval = max(1.0, min(5.0, self.timeout / 2))
-        self.misses = misses
-        self.target = target
-        self.name = host.name
-        # once the host is declared gone, the command in flight and every later one raise
-        # ConnectError: the empty output of a killed session must never read as "nothing there"
-        orig_exec, orig_upload = target._exec, target._upload
-
-        def _exec(command, **kw):
-            if self.lost:
-                raise ConnectError(self.lost)
-            res = orig_exec(command, **kw)
-            if self.lost:
-                raise ConnectError(self.lost)
-            return res
-
-        def _upload(local, remote):
-            if self.lost:
-                raise ConnectError(self.lost)
-            orig_upload(local, remote)
-            if self.lost:
-                raise ConnectError(self.lost)
-        target._exec = _exec  # type: ignore[method-assign]
-        target._upload = _upload  # type: ignore[method-assign]
-        self._thread = threading.Thread(target=self._loop, name=f"watchdog-{host.name}", daemon=True)
-        self._thread.start()
-
-    def _probe(self) -> bool:
-        try:
-            with socket.create_connection(self.addr, timeout=self.timeout):
-                return True
-        except OSError:
-            return False
-
-    def _loop(self) -> None:
-        missed = 0
-        t_first = 0.0
-        while not self._stop.wait(self.interval):
-            if self._probe():
-                missed = 0
-                continue
-            if self._stop.is_set():
-                return
-            missed += 1
-            t_first = t_first or time.monotonic()
-            if missed >= self.misses:
-                self.lost = (f"{self.name} ({self.addr[0]}:{self.addr[1]}): no answer for "
-                             f"{time.monotonic() - t_first + self.timeout:.0f}s in the middle of the run "
-                             "(network down or host gone); its session was closed")
-                try:
-                    self.target.close()
-                except Exception:  # noqa: BLE001 - closing a dead session may fail any way
-                    pass
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def _run_step(ctx: Context, step: Step) -> StepResult:
@@ -644,30 +578,57 @@ def _run_handlers(ctx: Context, handlers: dict[str, Callable[[Context], None]],
 
 def run(hosts: Sequence[Host], steps: Sequence[Step], console: Console, opts: RunOptions,
         target_factory: Callable[[Host], Target] = connect) -> tuple[ExitStatus, list[HostReport]]:
+    """Each host in a worker thread (keeper.run_hosts); Ctrl-C ends the run within 2 s with a
+    recap of what each host finished and what was interrupted (exit 130)."""
     select_steps(steps, opts.only, opts.skip)
-    if len(hosts) == 1:
-        reports = [run_host(hosts[0], steps, console, opts, target_factory)]
-    else:
-        with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
-            futs = [pool.submit(_run_host_safe, h, steps, console, opts, target_factory)
-                    for h in hosts]
-            reports = [f.result() for f in futs]
+    reports = [HostReport(h.name) for h in hosts]
+    t0 = time.monotonic()
+
+    def work(i: int) -> HostReport:
+        return _run_host_safe(hosts[i], steps, console, opts, target_factory, reports[i])
+    _, interrupted = keeper.run_hosts(range(len(hosts)), work, opts.parallel,
+                                      on_wait=console.line)
+    if interrupted:
+        finish_interrupted(console, reports, time.monotonic() - t0,
+                           [s.name for s in active_steps(steps, opts.only, opts.skip)])
+        print_recap(console, reports, opts.check)
+        return ExitStatus.INTERRUPTED, reports
     print_recap(console, reports, opts.check)
     return exit_status(reports), reports
 
 
 def _run_host_safe(host: Host, steps: Sequence[Step], console: Console, opts: RunOptions,
-                   target_factory: Callable[[Host], Target]) -> HostReport:
+                   target_factory: Callable[[Host], Target], report: HostReport) -> HostReport:
     """run_host for one of several hosts: an unexpected exception (a bug) fails THAT host and
     never hides the other hosts' results."""
     t0 = time.monotonic()
     try:
-        return run_host(host, steps, console, opts, target_factory)
+        return run_host(host, steps, console, opts, target_factory, report)
     except Exception as e:  # noqa: BLE001
         console.error(f"[{host.name}] FAILED: internal error: {type(e).__name__}: {e}")
-        rep = HostReport(host.name, [StepResult("internal", "failed", message=f"{type(e).__name__}: {e}")])
-        rep.seconds = time.monotonic() - t0
-        return rep
+        report.results.append(StepResult("internal", "failed", message=f"{type(e).__name__}: {e}"))
+        report.seconds = time.monotonic() - t0
+        report.done = True
+        return report
+
+
+def finish_interrupted(console: Console, reports: Sequence[HostReport], seconds: float,
+                       planned: Sequence[str] | None = None) -> None:
+    """After Ctrl-C: every host still running is INTERRUPTED; one line per host says what it
+    finished, what was stopped and what never ran."""
+    console.error("interrupted (Ctrl-C): what was running on the hosts was stopped")
+    for r in reports:
+        if r.done:
+            continue
+        r.interrupted = True
+        if not r.seconds:
+            r.seconds = seconds
+        finished = [f"{x.step} ({x.status})" for x in r.results if x.status != "skipped"]
+        names = {x.step for x in r.results}
+        stopped = r.current or "nothing (it had not started: --parallel)"
+        rest = [n for n in (planned or []) if n not in names and n != stopped]
+        console.line(f"[{r.host}] interrupted: done: {', '.join(finished) or 'nothing'}; "
+                     f"stopped: {stopped}" + (f"; not run: {', '.join(rest)}" if rest else ""))
 
 
 def exit_status(reports: Sequence[HostReport]) -> ExitStatus:
@@ -681,8 +642,8 @@ def exit_status(reports: Sequence[HostReport]) -> ExitStatus:
 def print_recap(console: Console, reports: Sequence[HostReport], check: bool) -> None:
     rows = []
     for r in reports:
-        state = ("UNREACHABLE" if r.unreachable else "FAILED" if r.count("failed")
-                 else "REBOOT" if r.reboot_pending else "ok")
+        state = ("INTERRUPTED" if r.interrupted else "UNREACHABLE" if r.unreachable
+                 else "FAILED" if r.count("failed") else "REBOOT" if r.reboot_pending else "ok")
         rows.append([r.host, state, r.count("ok"), r.count("changed"), r.count("failed"),
                      r.count("skipped"), f"{r.seconds:.1f}s"])
     title = "recap (check mode: nothing was changed)" if check else "recap"

@@ -33,6 +33,11 @@ class ConnectError(RigError):
     status = ExitStatus.UNREACHABLE
 
 
+class SudoPasswordError(ConnectError):
+    """sudo refused the password of connection.sudo_password_env: the host cannot be worked on
+    (reported like an unreachable host: one line, nothing changed)."""
+
+
 class CommandError(RigError):
     """A command on a target exited non-zero."""
 

@@ -63,8 +63,9 @@ def probe_command() -> str:
 
 def read_raw(target: Any, cfg: dict, key: str | None) -> dict:
     """One round trip: rig_status.py on the rig -> its JSON."""
-    r = target.run(probe_command(), sudo=True, stdin=status_input(cfg, key) + "\n", check=False,
-                   timeout=PROBE_TIMEOUT_S)
+    from .steps import api_key as auth  # no explicit key: the rig's key file, read there
+    r = target.run(auth.keyed(cfg, probe_command()), sudo=True, stdin=status_input(cfg, key) + "\n",
+                   check=False, timeout=PROBE_TIMEOUT_S)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1:]
     if not line:
         raise RigError(f"status probe failed (exit {r.exited}): "

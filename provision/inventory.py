@@ -186,7 +186,7 @@ DEFAULT_PACKAGES = ["build-essential", "cmake", "git", "ninja-build", "ccache", 
 SCHEMA: dict[str, dict[str, F]] = {
     "connection": {
         "type": F("str", "ssh", choices=("ssh", "local")),
-        "address": F("str", None, value="host"),
+        "address": F("str", None, value="ssh_address"),
         "port": F("int", 22, 1, 65535),
         "user": F("str", "root", value="login_user"),
         "key": F("str", None, value="local_path"),
@@ -195,6 +195,9 @@ SCHEMA: dict[str, dict[str, F]] = {
         "sudo": F("bool", None),
         "sudo_password_env": F("str", None, value="env_name"),
         "connect_timeout": F("num", 10, 1, 300),
+        # OpenSSH client config read for Host aliases, User, Port, IdentityFile, ProxyJump
+        # (default: $LLAMA_RIG_SSH_CONFIG, else ~/.ssh/config; `none`: read none)
+        "ssh_config": F("str", None, value="local_path"),
     },
     "gpus": {
         "count": F("int", 0, 0, 64),
@@ -265,6 +268,8 @@ SCHEMA: dict[str, dict[str, F]] = {
         "min_p": F("num", 0.0, 0, 1),
         "jinja": F("bool", True),
         "alias": F("str", "Qwen3.5-122B-A10B-UD-Q6_K_XL", value="alias"),
+        # auto: a key made on the rig (/etc/llama-rig/api-key, --api-key-file); none: open
+        "api_key": F("str", "auto", choices=("auto", "none")),
         "api_key_file": F("str", None, value="local_path"),
         "batch_size": F("int", None, 1, 1048576),
         "ubatch_size": F("int", None, 1, 1048576),
@@ -284,6 +289,19 @@ SCHEMA: dict[str, dict[str, F]] = {
         "mode": F("str", "auto", choices=("auto", "direct", "relay")),
         "address": F("str", None, value="host"),  # where other rigs reach this one (default: connection.address)
         "rate_limit_mb": F("num", 0, 0, 1000000),  # MB/s read here for a copy; 0 = no limit
+    },
+    # llama.cpp's RPC backend (provision/rpc.py): a main host lists its workers; a worker has a bind
+    "rpc": {
+        "workers": F("list_str", [], value="name"),  # main: hosts or groups running ggml-rpc-server
+        "address": F("str", None, value="rpc_address"),  # main: where the workers see it (nft allow)
+        "wait_timeout": F("int", 300, 5, 86400),  # main: seconds to wait for the workers at a start
+        "bind": F("str", None, value="rpc_address"),  # worker: the private address it listens on
+        "port": F("int", 50052, 1, 65535),  # worker
+        "gpus": F("list_str", [], value="gpu_index"),  # worker: GPUs it exposes ([] = all)
+        "cache": F("bool", True),  # worker: -c, the tensor cache
+        "cache_dir": F("str", None, value="abs_path"),  # worker: default <state_dir>/rpc-cache
+        "cache_max_gb": F("num", 0, 0, 1000000),  # worker: pruned to this at each start (0 = no cap)
+        "firewall": F("bool", True),  # worker: nft table: only the main hosts reach the port
     },
     "opencode": {
         "enabled": F("bool", True),
@@ -313,6 +331,11 @@ class Host:
     groups: list[str]
     cfg: dict[str, Any]
     source: str = "hosts.yaml"
+    # "section.key" of every value the inventory (any layer) or the command line set: these win
+    # over ~/.ssh/config (provision.sshconf); None: treat every connection key as set
+    explicit: frozenset[str] | None = None
+    rpc_workers: list["Host"] = field(default_factory=list, repr=False, compare=False)  # rpc.workers, resolved
+    rpc_mains: list["Host"] = field(default_factory=list, repr=False, compare=False)  # hosts that use this worker
 
     def __getitem__(self, section: str) -> Any:
         return self.cfg[section]
@@ -367,14 +390,32 @@ def _did_you_mean(word: str, options) -> str:
 
 
 def check_control_files(hosts: list[Host]) -> None:
-    """Files on THIS machine that a selected host needs before it is contacted: the SSH key.
-    A missing one is bad input (exit 2), not an unreachable rig."""
+    """What THIS machine must have for a selected host before it is contacted: the SSH key, a
+    readable ssh_config without errors, the sudo password's environment variable. A missing or
+    bad one is bad input (exit 2), not an unreachable rig. The user and port that ssh_config
+    gives (where the inventory sets none) are written into the host's settings."""
+    from . import sshconf
     for h in hosts:
-        key = h.cfg["connection"]["key"]
-        if h.is_local or not key:
+        con = h.cfg["connection"]
+        where = f"{h.source}: host {_key(h.name)!r}"
+        env = con["sudo_password_env"]
+        if env:
+            pw = os.environ.get(env)
+            if not pw:
+                raise InventoryError(f"{where}: connection.sudo_password_env: the environment variable "
+                                     f"{env} is not set (or empty)")
+            if "\n" in pw or "\0" in pw or "\r" in pw:
+                raise InventoryError(f"{where}: connection.sudo_password_env: ${env} holds more than "
+                                     "one line (a sudo password is one line)")
+        if h.is_local:
+            continue
+        ep = sshconf.resolve(h)
+        con["user"], con["port"] = ep.user, ep.port
+        key = con["key"]
+        if not key:
             continue
         full = os.path.expanduser(key)
-        where = f"{h.source}: host {_key(h.name)!r}: connection.key"
+        where = f"{where}: connection.key"
         if not os.path.exists(full):
             raise InventoryError(f"{where}: no such file: {values.clip(full, 200)}")
         if not os.path.isfile(full):
@@ -440,6 +481,26 @@ def _merge(base: dict[str, Any], layer: dict[str, Any]) -> None:
             base[sec] = copy.deepcopy(body)
 
 
+def _explicit(layers: list[dict[str, Any]]) -> set[str]:
+    return {f"{sec}.{k}" for layer in layers for sec, body in layer.items()
+            if isinstance(body, dict) for k in body}
+
+
+def _split_address(cfg: dict[str, Any], explicit: set[str], where: str) -> None:
+    """connection.address `[v6]`, `[v6]:port` or `host:port` -> a bare address (+ the port)."""
+    con = cfg["connection"]
+    if not con["address"]:
+        return
+    addr, port = values.split_host_port(con["address"])
+    if port is not None:
+        if "connection.port" in explicit and con["port"] != port:
+            raise InventoryError(f"{where}: connection.port: {con['port']} but connection.address "
+                                 f"{cut(con['address'])} says port {port}")
+        con["port"] = port
+        explicit.add("connection.port")
+    con["address"] = addr
+
+
 def _cross_check(cfg: dict[str, Any], where: str) -> None:
     """Rules that involve more than one key, on the merged settings of a host."""
     check_values(cfg, where)
@@ -455,9 +516,9 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
             raise InventoryError(f"{where}: gpus.power_limit: a list needs gpus.count")
     ts = srv["tensor_split"]
     if ts is not None:
-        if n and len(ts) > n:
+        if n and len(ts) > n and not cfg["rpc"]["workers"]:
             raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}")
-        if n and len(ts) != n:
+        if n and len(ts) != n and not cfg["rpc"]["workers"]:  # with workers: _link_rpc
             raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}"
                                  f" (a missing GPU must not silently become a {len(ts)}-way split)")
         if sum(ts) <= 0:
@@ -466,6 +527,9 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
         raise InventoryError(f"{where}: server.parallel: {srv['parallel']} slots exceed server.ctx_size {srv['ctx_size']}")
     if srv["cache_type_v"] not in ("f16", "f32", "bf16") and srv["flash_attn"] == "off":
         raise InventoryError(f"{where}: server.flash_attn: a quantized V cache ({srv['cache_type_v']}) needs flash attention (auto or on)")
+    if srv["api_key"] == "none" and srv["api_key_file"]:
+        raise InventoryError(f"{where}: server.api_key: none contradicts server.api_key_file "
+                             f"{srv['api_key_file']} (drop one of them)")
     if srv["batch_size"] and srv["ubatch_size"] and srv["ubatch_size"] > srv["batch_size"]:
         raise InventoryError(f"{where}: server.ubatch_size: {srv['ubatch_size']} is larger than server.batch_size {srv['batch_size']}")
     inc = cfg["model"]["include"]
@@ -646,9 +710,56 @@ def from_data(data: Any, fname: str = "hosts.yaml", path: Path | None = None,
             _merge(cfg, group_layers[g])
         _merge(cfg, layer)
         _merge(cfg, over)
+        explicit = _explicit([dflt, *(group_layers[g] for g in member_of), layer, over])
+        _split_address(cfg, explicit, where)
         _cross_check(cfg, where)
-        hosts[hname] = Host(hname, member_of, cfg, fname)
+        hosts[hname] = Host(hname, member_of, cfg, fname, frozenset(explicit))
+    _link_rpc(hosts, groups, fname)
     return Inventory(path, hosts, groups)
+
+
+def _link_rpc(hosts: dict[str, Host], groups: dict[str, list[str]], fname: str) -> None:
+    """rpc.workers (host or group names) -> Host.rpc_workers / Host.rpc_mains, checked."""
+    for h in hosts.values():
+        where = f"{fname}: host {h.name!r}"
+        rpc, lc = h.cfg["rpc"], h.cfg["llama_cpp"]
+        if (rpc["workers"] or rpc["bind"]) and not lc["rpc"]:
+            raise InventoryError(f"{where}: {'rpc.workers' if rpc['workers'] else 'rpc.bind'}: needs "
+                                 "llama_cpp.rpc: true (the build needs GGML_RPC=ON)")
+        if rpc["workers"] and rpc["bind"]:
+            raise InventoryError(f"{where}: rpc.bind: a main host (rpc.workers) is not a worker itself")
+        for w in rpc["workers"]:
+            names = groups.get(w, [w] if w in hosts else None)
+            if names is None:
+                raise InventoryError(f"{where}: rpc.workers: unknown host or group {cut(w)}"
+                                     + _did_you_mean(w, [*hosts, *groups]))
+            for n in names:
+                wk = hosts[n]
+                if n == h.name:
+                    raise InventoryError(f"{where}: rpc.workers: {n!r} is this host itself")
+                if not wk.cfg["rpc"]["bind"]:
+                    raise InventoryError(f"{fname}: host {n!r}: rpc.bind: required on a worker of "
+                                         f"{h.name!r} (a private address of {n!r})")
+                if wk not in h.rpc_workers:
+                    h.rpc_workers.append(wk)
+                    wk.rpc_mains.append(h)
+        if h.rpc_workers:
+            from . import rpc as rpc_mod
+            rpc["endpoints"] = [rpc_mod.endpoint(w.cfg) for w in h.rpc_workers]  # derived, not a key
+            ts, n = h.cfg["server"]["tensor_split"], h.cfg["gpus"]["count"]
+            want = sum(rpc_mod.worker_devices(w.cfg) for w in h.rpc_workers) + n
+            if ts is not None and len(ts) != want:
+                raise InventoryError(
+                    f"{where}: server.tensor_split: has {len(ts)} values but the workers expose "
+                    f"{want - n} device(s) and gpus.count is {n}: list the workers' devices first "
+                    f"(rpc.workers order), then the local GPUs ({want} values)")
+        if rpc["workers"] and not rpc["address"] and any(w.cfg["rpc"]["firewall"] for w in h.rpc_workers):
+            addr = h.cfg["connection"]["address"]
+            if h.is_local or not addr or values.rpc_address(addr):
+                raise InventoryError(f"{where}: rpc.address: required on a main host whose "
+                                     "connection.address is not a private IP address (the workers "
+                                     "let only this address in)")
+
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,63}$")

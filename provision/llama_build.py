@@ -287,11 +287,13 @@ def server_flags(cfg: dict) -> list[str]:
              "--temp", "--top-p", "--top-k", "--min-p", "--alias", "-fa"]
     if s.get("tensor_split"):
         flags.append("-ts")
+    if (cfg.get("rpc") or {}).get("endpoints"):
+        flags.append("--rpc")
     if not s.get("warmup"):
         flags.append("--no-warmup")
     if s.get("jinja"):
         flags.append("--jinja")
-    if s.get("api_key_file"):
+    if s.get("api_key", "auto") != "none":  # the key file (provision/steps/api_key.py)
         flags.append("--api-key-file")
     if s.get("metrics", True):
         flags.append("--metrics")

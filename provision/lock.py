@@ -3,7 +3,9 @@
 After a successful provision `locks/<host>.lock.yaml` is written on the control machine (see
 `AfterHost`): llama.cpp repo + commit + build number + every cmake argument + the gcc/nvcc the
 build saw; the model repo + commit sha + every file with size and sha256; sha256 of the rendered
-units, env file and opencode config (read on the rig with one `sha256sum`); power limits; the
+units and opencode config (read on the rig with one `sha256sum`; never of a file that holds or
+held a secret: the env file and the API key file are left out, lock files get committed and a
+weak key could be guessed offline from its hash); power limits; the
 GPU model/count and driver; the llama-rig version. Plain YAML, fixed key order, no timestamps: a
 re-run that changes nothing rewrites nothing, and `git diff locks/` reads well.
 
@@ -168,17 +170,25 @@ def build(*, name: str, address: str, groups: Sequence[str], cfg: dict[str, Any]
             "commit": md.get("commit"),
             "files": files,
         },
-        "rendered": {k: (hashes or {}).get(k) for k in ("llama-server.service", "llama-server.env",
-                                                         "llama-rig-gpu.service", "opencode.json")},
+        "rendered": {k: (hashes or {}).get(k) for k in RENDERED},
         "power": power,
     }
+    rpc_workers = (state.get("rpc") or {}).get("workers")
+    if rpc_workers:  # a main host of llama.cpp's RPC backend: the worker builds it was started with
+        lock["rpc"] = {"workers": {w: {"endpoint": v.get("endpoint"), "build": v.get("build"),
+                                       "commit": ll.get("commit")}
+                                   for w, v in sorted(rpc_workers.items())}}
     return {"host": {"name": name, "address": address, "groups": list(groups)}, "lock": lock}
+
+
+# the files whose sha256 a lock holds: none of them holds a secret (the opencode config holds a
+# {file:...} reference to the key, never the key)
+RENDERED = ("llama-server.service", "llama-rig-gpu.service", "opencode.json")
 
 
 def rendered_paths(ctx: Context) -> dict[str, str]:
     """Role -> path on the rig of the files whose sha256 goes into the lock."""
-    paths = {"llama-server.service": SERVICE_UNIT, "llama-server.env": SERVICE_ENV,
-             "llama-rig-gpu.service": GPU_UNIT}
+    paths = {"llama-server.service": SERVICE_UNIT, "llama-rig-gpu.service": GPU_UNIT}
     oc = ctx.cfg.get("opencode") or {}
     if oc.get("enabled") and oc.get("user"):
         r = ctx.target.run(f"getent passwd {quote(oc['user'])} | cut -d: -f6", check=False)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import io
 import logging
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import tempfile
@@ -25,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from .errors import CommandError, ConnectError
+from . import keeper
+from .channel import Held, LineWriter as _LineWriter, LocalHeld as _LocalHeld, SSHHeld as _SSHHeld
+from .channel import run_command, stop_local as _stop_local
+from .errors import CommandError, ConnectError, SudoPasswordError
 from .inventory import Host
 from .secrets import redact, register
 
@@ -52,99 +53,6 @@ class Result:
         return self.exited == 0
 
 
-class _LineWriter(io.TextIOBase):
-    """A file-like that collects text and calls back once per complete line."""
-
-    def __init__(self, cb: LineCallback | None):
-        self.cb = cb
-        self.buf = ""
-
-    def write(self, s: str) -> int:
-        if self.cb is None:
-            return len(s)
-        self.buf += s
-        while True:
-            cut = min((i for i in (self.buf.find("\n"), self.buf.find("\r")) if i >= 0), default=-1)
-            if cut < 0:
-                break
-            line, self.buf = self.buf[:cut], self.buf[cut + 1:]
-            if line.strip():
-                self.cb(line)
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-
-class Held(abc.ABC):
-    """A command started by Target.hold(): running until release()."""
-
-    first_line: str = ""
-
-    @abc.abstractmethod
-    def release(self) -> None:
-        """Close its stdin (it sees EOF and ends) and wait a little for it."""
-
-
-class _LocalHeld(Held):
-    def __init__(self, line: str, stdin: str | None, timeout: float):
-        self.proc = subprocess.Popen(["bash", "-c", line], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        if stdin:
-            self.proc.stdin.write(stdin)
-            self.proc.stdin.flush()
-        got: list[str] = []
-        t = threading.Thread(target=lambda: got.append(self.proc.stdout.readline()), daemon=True)
-        t.start()
-        t.join(timeout)
-        self.first_line = got[0].strip() if got else ""
-
-    def release(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-
-
-class _SSHHeld(Held):
-    def __init__(self, transport, line: str, stdin: str | None, timeout: float):
-        self.chan = transport.open_session(timeout=timeout)
-        self.chan.settimeout(timeout)
-        self.chan.set_combine_stderr(True)  # an error (sudo, a missing tool) is the first line
-        self.chan.exec_command(line)
-        if stdin:
-            self.chan.sendall(stdin.encode())
-        buf = b""
-        try:
-            while not buf.endswith(b"\n"):
-                b = self.chan.recv(1)
-                if not b:
-                    break
-                buf += b
-        except socket.timeout:
-            pass
-        self.first_line = buf.decode(errors="replace").strip()
-
-    def release(self) -> None:
-        try:
-            self.chan.shutdown_write()
-            t0 = time.monotonic()
-            while not self.chan.exit_status_ready() and time.monotonic() - t0 < 10:
-                time.sleep(0.05)
-        except (OSError, EOFError):
-            pass
-        finally:
-            self.chan.close()
-
-
 def quote(s: str | os.PathLike) -> str:
     return shlex.quote(str(s))
 
@@ -159,6 +67,15 @@ class Target(abc.ABC):
     name: str
     user: str
     commands_run: int
+    _run_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        """Tags every command of this session on the box (provision/keeper.py): the run lock's
+        keeper stops them all when the run ends, dies or loses its link."""
+        if self._run_id is None:
+            self._run_id = keeper.new_run_id()
+        return self._run_id
 
     def __init__(self, host: Host):
         self.host = host
@@ -166,11 +83,14 @@ class Target(abc.ABC):
         self.commands_run = 0
         self._sudo_password: str | None = None
         con = host.cfg["connection"]
-        if con.get("sudo_password_env"):
-            pw = os.environ.get(con["sudo_password_env"])
+        self._sudo_env = con.get("sudo_password_env")
+        if self._sudo_env:
+            pw = os.environ.get(self._sudo_env)
             if pw:
                 register(pw)
                 self._sudo_password = pw
+        # printed by the sudo wrapper when sudo refuses the password (see _sudo_line)
+        self._sudo_refused = f"llama-rig-sudo-refused-{uuid.uuid4().hex[:16]}"
 
     # -- to implement ------------------------------------------------------
     @abc.abstractmethod
@@ -200,6 +120,22 @@ class Target(abc.ABC):
     def close(self) -> None:
         pass
 
+    def lost(self) -> str:
+        """One line if the link to the box was declared dead mid-run (keeper.LinkWatch), else ""."""
+        return ""
+
+    _stop_reason: str = ""
+
+    def stop_all(self, reason: str) -> None:
+        """From now on every command raises StepError(reason) (the run lock was lost)."""
+        self._stop_reason = reason
+
+    def _check_stop(self) -> None:
+        keeper.check()
+        if self._stop_reason and not self.lost():  # a dead link is the better line (UNREACHABLE)
+            from .errors import StepError
+            raise StepError(self._stop_reason)
+
     # -- running -----------------------------------------------------------
     @property
     def needs_sudo(self) -> bool:
@@ -211,6 +147,11 @@ class Target(abc.ABC):
     def wrap(self, command: str, sudo: bool = False, cwd: str | None = None,
              env: dict[str, str] | None = None, user: str | None = None) -> str:
         """Build the exact shell line: cd, env and sudo applied to the WHOLE command."""
+        return self._wrap(command, sudo, cwd, env, user)[0]
+
+    def _wrap(self, command: str, sudo: bool = False, cwd: str | None = None,
+              env: dict[str, str] | None = None, user: str | None = None) -> tuple[str, bool]:
+        """(shell line, whether the sudo password goes first on its stdin -- see _sudo_line)."""
         inner = command
         if env:
             inner = f"export {' '.join(f'{k}={quote(v)}' for k, v in env.items())}; {command}"
@@ -218,14 +159,48 @@ class Target(abc.ABC):
             inner = f"cd {quote(cwd)} && {{ {inner}\n}}"
         if user:
             # run as another (unprivileged) user: always through sudo (root can too)
-            return f"sudo -n -H -u {quote(user)} sh -c {quote(inner)}"
+            if self._sudo_password is not None and not self.is_root():
+                return self._sudo_line(inner, f"-H -u {quote(user)} "), True
+            return f"sudo -n -H -u {quote(user)} sh -c {quote(inner)}", False
         if sudo and self.needs_sudo:
             if self._sudo_password is not None:
-                return f"sudo -S -p '' sh -c {quote(inner)}"
-            return f"sudo -n sh -c {quote(inner)}"
+                return self._sudo_line(inner), True
+            return f"sudo -n sh -c {quote(inner)}", False
         if cwd or env:
-            return f"sh -c {quote(inner)}"
-        return inner
+            return f"sh -c {quote(inner)}", False
+        return inner, False
+
+    def _sudo_line(self, inner: str, flags: str = "") -> str:
+        """`inner` as root for a login user whose sudo asks for a password.
+
+        The password is the first line of the command's stdin, ALWAYS (whether sudo asks or
+        not); this shell reads that line itself (`read`, a builtin: never in argv) and hands it
+        to `sudo -S -v` through a pipe of its own, which checks it and records sudo's timestamp
+        for this shell (with no terminal sudo keys it to the parent process). The command then
+        runs with `sudo -n` -- no password -- and gets the rest of stdin untouched: a helper
+        reading JSON on stdin never sees the password, nor does a NOPASSWD sudo that never asks.
+        A refused password prints the marker line and exits 1 before anything runs. The
+        password is in no argv (`printf` is a builtin too), no environment and no file; sudo
+        is never exec'd (`r=$?`) so both sudo calls share this shell as their parent."""
+        script = ('IFS= read -r p; '
+                  'printf "%s\\n" "$p" | sudo -S -p "" -v || { echo "$2" >&2; exit 1; }; p=; '
+                  f'sudo -n {flags}sh -c "$1"; r=$?; exit "$r"')
+        return f"sh -c {quote(script)} llama-rig-sudo {quote(inner)} {self._sudo_refused}"
+
+    def _check_sudo_result(self, res: "Result") -> None:
+        """A password-sudo command whose sudo refused (see _sudo_line): one SudoPasswordError line."""
+        if self._sudo_refused in res.stderr:
+            said = [ln.strip() for ln in res.stderr.split(self._sudo_refused)[0].splitlines()
+                    if ln.strip() and ln.strip() != "Sorry, try again."]
+            why = said[-1] if said else f"exit {res.exited}"
+            raise SudoPasswordError(f"{self.name}: sudo refused the password from ${self._sudo_env} "
+                                    f"({redact(why)[:200]})")
+        if res.exited == 1 and res.stderr.strip() == "sudo: a password is required":
+            # the password was accepted a moment ago, but sudo asks again (timestamp_timeout=0)
+            raise SudoPasswordError(f"{self.name}: sudo accepted the password from ${self._sudo_env} "
+                                    "but asks again for the next command (sudoers "
+                                    "timestamp_timeout=0?); llama-rig needs sudo's timestamp to "
+                                    "last a few seconds, or NOPASSWD")
 
     def run(self, command: str | list[str], *, sudo: bool = False, check: bool = True,
             cwd: str | None = None, env: dict[str, str] | None = None, user: str | None = None,
@@ -233,12 +208,14 @@ class Target(abc.ABC):
             on_stdout: LineCallback | None = None, on_stderr: LineCallback | None = None) -> Result:
         if isinstance(command, list):
             command = join(command)
-        line = self.wrap(command, sudo=sudo, cwd=cwd, env=env, user=user)
-        if self._sudo_password is not None and line.startswith("sudo -S"):
+        line, password_first = self._wrap(command, sudo=sudo, cwd=cwd, env=env, user=user)
+        if password_first:
             stdin = self._sudo_password + "\n" + (stdin or "")
         self.commands_run += 1
         res = self._exec(line, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr)
         res.command = command
+        if password_first:
+            self._check_sudo_result(res)
         if check and not res.ok:
             raise CommandError(self.name, redact(command), res.exited, redact(res.stdout),
                                redact(res.stderr))
@@ -252,21 +229,27 @@ class Target(abc.ABC):
         until release() (or until this process or its SSH session dies -- the command sees EOF).
         Returns once its first line of stdout is there (`Held.first_line`; "" if it exited
         without one or said nothing within `timeout`). Used for the run lock (provision.runlock)."""
-        line = self.wrap(command, sudo=sudo)
-        stdin = self._sudo_password + "\n" if (self._sudo_password is not None
-                                                and line.startswith("sudo -S")) else None
+        line, password_first = self._wrap(command, sudo=sudo)
+        stdin = self._sudo_password + "\n" if password_first else None
         self.commands_run += 1
         return self._start(line, stdin, timeout)
 
     def pipe(self, command: str, *, sudo: bool = False, timeout: float | None = None) -> "Pipe":
         """Start a command whose stdin and stdout are byte streams (provision/pipe.py): for
         copies streamed between boxes (provision/transfer/). `timeout` bounds each read/write."""
-        line = self.wrap(command, sudo=sudo)
+        line, password_first = self._wrap(command, sudo=sudo)
         self.commands_run += 1
         p = self._pipe(line, timeout)
-        if self._sudo_password is not None and line.startswith("sudo -S"):
+        if password_first:
             p.write((self._sudo_password + "\n").encode())
         return p
+
+    def check_sudo(self) -> None:
+        """With connection.sudo_password_env: try the password once, before any step runs (a
+        wrong one is one SudoPasswordError line, and sudo counts one failed attempt, not one per
+        command)."""
+        if self._sudo_password is not None and self.needs_sudo:
+            self.run("true", sudo=True, check=False)
 
     def _pipe(self, line: str, timeout: float | None) -> "Pipe":
         raise NotImplementedError(f"{type(self).__name__} cannot stream")
@@ -341,9 +324,11 @@ class LocalTarget(Target):
         return os.geteuid() == 0
 
     def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
+        self._check_stop()
         proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace", start_new_session=True)
+                                errors="replace", start_new_session=True,
+                                env={**os.environ, keeper.RUN_ENV: self.run_id})
         out_w, err_w = _LineWriter(on_stdout), _LineWriter(on_stderr)
         chunks: dict[str, list[str]] = {"out": [], "err": []}
 
@@ -358,39 +343,42 @@ class LocalTarget(Target):
         for t in threads:
             t.start()
         if stdin:
-            try:
-                proc.stdin.write(stdin)
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # the whole process group: a child of `a; b` would otherwise keep the pipes open
-            # and the reader threads (and this call) waiting for it
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            rc = proc.wait()
-            chunks["err"].append(f"\ntimed out after {timeout}s\n")
-            rc = 124
-        except KeyboardInterrupt:
-            # its own session does not get the terminal's Ctrl-C: pass it on, then stop
-            try:
-                os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            def feed():
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    proc.stdin.write(stdin)
+                    proc.stdin.close()
+                except (BrokenPipeError, ValueError, OSError):
                     pass
-            raise
+            threading.Thread(target=feed, daemon=True).start()
+        t0 = time.monotonic()
+        rc: int | None = None
+        while rc is None:
+            try:
+                rc = proc.wait(0.1)
+            except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:  # Ctrl-C in the main thread (a caller outside run_hosts)
+                _stop_local(proc)
+                raise
+            if rc is not None:
+                break
+            if keeper.must_stop():
+                _stop_local(proc)
+                raise keeper.Interrupted()
+            if timeout and time.monotonic() - t0 >= timeout:
+                # the whole process group: a child of `a; b` would otherwise keep the pipes open
+                # and the reader threads (and this call) waiting for it
+                _stop_local(proc, term=False)
+                for t in threads:
+                    t.join(5)
+                chunks["err"].append(f"\ntimed out after {timeout}s\n")
+                return Result(command, 124, "".join(chunks["out"]), "".join(chunks["err"]))
         for t in threads:
             t.join()
         return Result(command, rc, "".join(chunks["out"]), "".join(chunks["err"]))
 
     def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
+        self._check_stop()
         return _LocalHeld(command, stdin, timeout)
 
     def _pipe(self, line: str, timeout: float | None):
@@ -406,190 +394,201 @@ class LocalTarget(Target):
 
 
 class SSHTarget(Target):
-    """`connection: ssh` — Fabric over one persistent SSH session, host keys verified."""
+    """`connection: ssh` — Fabric over one persistent SSH session, host keys verified.
+
+    Where the host is comes from provision.sshconf: the inventory over ~/.ssh/config (Host
+    aliases, User, Port, IdentityFile, ProxyJump, ProxyCommand). Jump hosts are dialled here with
+    paramiko -- not by Fabric, whose gateway connections trust any host key -- each checked
+    against the same known_hosts with the same policy as the rig."""
 
     def __init__(self, host: Host):
         super().__init__(host)
         import fabric
-        import paramiko
+        from . import sshconf
 
         con = host.cfg["connection"]
-        self.user = con["user"]
-        self.address = con["address"]
-        self.port = con["port"]
-        self.timeout = float(con["connect_timeout"])
+        self.ep = sshconf.resolve(host)
+        self.user = self.ep.user
+        self.address = self.ep.hostname
+        self.port = self.ep.port
+        self.timeout = self.ep.timeout
         self.known_hosts = os.path.expanduser(con["known_hosts"])
-        kw: dict = {"look_for_keys": con["key"] is None, "allow_agent": con["key"] is None,
-                    "banner_timeout": self.timeout, "auth_timeout": self.timeout}
-        if con["key"]:
-            kw["key_filename"] = [os.path.expanduser(con["key"])]
+        self._policy = con["host_key_policy"]
+        self._hops: list = []  # paramiko clients of the jump hosts while connected
         self.conn = fabric.Connection(
             self.address, user=self.user, port=self.port, connect_timeout=self.timeout,
             config=fabric.Config(overrides={"load_ssh_configs": False, "run": {"hide": True, "warn": True}}),
-            connect_kwargs=kw,
+            connect_kwargs=sshconf.auth_kwargs(self.ep),
         )
-        client = self.conn.client
-        if os.path.exists(self.known_hosts):
-            client.load_host_keys(self.known_hosts)
-        if con["host_key_policy"] == "accept-new":
-            client.set_missing_host_key_policy(_AcceptNew(self.known_hosts))
-        else:
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        sshconf.trust(self.conn.client, self.known_hosts, self._policy)
         self._root: bool | None = None
 
     def connect(self) -> None:
-        """Open the SSH session; every failure is one ConnectError line a person can act on."""
-        import errno
-        import paramiko
-
-        addr = f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
-        login = f"{self.user}@{addr}"
-        t = f"{self.timeout:g} s"
-        no_server = f"no SSH server answered on {addr}"
-        check = "(is the rig up, is the port right?)"
+        """Open the SSH session (through the jump hosts, if any); every failure is one
+        ConnectError line a person can act on."""
         key = self.host.cfg["connection"]["key"]
         key = os.path.expanduser(key) if key else None
         if key and not os.path.isfile(key):
             raise ConnectError(f"connection.key: no such file: {key}")
+        from . import sshconf
+        self._close_hops()
         t0 = time.monotonic()
         try:
+            sock = sshconf.open_route(self.ep, self.known_hosts, self._policy, self._hops)
+            if sock is not None:
+                self.conn.connect_kwargs["sock"] = sock
+            else:
+                self.conn.connect_kwargs.pop("sock", None)
             self.conn.open()
-        except paramiko.BadHostKeyException:
-            kh_name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
-            raise ConnectError(
-                f"the host key of {addr} changed: it does not match {self.known_hosts} — refusing "
-                "to connect (possible man-in-the-middle; if the rig was reinstalled, remove the "
-                f"old key: ssh-keygen -f {self.known_hosts} -R '{kh_name}')") from None
-        except paramiko.AuthenticationException as e:
-            tried = (f"with key {key}" if key else
-                     "with the SSH agent and the default keys in ~/.ssh (set connection.key)")
-            detail = str(e).strip().rstrip(".")
-            raise ConnectError(f"{login} refused the login {tried}"
-                               + (f": {detail}" if detail and detail != "Authentication failed" else "")
-                               + f" (is the public key in {self.user}'s ~/.ssh/authorized_keys?)") from None
-        except paramiko.SSHException as e:
-            msg = str(e)
-            waited = time.monotonic() - t0
-            if "not found in known_hosts" in msg or "Server" in msg and "not found" in msg:
-                raise ConnectError(f"the host key of {addr} is unknown: not in {self.known_hosts} "
-                                   "(add it, or set connection.host_key_policy: accept-new)") from None
-            if key and "private key" in msg:
-                raise ConnectError(f"connection.key: cannot use {key}: {msg}") from None
-            if msg.startswith("Error reading SSH protocol banner") or msg == "No existing session":
-                if waited >= self.timeout * 0.8:
-                    raise ConnectError(f"{no_server} within {t} {check}") from None
-                raise ConnectError(f"{no_server}: something there closed the connection without "
-                                   "speaking SSH (is the port right?)") from None
-            raise ConnectError(f"SSH to {login} failed: {msg.splitlines()[0] if msg else type(e).__name__}") from None
-        except (socket.timeout, TimeoutError):
-            raise ConnectError(f"{no_server} within {t} {check}") from None
-        except socket.gaierror:
-            raise ConnectError(f"cannot resolve the host name {self.address!r} (connection.address: "
-                               "check the spelling, DNS or /etc/hosts)") from None
-        except paramiko.ssh_exception.NoValidConnectionsError as e:
-            codes = {getattr(x, "errno", None) for x in e.errors.values()}
-            if codes <= {errno.ECONNREFUSED}:
-                raise ConnectError(f"{no_server}: connection refused {check}") from None
-            reason = next((x.strerror for x in e.errors.values() if getattr(x, "strerror", None)), str(e))
-            raise ConnectError(f"cannot reach {addr}: {reason} {check}") from None
-        except ConnectionRefusedError:
-            raise ConnectError(f"{no_server}: connection refused {check}") from None
-        except (ConnectionResetError, EOFError):
-            raise ConnectError(f"the SSH server on {addr} closed the connection before login "
-                               "(too many connections, or it refuses this client)") from None
-        except OSError as e:
-            reason = e.strerror or str(e) or type(e).__name__
-            raise ConnectError(f"cannot reach {addr}: {reason} {check}") from None
+        except ConnectError:
+            self._close_hops()
+            raise
+        except Exception as e:
+            self._close_hops()
+            err = sshconf.connect_error(e, self.ep, t0, self.known_hosts)
+            if err is None:
+                raise
+            raise err from None
+
+    def _close_hops(self) -> None:
+        for client in reversed(self._hops):
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - a dead jump host may fail any way
+                pass
+        self._hops = []
 
     def is_root(self) -> bool:
         if self._root is None:
             self._root = self.user == "root" or self.run("id -u", check=False).stdout.strip() == "0"
         return self._root
 
-    def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
-        import paramiko
+    _watch: "keeper.LinkWatch | None" = None
+
+    def _transport(self):
+        """The live SSH transport (connecting first if needed), watched by a keeper.LinkWatch.
+        Once the watch declared the link dead, every call raises ConnectError with its line."""
+        if self._watch is not None and self._watch.lost:
+            raise ConnectError(self._watch.lost)
         if not self.conn.is_connected:
             self.connect()
-        t0 = time.monotonic()
+        tr = self.conn.client.get_transport()
+        if self._watch is None or self._watch.transport is not tr:
+            if self._watch is not None:
+                self._watch.stop()
+            where = f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+            self._watch = keeper.LinkWatch(tr, f"{self.name} ({where})", keeper.link_deadline(self.timeout),
+                                           self.conn.close)
+        return tr
+
+    def lost(self) -> str:
+        return self._watch.lost if self._watch is not None else ""
+
+    def _lost(self, e: BaseException) -> ConnectError:
+        if self._watch is not None and self._watch.lost:
+            return ConnectError(self._watch.lost)
+        self.conn.close()
+        return ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}")
+
+    def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:
+        """One session channel per command (not invoke's Runner: it swallows Ctrl-C and feeds
+        stdin at a crawl). The command is its own process group on the box (keeper.guard_line):
+        Ctrl-C and a timeout stop the whole group there."""
+        self._check_stop()
+        tr = self._transport()
         try:
-            r = self.conn.run(command, hide=True, warn=True, timeout=timeout,
-                              in_stream=io.StringIO(stdin) if stdin else False,
-                              out_stream=_LineWriter(on_stdout) if on_stdout else None,
-                              err_stream=_LineWriter(on_stderr) if on_stderr else None)
-        except (paramiko.SSHException, EOFError, OSError, socket.error) as e:
-            self.conn.close()
-            raise ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}") from None
-        except Exception as e:  # invoke.CommandTimedOut and friends
-            if type(e).__name__ == "CommandTimedOut":
-                return Result(command, 124, "", f"timed out after {timeout}s")
-            raise
-        if r.exited == -1 and timeout and time.monotonic() - t0 >= timeout:
-            # invoke's timer closed the channel before the exit status arrived: same as above
-            return Result(command, 124, r.stdout, (r.stderr or "") + f"\ntimed out after {timeout}s")
-        return Result(command, r.exited, r.stdout, r.stderr)
+            chan = tr.open_session(timeout=self.timeout)
+            chan.exec_command(keeper.guard_line(command, self.run_id))
+        except Exception as e:  # noqa: BLE001 - paramiko.SSHException, EOFError, OSError
+            raise self._lost(e) from None
+
+        rc, out, err = run_command(chan, stdin=stdin, timeout=timeout, on_stdout=on_stdout,
+                                   on_stderr=on_stderr, stop_group=self._stop_group,
+                                   link_error=lambda closed: self._link_error(tr, closed))
+        if rc is None:
+            return Result(command, 124, out, err + f"\ntimed out after {timeout}s")
+        return Result(command, rc, out, err)
+
+    def _link_error(self, tr, closed: bool) -> ConnectError | None:
+        """The error for a command: the link was declared dead (keeper.LinkWatch), or its channel
+        closed early (`closed`) because the connection is gone; else None."""
+        if self._watch is not None and self._watch.lost:
+            return ConnectError(self._watch.lost)
+        if closed and not tr.is_active():
+            return self._lost(EOFError("the SSH connection closed"))
+        return None
+
+    def _stop_group(self, pgid: int | None, whole_run: bool = False) -> None:
+        """Stop a command's process group on the box (TERM, then KILL), over a new channel; after
+        Ctrl-C (`whole_run`) every process group this session started there."""
+        if pgid is None and not whole_run:
+            return
+        try:
+            with keeper.allowed():
+                self.run(keeper.kill_line(pgid, self.run_id if whole_run else None), sudo=True,
+                         check=False, timeout=keeper.KILL_WAIT_S + 2)
+        except Exception:  # noqa: BLE001 - the link is gone: the run lock's keeper stops it
+            pass
 
     def _start(self, command: str, stdin: str | None, timeout: float) -> Held:
-        import paramiko
-        if not self.conn.is_connected:
-            self.connect()
+        self._check_stop()
+        tr = self._transport()
         try:
-            return _SSHHeld(self.conn.client.get_transport(), command, stdin, timeout)
-        except (paramiko.SSHException, EOFError, OSError) as e:
-            self.conn.close()
-            raise ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}") from None
+            return _SSHHeld(tr, command, stdin, timeout)
+        except Exception as e:  # noqa: BLE001 - paramiko.SSHException, EOFError, OSError
+            raise self._lost(e) from None
 
     def _pipe(self, line: str, timeout: float | None):
         from .pipe import PipeError, SSHPipe
-        if not self.conn.is_connected:
-            self.connect()
+        self._check_stop()
+        tr = self._transport()
         try:
-            return SSHPipe(self.conn.client.get_transport(), line, timeout)
+            return SSHPipe(tr, f"exec env {keeper.RUN_ENV}={self.run_id} sh -c {quote(line)}", timeout)
         except PipeError as e:
             raise ConnectError(f"{self.name} ({self.address}): connection lost: {e}") from None
 
     def _upload(self, local_path: str, remote_tmp: str) -> None:
-        if not self.conn.is_connected:
-            self.connect()
+        self._check_stop()
+        self._transport()
         # not conn.put(): it writes the bytes under the server's umask (0644 in /tmp) and only
         # then chmods -- a window in which anyone on the box can read a secret. Here the empty
         # file is made 0600 before the first byte is written.
-        sftp = self.conn.sftp()
-        with sftp.open(remote_tmp, "wb") as fh:
-            fh.chmod(0o600)
-            fh.set_pipelined(True)
-            with open(local_path, "rb") as src:
-                while True:
-                    chunk = src.read(1 << 20)
-                    if not chunk:
-                        break
-                    fh.write(chunk)
+        try:
+            sftp = self.conn.sftp()
+            with sftp.open(remote_tmp, "wb") as fh:
+                fh.chmod(0o600)
+                fh.set_pipelined(True)
+                with open(local_path, "rb") as src:
+                    while True:
+                        self._check_stop()
+                        chunk = src.read(1 << 20)
+                        if not chunk:
+                            break
+                        fh.write(chunk)
+        except (KeyboardInterrupt, ConnectError):
+            raise
+        except Exception as e:  # noqa: BLE001 - paramiko.SSHException, EOFError, OSError
+            if self._watch is not None and self._watch.lost or not self.conn.is_connected:
+                raise self._lost(e) from None
+            raise
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         self.conn.close()
-
-
-class _AcceptNew:
-    """Like OpenSSH's StrictHostKeyChecking=accept-new: record unknown keys, reject changed ones
-    (a changed key raises BadHostKeyException inside paramiko before we are asked)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def missing_host_key(self, client, hostname, key) -> None:
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a") as fh:
-            fh.write(line)
+        self._close_hops()
 
 
 def connect(host: Host) -> Target:
     """A connected Target for `host` (raises ConnectError with one clear line)."""
-    if host.is_local:
-        return LocalTarget(host)
-    t = SSHTarget(host)
-    t.connect()
+    t: Target = LocalTarget(host) if host.is_local else SSHTarget(host)
+    try:
+        if isinstance(t, SSHTarget):
+            t.connect()
+        t.check_sudo()
+    except BaseException:
+        t.close()
+        raise
     return t
 
 

@@ -1,6 +1,7 @@
 """Render the real files under the repo's `templates/` with jinja2 (StrictUndefined).
 
-Works from a checkout (templates/ beside provision/); `LLAMA_RIG_TEMPLATES` points elsewhere.
+Works from a checkout (templates/ beside provision/) and from an installed wheel (shipped as
+provision/_templates); `LLAMA_RIG_TEMPLATES` points elsewhere.
 """
 from __future__ import annotations
 
@@ -15,15 +16,24 @@ from .errors import UnsafeValue
 from .values import bad_char, cut
 
 
+def shipped_dir(name: str) -> Path:
+    """`templates` or `baselines`: the folder in an installed wheel (provision/_<name>, see
+    pyproject.toml) or, in a checkout, the top-level folder beside provision/."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / f"_{name}", here.parent / name):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(f"llama-rig {name}/ not found in {here} or beside it")
+
+
 def templates_dir() -> Path:
     env = os.environ.get("LLAMA_RIG_TEMPLATES")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "templates", here / "templates"):
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError(f"llama-rig templates/ not found next to {here} (set LLAMA_RIG_TEMPLATES)")
+    try:
+        return shipped_dir("templates")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (set LLAMA_RIG_TEMPLATES)") from None
 
 
 class Rendered(str):

@@ -219,6 +219,37 @@ def host(s: str) -> str | None:
     return None
 
 
+def split_host_port(s: str) -> tuple[str, int | None]:
+    """`[v6]` / `[v6]:port` / `name:port` / `v4:port` / a bare IPv6 / a name -> (address, port)."""
+    m = re.fullmatch(r"\[([^\[\]]+)\](?::([0-9]{1,5}))?", s)
+    if m:
+        return m.group(1), int(m.group(2)) if m.group(2) else None
+    if s.count(":") == 1:
+        h, _, p = s.partition(":")
+        if p.isdigit():
+            return h, int(p)
+    return s, None
+
+
+def ssh_address(s: str) -> str | None:
+    """connection.address: what `host` takes, and `[v6]:port` / `name:port` (port 1-65535)."""
+    what = "a host name, an IPv4 or an IPv6 address (optionally [address]:port)"
+    err = _plain(s, what, "192.168.1.50, rig.lan or [fe80::1%eth0]:2222")
+    if err:
+        return err
+    h, port = split_host_port(s)
+    if s.startswith("["):
+        try:
+            ipaddress.IPv6Address(h)
+        except ValueError:
+            return f"must be {what}; brackets hold an IPv6 address, got {cut(s)}"
+    if port is not None and not 0 < port < 65536:
+        return f"must be {what} with a port of 1 to 65535, got {cut(s)}"
+    if host_error(h):
+        return f"must be {what}, got {cut(s)}"
+    return None
+
+
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _LOGIN_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 
@@ -412,12 +443,50 @@ def pip_requirement(s: str) -> str | None:
     return None
 
 
+def rpc_address(s: str) -> str | None:
+    """An IP address of a private network (or loopback) for the RPC backend, which has no
+    authentication at all: never a wildcard (0.0.0.0, ::), a multicast or a global address, and
+    never a host name (it could resolve to anything)."""
+    what = "a private IP address (10.x, 172.16-31.x, 192.168.x, 100.64/10, fd00::/8, loopback)"
+    err = _plain(s, what, "10.0.0.2")
+    if err:
+        return err
+    h = s[1:-1] if s.startswith("[") and s.endswith("]") else s
+    if "%" in h:
+        return f"must be {what} without a zone (%...), got {cut(s)}"
+    try:
+        ip = ipaddress.ip_address(h)
+    except ValueError:
+        return f"must be {what}, not a host name, got {cut(s)}"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    if ip.is_unspecified:
+        return (f"must be {what}: {cut(s)} listens on every interface and the RPC server has no "
+                "authentication")
+    if ip.is_multicast or ip.is_global or (ip.is_reserved and not ip.is_loopback):
+        return (f"must be {what}: {cut(s)} is a public or non-unicast address and the RPC server "
+                "has no authentication")
+    return None
+
+
+def gpu_index(s: str) -> str | None:
+    """A GPU index as nvidia-smi numbers them (0, 1, ...)."""
+    err = text(s)
+    if err:
+        return err
+    if not s.isascii() or not s.isdigit() or len(s) > 3:
+        return f"must be a GPU index (0, 1, ...), got {cut(s)}"
+    return None
+
+
 CHECKS: dict[str, Callable[[str], str | None]] = {
     "text": text, "deb_package": deb_package, "git_url": git_url, "git_ref": git_ref,
     "abs_path": abs_path, "local_path": local_path, "host": host, "unix_user": unix_user,
     "service_user": service_user, "login_user": login_user, "env_name": env_name,
     "hf_model_id": hf_model_id, "name": name, "cuda_arch": cuda_arch, "alias": alias,
     "extra_arg": extra_arg, "glob": glob, "proxy_url": proxy_url, "http_url": http_url,
-    "url_or_path": url_or_path, "pip_requirement": pip_requirement,
+    "url_or_path": url_or_path, "pip_requirement": pip_requirement, "ssh_address": ssh_address,
+    "rpc_address": rpc_address, "gpu_index": gpu_index,
 }
 CHECKS["deb_package_or_empty"] = lambda s: None if s == "" else deb_package(s)

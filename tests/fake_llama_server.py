@@ -3,7 +3,8 @@
 
 Parses the flags the unit passes (only --host/--port/--alias matter), answers /health with 503
 "Loading model" for FAKE_LOAD_S seconds (default 1.5) then 200, /v1/models, /props, and
-/v1/chat/completions (Bearer LLAMA_API_KEY required when that env var is set, like the real one).
+/v1/chat/completions (a Bearer key required when --api-key-file or LLAMA_API_KEY gives one, like
+the real one: /health stays open).
 Files under /etc/fake-llama/ steer failures: `chat-fails` -> completions answer 500,
 `exit-now` -> exit 1 at start. Prints its argv first (visible in the journal).
 """
@@ -27,6 +28,9 @@ def opt(name, default=None):
 HOST, PORT = opt("--host", "127.0.0.1"), int(opt("--port", "8080"))
 ALIAS = opt("--alias") or opt("-m")
 KEY = os.environ.get("LLAMA_API_KEY")
+if opt("--api-key-file"):  # like the real one: read at start (as the service user), 1 key a line
+    with open(opt("--api-key-file")) as fh:
+        KEY = ([ln.strip() for ln in fh if ln.strip()] or [None])[0]
 READY_AT = time.monotonic() + float(os.environ.get("FAKE_LOAD_S", "1.5"))
 
 

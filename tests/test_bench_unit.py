@@ -433,3 +433,26 @@ def test_guard_with_nothing_borrowed_does_nothing(guarded):
     with G.RigGuard(_Ctx(), "bench"):
         pass
     assert calls == []
+
+
+def test_sampler_takes_one_sample_when_the_point_ends_first(tmp_path):
+    """A point that ends before the sampler's first nvidia-smi answers (a loaded box, a tiny
+    model: CI saw `power_w None`) still gets one sample, taken at its end."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # a slow nvidia-smi: the first background sample is still running when llama-bench is done
+    (bindir / "nvidia-smi").write_text(f"#!/bin/sh\nsleep 0.6\nexec {sys.executable} {FAKE_SMI} \"$@\"\n")
+    (bindir / "llama-bench").write_text("#!/bin/sh\nexit 0\n")
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    (tmp_path / "gpus.json").write_text(json.dumps({"gpus": [{}, {}], "power_draw": 150.0}))
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}",
+               FAKE_NVIDIA_SMI_CONFIG=str(tmp_path / "gpus.json"), FAKE_NVIDIA_SMI_STATE=str(tmp_path / "st"))
+    script = RUN.point_script(["llama-bench", "-m", "x"], str(tmp_path / "wd"), True, interval=0.05)
+    r = subprocess.run(["setsid", "-w", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    pr = P.parse_point_output(r.stdout)
+    assert pr.rc == 0 and pr.samples, r.stdout
+    assert {s.watts for s in pr.samples} == {300.0}
+    pt = R.BenchPoint(0, decode_ts=10.0)
+    R.apply_power(pt, pr.samples, pr.events)
+    assert pt.power_w == 300.0 and pt.power_samples == len(pr.samples)

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def check_end_to_end(rig, path: Path, tmp: Path, only: str | None = None) -> dic
     assert exec_line.endswith("--host 0.0.0.0 --port 8000 -ngl 999 -c 40960 -ctk q8_0 -ctv q8_0 "
                               "--parallel 1 --split-mode layer --no-warmup --temp 0.6 --top-p 0.95 "
                               "--top-k 20 --min-p 0.0 --jinja --alias Qwen3.5-122B-A10B-UD-Q6_K_XL "
-                              "--metrics --no-slots")
+                              "--metrics --no-slots --api-key-file /etc/llama-rig/api-key")
     assert exec_line.startswith("ExecStart=/opt/llama-rig/llama.cpp/current/bin/llama-server ")
     # preflight on a CPU build (the rig's fake nvidia-smi shows GPUs): said so, visibly
     assert "VRAM preflight: skipped — CPU build: llama-fit-params reports no CUDA device" in out, out
@@ -108,27 +109,49 @@ def check_end_to_end(rig, path: Path, tmp: Path, only: str | None = None) -> dic
     v = rig.sh("systemd-analyze verify /etc/systemd/system/llama-server.service", check=False)
     assert v.returncode == 0 and v.stderr.strip() == "", v.stderr
 
-    # from the control machine: /health, /v1/models id == alias, /props build_info
+    # from the control machine: the REAL llama-server refuses a request without the key it was
+    # given by path (server.api_key: auto, made on the rig); /health stays open for the readiness gate
     base = f"http://{rig.address}:{PORT}"
+    key = rig.sh("cat /etc/llama-rig/api-key").stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", key) and key not in out
+    chat = json.dumps({"model": ALIAS, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    def status_of(path: str, k: str | None, data: bytes | None = None) -> int:
+        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {k}"} if k else {})}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=h),
+                                        timeout=120) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+    RESULTS["no_key"] = {p: status_of(p, None, d) for p, d in
+                         (("/v1/chat/completions", chat), ("/v1/models", None), ("/props", None))}
+    assert RESULTS["no_key"] == {"/v1/chat/completions": 401, "/v1/models": 401, "/props": 401}
+    assert status_of("/v1/chat/completions", "not-the-key", chat) == 401
+    auth = {"Authorization": f"Bearer {key}"}
     t0 = time.monotonic()
     with urllib.request.urlopen(base + "/health", timeout=10) as r:
         assert r.status == 200
     RESULTS["health_ms_from_control"] = round((time.monotonic() - t0) * 1000, 1)
-    with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:
+    with urllib.request.urlopen(urllib.request.Request(base + "/v1/models", headers=auth), timeout=10) as r:
         assert [m["id"] for m in json.load(r)["data"]] == [ALIAS]
-    with urllib.request.urlopen(base + "/props", timeout=10) as r:
+    with urllib.request.urlopen(urllib.request.Request(base + "/props", headers=auth), timeout=10) as r:
         props = json.load(r)
     assert props["build_info"].startswith("b")
-    req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps({
-        "model": ALIAS, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}).encode(),
-        headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(base + "/v1/chat/completions", data=chat,
+                                 headers={"Content-Type": "application/json", **auth})
     with urllib.request.urlopen(req, timeout=120) as r:
         body = json.load(r)
     assert body["choices"][0]["message"] is not None and body["usage"]["completion_tokens"] >= 1
 
-    # the REAL opencode client with the config the opencode step wrote on the rig
+    # the REAL opencode client with the config the opencode step wrote on the rig; the key by
+    # reference ({file:...} beside the config, the user's 0600 copy made on the rig), never in clear
     cfg_text = rig.sh("cat /root/.config/opencode/opencode.json").stdout
     cfg = json.loads(cfg_text)
+    assert key not in cfg_text
+    assert cfg["provider"]["llama-cpp"]["options"]["apiKey"] == "{file:llama-rig-llama-cpp.key}"
+    assert rig.sh("stat -c '%U %a' /root/.config/opencode/llama-rig-llama-cpp.key").stdout.split() == ["root", "600"]
+    (tmp / "llama-rig-llama-cpp.key").write_text(rig.sh("cat /root/.config/opencode/llama-rig-llama-cpp.key").stdout)
     assert cfg["provider"]["llama-cpp"]["options"]["baseURL"] == f"http://{rig.address}:{PORT}/v1"
     assert cfg["provider"]["llama-cpp"]["models"][ALIAS]["limit"] == {"context": 40960, "output": 512}
     local = tmp / "opencode.json"

@@ -187,7 +187,7 @@ def test_a_run_that_changes_holds_the_run_lock_and_a_second_is_refused():
     status, rep, t, out, err = go([Peek()], files)
     assert status == ExitStatus.OK and seen == ["held"]  # held while the steps ran
     assert MemHeld.KEY not in files  # and released after
-    assert len(t.holds) == 1 and "flock -n -E 75 /var/lib/llama-rig/run.lock" in t.holds[0]
+    assert len(t.holds) == 1 and "llama-rig-lock /var/lib/llama-rig " in t.holds[0]
     # another run holds it: nothing is planned or changed, one clear line, exit 1
     files[MemHeld.KEY] = "held"
     status, rep, t, out, err = go([ConfStep(), PkgStep()], files)

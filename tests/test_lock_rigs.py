@@ -147,8 +147,8 @@ def test_a_from_scratch_writes_its_lock(pair):
         assert f["sha256"] == pair.shards.sha256[f["path"]] and f["size"] == pair.shards.sizes[f["path"]]
         assert "verified" not in f  # hashed on the rig
     assert lk["hardware"]["gcc"] == st["llama"]["gcc"] and lk["hardware"]["gpu_count"] >= 1
-    assert lk["rendered"] == {"llama-server.service": None, "llama-server.env": None,
-                              "llama-rig-gpu.service": None, "opencode.json": None}
+    assert lk["rendered"] == {"llama-server.service": None, "llama-rig-gpu.service": None,
+                              "opencode.json": None}
 
     # a second run changes nothing, and rewrites nothing
     mtime = (pair.locks / "rig.lock.yaml").stat().st_mtime_ns

@@ -45,7 +45,7 @@ def test_provider_block_real_schema():
     assert b == {
         "npm": "@ai-sdk/openai-compatible",
         "name": "llama.cpp (llama-server)",
-        "options": {"baseURL": URL, "apiKey": "{env:LLAMA_API_KEY}"},
+        "options": {"baseURL": URL, "apiKey": "{file:llama-rig-llama-cpp.key}"},
         "models": {"tiny-model": {"name": "tiny-model (llama-rig)", "tool_call": True,
                                   "limit": {"context": 131072, "output": 32768}}},
     }
@@ -78,11 +78,18 @@ def test_merge_keeps_everything_else_and_drops_the_seed_keys():
     assert out["small_model"] == "llama-cpp/tiny-model"  # they had none
     assert out["provider"]["ollama"] == USER_FILE["provider"]["ollama"]
     lc = out["provider"]["llama-cpp"]
-    assert lc["options"] == {"timeout": 600000, "baseURL": URL, "apiKey": "{env:LLAMA_API_KEY}"}
+    assert lc["options"] == {"timeout": 600000, "baseURL": URL, "apiKey": "{file:llama-rig-llama-cpp.key}"}
     assert lc["models"]["tiny-model"] == {"name": "tiny-model (llama-rig)", "tool_call": True,
                                           "limit": {"context": 131072, "output": 32768}}
     assert USER_FILE["provider"]["llama-cpp"]["models"]["tiny-model"]["name"] == "Old"  # input untouched
     assert oc.merge(out, cfg(), URL, True) == out  # idempotent
+    # server.api_key: none -> our reference goes (the old {env:...} one too), a user's own stays
+    assert "apiKey" not in oc.merge(out, cfg(), URL, False)["provider"]["llama-cpp"]["options"]
+    old = json.loads(json.dumps(out))
+    old["provider"]["llama-cpp"]["options"]["apiKey"] = "{env:LLAMA_API_KEY}"
+    assert "apiKey" not in oc.merge(old, cfg(), URL, False)["provider"]["llama-cpp"]["options"]
+    old["provider"]["llama-cpp"]["options"]["apiKey"] = "{env:MY_OWN}"
+    assert oc.merge(old, cfg(), URL, False)["provider"]["llama-cpp"]["options"]["apiKey"] == "{env:MY_OWN}"
 
 
 def test_malformed_is_a_clear_error():
@@ -119,7 +126,10 @@ def test_local_apply_backup_once_no_change_when_right(tmp_path):
 def test_real_opencode_accepts_the_merged_config(tmp_path):
     path = tmp_path / "opencode.json"
     path.write_text(json.dumps(USER_FILE))
-    oc.apply_local(cfg(), "127.0.0.1", path)
+    oc.apply_local(cfg(), "127.0.0.1", path, key="sk-local-test-1")
+    assert "sk-local-test-1" not in path.read_text()
+    assert (tmp_path / "llama-rig-llama-cpp.key").read_text() == "sk-local-test-1\n"
+    assert oct((tmp_path / "llama-rig-llama-cpp.key").stat().st_mode & 0o777) == "0o600"
     r = opencode_cli.run(["debug", "config"], path, tmp_path / "home", timeout=180)
     assert r.returncode == 0, r.stderr
     resolved = json.loads(r.stdout)
@@ -163,12 +173,30 @@ def test_opencode_step_on_rig(rig_factory, tmp_path):
         assert "is not valid JSON" in out.getvalue() and "leaves it untouched" in out.getvalue()
         assert rig.sh(f"cat {conf}").stdout == '{"theme": '
 
-        # a real user file: merged, backed up, owned by the user
+        # no API key on the rig yet (the service step makes it): no dangling reference, a warning
         rig.sh(f"printf '%s' '{json.dumps(USER_FILE)}' > {conf} && chown rigadmin: {conf} && chmod 0600 {conf}")
         app, out = _app(str(p))
+        assert app.provision("rig", only="opencode") == 0, out.getvalue()
+        assert "/etc/llama-rig/api-key is not there yet" in out.getvalue()
+        assert "apiKey" not in json.loads(rig.sh(f"cat {conf}").stdout)["provider"]["llama-cpp"]["options"]
+        # the key the service step made (root:llama 0640 there; root here): copied ON the rig
+        key = "0123456789abcdef" * 4
+        rig.sh(f"mkdir -p /etc/llama-rig && printf '{key}\\n' > /etc/llama-rig/api-key "
+               "&& chmod 0640 /etc/llama-rig/api-key")
+        rig.sh(f"printf '%s' '{json.dumps(USER_FILE)}' > {conf} && chown rigadmin: {conf} && chmod 0600 {conf}"
+               f" && rm -f {conf}.llama-rig.bak")
+        app, out = _app(str(p))
         assert app.provision("rig", only="opencode", diff=True) == 0, out.getvalue()
+        assert "opencode: change: copy the API key to /home/rigadmin/.config/opencode/llama-rig-llama-cpp.key" \
+            in out.getvalue()
+        assert key not in out.getvalue()
+        kc = "/home/rigadmin/.config/opencode/llama-rig-llama-cpp.key"
+        assert rig.sh(f"cat {kc}").stdout == key + "\n"
+        assert rig.sh(f"stat -c '%U %a' {kc}").stdout.split() == ["rigadmin", "600"]
         assert "opencode: change: opencode config" in out.getvalue()
+        assert key not in rig.sh(f"cat {conf}").stdout
         got = json.loads(rig.sh(f"cat {conf}").stdout)
+        assert got["provider"]["llama-cpp"]["options"]["apiKey"] == "{file:llama-rig-llama-cpp.key}"
         assert got["theme"] == "tokyonight" and got["provider"]["ollama"]
         assert got["provider"]["llama-cpp"]["options"]["baseURL"] == f"http://{rig.address}:8080/v1"
         assert got["provider"]["llama-cpp"]["models"]["tiny-model"]["limit"] == {"context": 40960,
@@ -197,9 +225,26 @@ def test_opencode_step_on_rig(rig_factory, tmp_path):
         created = json.loads(rig.sh("cat /home/dev/.config/opencode/opencode.json").stdout)
         assert created["model"] == "llama-cpp/tiny-model"
 
-        # the file fetched from the rig is accepted by the real client
+        # --local: the rig's key read once there (sudo) into a 0600 file beside this machine's config
+        local_conf = tmp_path / "local" / "opencode.json"
+        old = os.environ.get("OPENCODE_CONFIG")
+        os.environ["OPENCODE_CONFIG"] = str(local_conf)
+        try:
+            app, out = _app(str(p))
+            assert oc.task_local(app, "rig", False, check=False) == 0, out.getvalue()
+        finally:
+            if old is None:
+                os.environ.pop("OPENCODE_CONFIG", None)
+            else:
+                os.environ["OPENCODE_CONFIG"] = old
+        assert key not in out.getvalue() and key not in local_conf.read_text()
+        lk = local_conf.with_name("llama-rig-llama-cpp.key")
+        assert lk.read_text() == key + "\n" and oct(lk.stat().st_mode & 0o777) == "0o600"
+
+        # the file fetched from the rig (with its key file beside it) is accepted by the real client
         local = tmp_path / "fetched.json"
         local.write_text(rig.sh(f"cat {conf}").stdout)
+        (tmp_path / "llama-rig-llama-cpp.key").write_text(rig.sh(f"cat {kc}").stdout)
         r = opencode_cli.run(["models", "llama-cpp"], local, tmp_path / "home", timeout=180)
         assert r.returncode == 0 and "llama-cpp/tiny-model" in r.stdout.split(), r.stderr
     finally:
@@ -210,7 +255,8 @@ def test_task_local_merges_into_this_machines_config(tmp_path, monkeypatch):
     inv_path = tmp_path / "hosts.yaml"
     inv_path.write_text(yaml.safe_dump({"hosts": {"rig": {
         "connection": {"address": "192.168.1.50"},
-        "server": {"alias": "tiny-model", "port": 8000, "ctx_size": 65536, "parallel": 2}}}}))
+        "server": {"alias": "tiny-model", "port": 8000, "ctx_size": 65536, "parallel": 2,
+                   "api_key": "none"}}}}))
     xdg = tmp_path / "xdg"
     monkeypatch.delenv("OPENCODE_CONFIG", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
@@ -220,6 +266,29 @@ def test_task_local_merges_into_this_machines_config(tmp_path, monkeypatch):
            "http://192.168.1.50:8000/v1)" in out.getvalue()
     data = json.loads((xdg / "opencode/opencode.json").read_text())
     assert data["provider"]["llama-cpp"]["models"]["tiny-model"]["limit"]["context"] == 32768
+    app, out = _app(str(inv_path))
+    oc.task_local(app, "rig", False, check=False)
+    assert "ok (no change)" in out.getvalue()
+
+
+def test_task_local_with_an_explicit_key_writes_it_beside_the_config(tmp_path, monkeypatch):
+    """server.api_key_file (on this machine): no rig needed; the key goes to a 0600 file the
+    config references, never into the JSON. (The generated key is read on the rig: tests/test_e2e.py.)"""
+    kf = tmp_path / "control.key"
+    kf.write_text("sk-explicit-777\n")
+    inv_path = tmp_path / "hosts.yaml"
+    inv_path.write_text(yaml.safe_dump({"hosts": {"rig": {
+        "connection": {"address": "192.168.1.50"},
+        "server": {"alias": "tiny-model", "api_key_file": str(kf)}}}}))
+    conf = tmp_path / "oc" / "opencode.json"
+    monkeypatch.setenv("OPENCODE_CONFIG", str(conf))
+    app, out = _app(str(inv_path))
+    assert oc.task_local(app, "rig", False, check=False) == 0
+    assert "sk-explicit-777" not in out.getvalue() and "sk-explicit-777" not in conf.read_text()
+    data = json.loads(conf.read_text())
+    assert data["provider"]["llama-cpp"]["options"]["apiKey"] == "{file:llama-rig-llama-cpp.key}"
+    key = conf.with_name("llama-rig-llama-cpp.key")
+    assert key.read_text() == "sk-explicit-777\n" and oct(key.stat().st_mode & 0o777) == "0o600"
     app, out = _app(str(inv_path))
     oc.task_local(app, "rig", False, check=False)
     assert "ok (no change)" in out.getvalue()

@@ -19,7 +19,7 @@ from provision.app import App
 from provision.console import Environment
 from provision.engine import Step, WriteFile
 from provision.errors import ExitStatus
-from provision.runlock import RunLockBusy, run_lock
+from provision.runlock import RunLockBusy, RunLockError, run_lock
 from provision.target import LocalTarget, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +49,9 @@ def test_local_lock_taken_refused_released(tmp_path):
         with pytest.raises(RunLockBusy) as ei:
             with run_lock(b, "box2", str(sd), "provision"):
                 pytest.fail("ran while the lock was held")
-        assert str(ei.value).startswith(f"another llama-rig run is changing this host ({owner.strip()}); "
-                                        "nothing was changed — wait for it to finish")
+        assert re.match(re.escape(f"another llama-rig run is changing this host ({owner.strip()}; its last "
+                                  "heartbeat was ") + r"\d+ s ago, its lease ends 30 s after the last one\); "
+                        "nothing was changed — wait for it to finish", str(ei.value)), str(ei.value)
     assert lock_is_free(sd / "run.lock") and not (sd / "run.owner").exists()
     with run_lock(b, "box2", str(sd), "provision"):
         assert not lock_is_free(sd / "run.lock")
@@ -77,7 +78,7 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     try:
         assert p.stdout.readline().strip() == "held"
         assert not lock_is_free(sd / "run.lock")
-        with pytest.raises(RunLockBusy, match=r"\(.* pid %d since .*: provision\)" % p.pid):
+        with pytest.raises(RunLockBusy, match=r"\(.* pid %d since .*: provision; its last heartbeat was " % p.pid):
             with run_lock(LocalTarget(local_host(sd)), "box", str(sd), "provision"):
                 pass
         p.send_signal(signal.SIGKILL)  # no finally, no cleanup: the holder's stdin just closes
@@ -93,17 +94,21 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
             p.kill()
 
 
-def test_lock_that_cannot_be_taken_is_a_warning_not_a_stop(tmp_path):
+def test_lock_that_cannot_be_taken_stops_the_run(tmp_path):
+    """The lock fails closed: one line, and the body never runs."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     warnings: list[str] = []
     ran = []
-    with run_lock(LocalTarget(local_host(blocker / "state")), "box", str(blocker / "state"),
-                  "provision", warnings.append):
-        ran.append(1)
-    assert ran == [1]
-    assert len(warnings) == 1 and warnings[0].startswith(f"run lock: could not take {blocker}/state/run.lock (")
-    assert "Not a directory" in warnings[0]
+    with pytest.raises(RunLockError) as ei:
+        with run_lock(LocalTarget(local_host(blocker / "state")), "box", str(blocker / "state"),
+                      "provision", warnings.append):
+            ran.append(1)
+    assert ran == [] and warnings == []
+    msg = str(ei.value)
+    assert msg.startswith(f"cannot take the run lock {blocker}/state/run.lock (") and "\n" not in msg, msg
+    assert "Not a directory" in msg and msg.endswith("; nothing was changed — the lock needs bash, "
+                                                     "flock(1) and root (or sudo) on the host"), msg
 
 
 class Marker(Step):
@@ -134,9 +139,11 @@ def test_provision_and_changing_tasks_refused_while_another_run_holds_the_host(t
         assert a.provision("box", steps=[Marker()]) == ExitStatus.FAILED
         assert not (sd / "marker").exists()
         lines = [ln for ln in err.getvalue().splitlines() if "run lock" in ln]
-        assert lines == [f"[box] run lock: FAILED: another llama-rig run is changing this host "
-                         f"({(sd / 'run.owner').read_text().strip()}); nothing was changed — wait for "
-                         f"it to finish ({sd}/run.lock)"], err.getvalue()
+        assert len(lines) == 1 and re.fullmatch(re.escape(
+            f"[box] run lock: FAILED: another llama-rig run is changing this host "
+            f"({(sd / 'run.owner').read_text().strip()}; its last heartbeat was ") + r"\d+"
+            + re.escape(f" s ago, its lease ends 30 s after the last one); nothing was changed — wait for "
+                        f"it to finish ({sd}/run.lock)"), lines[0]), err.getvalue()
         assert re.search(r"^box +FAILED +0 +0 +1 +1 ", out.getvalue(), re.M), out.getvalue()  # recap
         # --check still shows the plan
         a, out, err = app()
@@ -154,6 +161,9 @@ def test_provision_and_changing_tasks_refused_while_another_run_holds_the_host(t
     finally:
         p.kill()
         p.wait()
+    t0 = time.monotonic()  # the holder's keeper sees EOF, stops what the run started, lets go
+    while not lock_is_free(sd / "run.lock") and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
     a, out, err = app()
     assert a.provision("box", steps=[Marker()]) == ExitStatus.OK
     assert (sd / "marker").read_text() == "x\n"
@@ -190,3 +200,24 @@ def test_over_ssh_as_sudo_user_and_a_dropped_session_frees_the_lock(sshd, tmp_pa
     finally:
         first.close()
         second.close()
+
+
+def test_a_lock_lost_mid_run_stops_the_run(tmp_path):
+    """The keeper on the box ends while the run still holds the lock (here: killed; on a real rig:
+    its lease ran out): the run's next command raises one line instead of going on unlocked."""
+    from provision.errors import StepError
+    sd = tmp_path / "state"
+    t = LocalTarget(local_host(sd))
+    with run_lock(t, "box", str(sd), "provision"):
+        assert t.run("echo ok").stdout == "ok\n"
+        pid = subprocess.run(["pgrep", "-f", f"llama-rig-lock {sd} "], capture_output=True,
+                             text=True).stdout.split()
+        assert len(pid) == 1, pid
+        os.kill(int(pid[0]), signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(StepError) as ei:
+            while time.monotonic() - t0 < 15:
+                t.run("true")
+                time.sleep(0.2)
+        assert str(ei.value) == (f"box: the run lock {sd}/run.lock was lost (its keeper on the host ended: "
+                                 "lease of 30 s without a heartbeat, or its session closed); stopping this run")

@@ -1,13 +1,17 @@
 """The service step on a Tier B rig (systemd as PID 1): llama-server really started by systemd as
 the dedicated user, readiness gate, restarts only when something changed (exactly one), "restart
-owed" surviving a failed run, the handler path, API key handling, `systemd-analyze verify`, and
-the service.* tasks. The server binary is tests/fake_llama_server.py installed as the `current`
-build (the real CPU llama-server runs in tests/test_e2e.py); the model path is stubbed in-process."""
+owed" surviving a failed run, the handler path, the API key (made on the rig by default, an
+explicit one, `none`), the hardened unit (`systemd-analyze verify`, `systemd-analyze security`
+exposure <= 4.0), and the service.* tasks. The server binary is tests/fake_llama_server.py installed
+as the `current` build (the real CPU llama-server, with its key, runs in tests/test_e2e.py); the
+model path is stubbed in-process."""
 from __future__ import annotations
 
 import io
 import json
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,9 +31,9 @@ MODEL = "/var/lib/llama-rig/models/tiny/tiny-00001-of-00002.gguf"
 KEY = "sk-test-7f3a9c2e51d04b8b"
 
 
-@pytest.fixture(scope="module")
-def srig(rig_factory):
-    r = rig_factory()
+def install_fake(r) -> None:
+    """The stand-in server as two `current` builds, and a stand-in model (also for
+    benchmarks/service_hardening.py)."""
     src = FAKE.read_text()
     for b in ("fake-1", "fake-2"):
         r.sh(f"mkdir -p {PREFIX}/llama.cpp/builds/{b}/bin && cat > {PREFIX}/llama.cpp/builds/{b}/bin/llama-server "
@@ -37,6 +41,35 @@ def srig(rig_factory):
     r.sh(f"ln -sfn builds/fake-1 {PREFIX}/llama.cpp/current && mkdir -p /var/lib/llama-rig/models/tiny "
          f"&& head -c 4096 /dev/urandom > {MODEL} && cp {MODEL} {MODEL.replace('00001', '00002')} "
          "&& chmod -R a+rX /var/lib/llama-rig/models && mkdir -p /etc/fake-llama")
+
+
+def http(rig, path: str, key: str | None = None, port: int = 8080) -> int:
+    """HTTP status of GET (or, for the chat path, POST) from this machine to the rig's server."""
+    body = None
+    if path == "/v1/chat/completions":
+        body = json.dumps({"model": "tiny", "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"http://{rig.address}:{port}{path}", data=body,
+                                                           headers=h), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def exposure(rig, unit: str = "llama-server.service") -> tuple[float, str]:
+    """`systemd-analyze security UNIT` on the rig: (overall exposure, the full output)."""
+    r = rig.sh(f"systemd-analyze security --no-pager {unit}", check=False)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    return float(m.group(1)), r.stdout
+
+
+@pytest.fixture(scope="module")
+def srig(rig_factory):
+    r = rig_factory()
+    install_fake(r)
     try:
         yield r
     finally:
@@ -111,16 +144,42 @@ def test_service_lifecycle(srig, tmp_path):
     pw = srig.sh("getent passwd llama").stdout.strip().split(":")
     assert pw[5] == "/var/lib/llama-rig/home" and pw[6] == "/usr/sbin/nologin"
     assert srig.sh("stat -c '%U %a' /etc/llama-rig/llama-server.env").stdout.split() == ["root", "600"]
+    # the API key (server.api_key: auto): made once on the rig, readable by root and the service only
+    assert "service: change: generate the API key on the rig: /etc/llama-rig/api-key (root:llama 0640)" in out
+    key = srig.sh("cat /etc/llama-rig/api-key").stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", key), key
+    assert srig.sh("stat -c '%U %G %a' /etc/llama-rig/api-key").stdout.split() == ["root", "llama", "640"]
+    assert key not in out
+    for where in ("cat /etc/systemd/system/llama-server.service /etc/llama-rig/llama-server.env",
+                  "ps -eo args", f"cat /proc/{env.show()['MainPID']}/environ | tr '\\0' '\\n'",
+                  "journalctl --no-pager -o cat"):
+        assert key not in srig.sh(where).stdout, where
+    for path in ("/v1/models", "/v1/chat/completions", "/props"):
+        assert http(srig, path) == 401, path
+        assert http(srig, path, "wrong-key") == 401, path
+        assert http(srig, path, key) == 200, path
+    assert http(srig, "/health") == 200  # the readiness gate needs no key
     assert srig.sh("systemctl is-enabled llama-server.service").stdout.strip() == "enabled"
     argv = json.loads(srig.sh("journalctl -u llama-server -o cat | grep -m1 '^fake llama-server argv:'")
                       .stdout.split(":", 1)[1])
     assert argv == ["-m", MODEL, "--host", "0.0.0.0", "--port", "8080", "-ngl", "999", "-c", "4096",
                     "-ctk", "q8_0", "-ctv", "q8_0", "--parallel", "1", "--split-mode", "layer",
                     "-ts", "0.9,1,1,1,1,1", "--no-warmup", "--temp", "0.6", "--top-p", "0.95",
-                    "--top-k", "20", "--min-p", "0.0", "--jinja", "--alias", "tiny", "--metrics", "--no-slots"]
+                    "--top-k", "20", "--min-p", "0.0", "--jinja", "--alias", "tiny", "--metrics", "--no-slots",
+                    "--api-key-file", "/etc/llama-rig/api-key"]
     for unit in ("llama-server.service", "llama-rig-gpu.service"):
         v = srig.sh(f"systemd-analyze verify /etc/systemd/system/{unit}", check=False)
         assert v.returncode == 0 and v.stderr.strip() == "", (unit, v.stderr)
+    # the hardened unit: "OK" or better, and it serves (above) from inside its sandbox
+    level, text = exposure(srig)
+    assert level <= 4.0, text
+    assert sorted(srig.sh("systemctl show -p ProtectSystem -p ProtectHome -p PrivateTmp -p DevicePolicy "
+                          "llama-server.service").stdout.split()) == [
+        "DevicePolicy=closed", "PrivateTmp=yes", "ProtectHome=yes", "ProtectSystem=strict"]
+    pid = env.show()["MainPID"]
+    r = srig.sh(f"nsenter -t {pid} -m sh -c 'touch /etc/x; touch /var/lib/llama-rig/home/.w && echo home-ok'",
+                check=False)
+    assert "Read-only file system" in r.stderr and "home-ok" in r.stdout, (r.stdout, r.stderr)
     assert env.starts() == 1
     assert "llama-server.restart" not in env.state()["owed"]
 
@@ -177,19 +236,38 @@ def test_service_lifecycle(srig, tmp_path):
     assert rc == 0 and "binary changed (fake-2 -> fake-1)" in out, out
     assert env.starts() == n + 3
 
-    # API key: env file changes (secret never shown), server restarts and enforces it
+    # an explicit key (server.api_key_file on this machine): installed in the same file (secret
+    # never shown), one restart, enforced; the generated one stops working
     keyfile = tmp_path / "llama.key"
     keyfile.write_text(KEY + "\n")
+    n = env.starts()
     rc, out = env.provision(diff=True, api_key_file=str(keyfile))
     assert rc == 0, out
     assert KEY not in out and "(secret content not shown)" in out
-    assert "env file /etc/llama-rig/llama-server.env (with LLAMA_API_KEY)" in out
-    assert f"LLAMA_API_KEY={KEY}" in srig.sh("cat /etc/llama-rig/llama-server.env").stdout
-    assert KEY not in srig.sh("cat /etc/systemd/system/llama-server.service").stdout
-    assert KEY not in srig.sh("ps -eo args").stdout
-    r = srig.sh("python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:8080/v1/models')\"",
-                check=False)
-    assert r.returncode != 0 and "401" in r.stderr
+    assert "API key file /etc/llama-rig/api-key (server.api_key_file, root:llama 0640)" in out
+    assert "(API key file changed)" in out and env.starts() == n + 1
+    assert srig.sh("cat /etc/llama-rig/api-key").stdout == KEY + "\n"
+    assert srig.sh("stat -c '%U %G %a' /etc/llama-rig/api-key").stdout.split() == ["root", "llama", "640"]
+    assert http(srig, "/v1/models", key) == 401 and http(srig, "/v1/models", KEY) == 200
+    rc, out = env.provision()
+    assert rc == 0 and "service: ok (no change)" in out, out
+
+    # none: the flag goes, the server is open, and every provision says so (0.0.0.0)
+    env.server.pop("api_key_file")
+    rc, out = env.provision(api_key="none")
+    assert rc == 0, out
+    warning = ("server.api_key is none and llama-server listens on 0.0.0.0:8080: anyone who can reach "
+               "that port can use the GPUs")
+    assert warning in out and "--api-key-file" not in srig.sh("cat /etc/systemd/system/llama-server.service").stdout
+    assert http(srig, "/v1/models") == 200
+    rc, out = env.provision()
+    assert rc == 0 and "service: ok (no change)" in out and warning in out, out
+    rc, out = env.provision(host="127.0.0.1")  # loopback only: no warning
+    assert rc == 0 and warning not in out and "server.api_key is none" not in out, out
+    # back to auto: the key on the rig is kept (here: the explicit one), the flag is back
+    rc, out = env.provision(api_key="auto", host="0.0.0.0")
+    assert rc == 0 and "generate the API key" not in out, out
+    assert http(srig, "/v1/models") == 401 and http(srig, "/v1/models", KEY) == 200
 
     # tasks: status, logs, restart, argv
     rc, out = env.task(svc.status, "service.status")
@@ -206,7 +284,8 @@ def test_service_lifecycle(srig, tmp_path):
     assert out.strip() == (f"{PREFIX}/llama.cpp/current/bin/llama-server -m {MODEL} --host 0.0.0.0 "
                            "--port 8080 -ngl 999 -c 16384 -ctk q8_0 -ctv q8_0 --parallel 1 --split-mode "
                            "layer -ts 0.9,1,1,1,1,1 --no-warmup --temp 0.6 --top-p 0.95 --top-k 20 "
-                           "--min-p 0.0 --jinja --alias tiny --metrics --no-slots")
+                           "--min-p 0.0 --jinja --alias tiny --metrics --no-slots "
+                           "--api-key-file /etc/llama-rig/api-key")
 
     # a server that cannot start: StepError with the journal tail, restart stays owed
     srig.sh("touch /etc/fake-llama/exit-now")

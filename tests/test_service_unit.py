@@ -12,6 +12,7 @@ from provision import inventory as inv
 from provision import secrets
 from provision.engine import Call, Run, WriteFile
 from provision.errors import StepError
+from provision.steps import api_key as auth
 from provision.steps import service as s
 
 MODEL = "/var/lib/llama-rig/models/Qwen3.5-122B-A10B-UD-Q6_K_XL-00001-of-00004.gguf"
@@ -20,6 +21,7 @@ BIN = "/opt/llama-rig/llama.cpp/current/bin/llama-server"
 SEED_ARGS = (f"-m {MODEL} --host 0.0.0.0 --port 8000 -ngl 999 -c 262144 -ctk q8_0 -ctv q8_0 "
              "--parallel 1 --split-mode layer -ts 0.9,1,1,1,1,1 --no-warmup --temp 0.6 --top-p 0.95 "
              "--top-k 20 --min-p 0.0 --jinja")
+KEY_ARGS = " --api-key-file /etc/llama-rig/api-key"
 
 
 def seed_cfg(**server) -> dict:
@@ -33,7 +35,11 @@ def seed_cfg(**server) -> dict:
 def test_server_argv_is_the_seed_command_line():
     argv = s.server_argv(seed_cfg(), MODEL, BIN)
     assert argv[0] == BIN
-    assert " ".join(argv[1:]) == SEED_ARGS + " --alias Qwen3.5-122B-A10B-UD-Q6_K_XL --metrics --no-slots"
+    assert " ".join(argv[1:]) == (SEED_ARGS + " --alias Qwen3.5-122B-A10B-UD-Q6_K_XL --metrics --no-slots"
+                                  + KEY_ARGS)
+    # server.api_key: none -> no key flag; an explicit key file (control machine) -> the same flag
+    assert "--api-key-file" not in s.server_argv(seed_cfg(api_key="none"), MODEL, BIN)
+    assert " ".join(s.server_argv(seed_cfg(api_key_file="/k"), MODEL, BIN)).endswith(KEY_ARGS)
 
 
 def test_server_argv_optional_flags():
@@ -43,11 +49,11 @@ def test_server_argv_optional_flags():
     line = " ".join(argv)
     assert "--no-warmup" not in argv and "-ts" not in argv
     assert "--no-jinja" in argv and "--temp 1 " in line
-    assert line.endswith("--metrics --no-slots -fa on -b 4096 -ub 4096 --mlock --metrics")
+    assert line.endswith("--metrics --no-slots" + KEY_ARGS + " -fa on -b 4096 -ub 4096 --mlock --metrics")
 
 
 def test_server_argv_metrics_on_slots_off_unless_asked():
-    assert s.server_argv(seed_cfg(), MODEL, BIN)[-2:] == ["--metrics", "--no-slots"]
+    assert s.server_argv(seed_cfg(api_key="none"), MODEL, BIN)[-2:] == ["--metrics", "--no-slots"]
     argv = s.server_argv(seed_cfg(metrics=False, slots=True), MODEL, BIN)
     assert "--metrics" not in argv and "--no-slots" not in argv and "--slots" not in argv
 
@@ -73,7 +79,8 @@ def test_unit_has_everything():
                    "ExecStartPost=/opt/llama-rig/bin/llama-rig-health http://127.0.0.1:8000/health 1800"):
         assert needle in svc, needle
     exec_line = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")][0]
-    assert exec_line == f"ExecStart={BIN} {SEED_ARGS} --alias Qwen3.5-122B-A10B-UD-Q6_K_XL --metrics --no-slots"
+    assert exec_line == (f"ExecStart={BIN} {SEED_ARGS} --alias Qwen3.5-122B-A10B-UD-Q6_K_XL --metrics "
+                         "--no-slots" + KEY_ARGS)
     assert "WantedBy=multi-user.target" in unit.split("[Install]")[1]
 
 
@@ -85,9 +92,33 @@ def test_unit_quotes_args_for_systemd():
     assert r'"{\"enable_thinking\": false}"' in exec_line
 
 
-def test_env_file_holds_key_only_when_set():
-    assert "LLAMA_API_KEY" not in s.render_env(None)
-    assert "LLAMA_API_KEY=sk-abc123\n" in s.render_env("sk-abc123")
+def test_unit_is_hardened():
+    """The sandbox settings `systemd-analyze security` scores (measured on a rig: 1.6 OK, see
+    benchmarks/service-hardening/); the GPUs stay reachable."""
+    svc = s.render_unit(seed_cfg(), MODEL).split("[Service]")[1]
+    lines = set(svc.splitlines())
+    for need in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/llama-rig/home", "ProtectHome=yes",
+                 "PrivateTmp=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes",
+                 "ProtectKernelLogs=yes", "ProtectControlGroups=yes", "NoNewPrivileges=yes",
+                 "CapabilityBoundingSet=", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+                 "SystemCallFilter=@system-service", "SystemCallFilter=~@privileged",
+                 "DevicePolicy=closed", "DeviceAllow=char-nvidia-frontend rw",
+                 "DeviceAllow=char-nvidia-uvm rw", "DeviceAllow=char-nvidia-caps r", "UMask=0077"):
+        assert need in lines, need
+    assert "PrivateDevices=yes" not in lines  # would hide /dev/nvidia*
+    # a model (or state dir) under /home stays reachable: read-only there, the home still writable
+    unit = s.render_unit(seed_cfg(), "/home/ann/models/m-00001-of-00002.gguf")
+    assert "ProtectHome=read-only" in unit.splitlines() and "ReadWritePaths=/var/lib/llama-rig/home" in unit
+    c = seed_cfg()
+    c["paths"]["state_dir"] = "/root/llama-rig"
+    assert "ProtectHome=read-only" in s.render_unit(c, MODEL).splitlines()
+    assert s.protect_home("/homestead/m.gguf", "/var/lib/x") == "yes"
+    assert any(ln.startswith("ExecStartPre=-+/bin/sh -c ") and "nvidia-modprobe -u -c 0" in ln
+               for ln in lines)
+
+
+def test_env_file_holds_no_key():
+    assert "LLAMA_API_KEY" not in s.render_env() and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in s.render_env()
 
 
 def test_api_key_read_on_control_machine_and_registered(tmp_path):
@@ -103,9 +134,12 @@ def test_api_key_read_on_control_machine_and_registered(tmp_path):
         s.read_api_key(seed_cfg(api_key_file=str(tmp_path / "nope")))
 
 
-def _steady(c, key=None) -> s.Observed:
+KEY_OK = auth.KeyFile(True, "root", "llama", 0o640, 65)
+
+
+def _steady(c, key=KEY_OK) -> s.Observed:
     return s.Observed(user_exists=True, user_home=s.user_home(c), user_shell="/usr/sbin/nologin",
-                      unit_now=s.render_unit(c, MODEL), env_now=s.render_env(key),
+                      unit_now=s.render_unit(c, MODEL), env_now=s.render_env(), key=key,
                       helper_now=s.render_helper(c), enabled=True, active=True,
                       binary_now="/opt/llama-rig/llama.cpp/builds/b1-aaa/bin/llama-server",
                       started={"binary": "/opt/llama-rig/llama.cpp/builds/b1-aaa/bin/llama-server",
@@ -130,6 +164,10 @@ def test_fresh_box_creates_user_files_enables_and_starts():
     assert files["/opt/llama-rig/bin/llama-rig-health"].mode == 0o755
     assert "systemctl enable llama-server.service" in [c for ch in changes if isinstance(ch, Run)
                                                        for c in ch.commands]
+    (gen,) = [ch for ch in changes if ch.description.startswith("generate the API key")]
+    assert gen.description == "generate the API key on the rig: /etc/llama-rig/api-key (root:llama 0640)"
+    assert gen.notify == ("llama-server.restart",) and "/dev/urandom" in gen.commands[0]
+    assert desc.index(gen.description) > 0  # after the user (its group) exists
     last = changes[-1]
     assert isinstance(last, Call) and last.data["action"] == "start"
     assert "not running" in last.data["reasons"]
@@ -148,13 +186,76 @@ def test_one_flag_changed_restarts_once_with_daemon_reload():
     assert "-c 131072" in changes[0].diff()
 
 
-def test_env_change_restarts_and_never_shows_the_key():
+def test_explicit_key_installed_on_the_rig_restarts_and_never_shows():
+    c = seed_cfg(api_key_file="/control/key")
+    changes = s.plan(c, _steady(c, auth.KeyFile(True, "root", "llama", 0o640, 65, "old\n")), MODEL,
+                     "sk-new-key-999")
+    key = changes[0]
+    assert isinstance(key, WriteFile) and key.secret and key.notify == ("llama-server.restart",)
+    assert (key.path, key.mode, key.owner, key.group) == ("/etc/llama-rig/api-key", 0o640, "root", "llama")
+    assert key.content == "sk-new-key-999\n"
+    assert "sk-new-key-999" not in key.diff() and "sk-new-key-999" not in key.description
+    assert changes[-1].data["reasons"] == ["API key file changed"]
+    same = auth.KeyFile(True, "root", "llama", 0o640, 15, "sk-new-key-999\n")
+    assert s.plan(c, _steady(c, same), MODEL, "sk-new-key-999") == []
+
+
+def test_auto_key_made_once_fixed_if_loose_and_none_leaves_it():
     c = seed_cfg()
-    changes = s.plan(c, _steady(c), MODEL, "sk-new-key-999")
-    env = changes[0]
-    assert isinstance(env, WriteFile) and env.secret and env.notify == ("llama-server.restart",)
-    assert "sk-new-key-999" not in env.diff() and "sk-new-key-999" not in env.description
-    assert changes[-1].data["reasons"] == ["env file changed"]
+    # missing or empty -> generated on the rig (the command holds no key), one restart
+    for kf in (auth.KeyFile(), auth.KeyFile(True, "root", "llama", 0o640, 0)):
+        ch = s.plan(c, _steady(c, kf), MODEL, None)
+        assert ch[0].description.startswith("generate the API key on the rig")
+        assert ch[-1].data["reasons"] == ["API key file changed"]
+    # readable by others: mode/owner fixed, no restart (the key is the same)
+    ch = s.plan(c, _steady(c, auth.KeyFile(True, "llama", "llama", 0o644, 65)), MODEL, None)
+    assert [x.description for x in ch] == ["fix /etc/llama-rig/api-key: root:llama 0640 (was llama:llama 644)"]
+    assert ch[0].notify == ()
+    # none: no key file managed, no flag
+    c2 = seed_cfg(api_key="none")
+    assert s.plan(c2, _steady(c2, auth.KeyFile()), MODEL, None) == []
+
+
+def test_old_env_file_with_the_key_is_rewritten_without_showing_it():
+    c = seed_cfg()
+    obs = _steady(c)
+    obs.env_now = "CUDA_DEVICE_ORDER=PCI_BUS_ID\nLLAMA_API_KEY=sk-old-123\n"
+    ch = s.plan(c, obs, MODEL, None)
+    assert ch[0].description == "env file /etc/llama-rig/llama-server.env (LLAMA_API_KEY removed)"
+    assert ch[0].secret and "sk-old-123" not in ch[0].diff()
+
+
+def test_generate_command_never_holds_a_key_and_makes_one(tmp_path, monkeypatch):
+    """The generator itself, run here: 64 hex digits, mode 0640, kept when it exists."""
+    import subprocess
+    monkeypatch.setattr(auth, "KEY_DIR", str(tmp_path / "etc"))
+    monkeypatch.setattr(auth, "KEY_PATH", str(tmp_path / "etc" / "api-key"))
+    grp = subprocess.run(["id", "-gn"], capture_output=True, text=True).stdout.strip()
+    cmd = auth.generate_command(grp)
+    subprocess.run(cmd, shell=True, check=True)
+    key = (tmp_path / "etc" / "api-key").read_text()
+    assert len(key) == 65 and key.endswith("\n") and int(key, 16) > 0
+    assert oct((tmp_path / "etc" / "api-key").stat().st_mode & 0o777) == "0o640"
+    assert oct((tmp_path / "etc").stat().st_mode & 0o777) == "0o755"  # the service user gets in
+    assert key.strip() not in cmd
+    subprocess.run(cmd, shell=True, check=True)
+    assert (tmp_path / "etc" / "api-key").read_text() == key  # made once
+    assert [p.name for p in (tmp_path / "etc").iterdir()] == ["api-key"]
+
+
+def test_loopback_and_the_open_server_warning():
+    assert auth.is_loopback("127.0.0.1") and auth.is_loopback("::1") and auth.is_loopback("[::1]")
+    assert auth.is_loopback("localhost") and not auth.is_loopback("0.0.0.0")
+    assert not auth.is_loopback("192.168.1.5") and not auth.is_loopback("rig.lan")
+
+
+def test_none_with_a_key_file_is_bad_input():
+    data = {"hosts": {"r": {"connection": {"type": "local"},
+                            "server": {"api_key": "none", "api_key_file": "/k"}}}}
+    with pytest.raises(inv.InventoryError, match="server.api_key: none contradicts server.api_key_file"):
+        inv.from_data(data)
+    with pytest.raises(inv.InventoryError, match="server.api_key"):
+        inv.from_data({"hosts": {"r": {"connection": {"type": "local"}, "server": {"api_key": "sk-123"}}}})
 
 
 def test_owed_restart_and_binary_change():

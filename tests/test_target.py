@@ -280,3 +280,28 @@ def test_generic_upload_through_stdin(tmp_path):
     assert dest.read_bytes() == data
     assert stat.S_IMODE(dest.stat().st_mode) == 0o640
     assert not list(Path("/tmp").glob(f"llama-rig-{os.getpid()}-*"))  # the private temp file is gone
+
+
+# ----------------------------------------------------------------------------- sudo password set
+
+def test_a_password_for_a_sudo_that_does_not_ask_never_reaches_the_command(sshd, monkeypatch):
+    """The bug of issue 14: with sudo_password_env set and a NOPASSWD sudo (or root), the password
+    used to be written to stdin anyway and became the first line a helper read as JSON."""
+    from provision.model.store import parse_probe, probe_command, probe_input
+    monkeypatch.setenv("LLAMA_RIG_TEST_PW", "pw-that-must-not-show")
+    payload = '{"a": 1}\nline 2\n'
+    for rig in (sshd.sudo_rig, sshd.root_rig):
+        h = host_for(rig, sudo_password_env="LLAMA_RIG_TEST_PW")
+        t = connect(h)
+        try:
+            assert t.sudo("cat", stdin=payload).stdout == payload
+            assert t.sudo("id -u && id -u").stdout == "0\n0\n"
+            view = parse_probe(t.sudo(probe_command(), stdin=probe_input(h.cfg, None, None)).stdout)
+            assert view.current is None
+            assert t.run("cat", user="nobody", stdin=payload).stdout == payload
+            with t.pipe("cat", sudo=True, timeout=10) as p:
+                p.write(b"bytes\n")
+                p.close_stdin()
+                assert p.readline() == b"bytes\n" and p.readline() == b""
+        finally:
+            t.close()

@@ -435,3 +435,15 @@ def test_bad_options_are_one_line_and_exit_2(args, line):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().startswith(line) and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_clearly_slower_is_called_slower_not_noise():
+    """A candidate whose best run is under the current flags' worst (the H100 proof's ub1024 at
+    0.73x) is named slower, with its median change -- not "within the noise"."""
+    cur = S.Runs.of([600.0, 605.0, 610.0])
+    slow = S.Runs.of([430.0, 440.0, 450.0])
+    c = S.compare(slow, cur)
+    assert not c.better and c.why.startswith("slower: its best run 450.0 t/s is below the worst")
+    assert "-27.3%" in c.why
+    overlap = S.compare(S.Runs.of([590.0, 600.0, 606.0]), cur)
+    assert not overlap.better and overlap.why.startswith("within the noise")

@@ -47,6 +47,7 @@ class BenchFlags:
     cache_type_v: str = "q8_0"
     batch_size: int | None = None
     ubatch_size: int | None = None
+    rpc: str | None = None  # `--rpc w1:50052,...`: the main host's RPC workers (provision/rpc.py)
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> "BenchFlags":
@@ -55,7 +56,8 @@ class BenchFlags:
                    tensor_split=list(s["tensor_split"]) if s["tensor_split"] else None,
                    flash_attn=s["flash_attn"], cache_type_k=s["cache_type_k"],
                    cache_type_v=s["cache_type_v"], batch_size=s["batch_size"],
-                   ubatch_size=s["ubatch_size"])
+                   ubatch_size=s["ubatch_size"],
+                   rpc=",".join((cfg.get("rpc") or {}).get("endpoints") or []) or None)
 
     def but(self, **changes: Any) -> "BenchFlags":
         """A copy with some flags changed (tune's candidates)."""
@@ -66,6 +68,8 @@ class BenchFlags:
 
     def argv(self) -> list[str]:
         out = ["-ngl", str(self.n_gpu_layers), "-sm", self.split_mode]
+        if self.rpc:
+            out += ["--rpc", self.rpc]
         ts = ts_arg(self.tensor_split)
         if ts:
             out += ["-ts", ts]

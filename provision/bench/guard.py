@@ -21,6 +21,7 @@ import contextlib
 import signal
 import threading
 
+from .. import keeper
 from ..errors import RigError, StepError
 from ..facts import host as hostfacts
 from ..steps import gpu as gpu_step
@@ -30,15 +31,19 @@ SERVICE = "llama-server"
 TOLERANCE_W = gpu_step.TOLERANCE_W
 
 
-def decide_stop(policy: str, gpus: int, cuda: bool, n_gpu_layers: int, active: bool) -> tuple[bool, str]:
+def decide_stop(policy: str, gpus: int, cuda: bool, n_gpu_layers: int, active: bool,
+                rpc: bool = False) -> tuple[bool, str]:
     """policy auto|stop|keep -> (stop?, why). auto stops only when the service holds GPU memory
-    the bench needs: it runs, the box has GPUs, the build is CUDA and layers are offloaded."""
+    the bench needs: it runs, the box has GPUs, the build is CUDA and layers are offloaded -- or
+    when it uses RPC workers (`rpc`): a ggml-rpc-server serves one client at a time."""
     if not active:
         return False, f"{SERVICE} is not running"
     if policy == "stop":
         return True, "--service stop"
     if policy == "keep":
         return False, "--service keep"
+    if rpc:
+        return True, "its RPC workers serve one client at a time: llama-bench needs them"
     if gpus and cuda and n_gpu_layers > 0:
         return True, f"{gpus} GPU(s): the service's VRAM is needed for the bench"
     return False, ("no GPU memory pressure (CPU build or no GPUs): the service keeps running "
@@ -157,13 +162,24 @@ class RigGuard:
         return problems
 
     def __enter__(self) -> "RigGuard":
+        # Ctrl-C: the run waits for this block to put the rig back before it exits
+        self._owing = keeper.owing()
+        self._owing.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._exit(exc_type)
+        finally:
+            self._owing.__exit__(None, None, None)
+
+    def _exit(self, exc_type) -> bool:
         problems: list[str] = []
         interrupted = False
         try:
-            with shielded():
+            # after Ctrl-C the run's commands stop, but not these (keeper.cleanup), and the
+            # interrupted run waits for them before it exits
+            with shielded(), keeper.cleanup():
                 problems = self.restore()
         except KeyboardInterrupt:  # Ctrl-C while restoring: held back until now
             interrupted = True

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import UsageError
+from ..templates import shipped_dir
 from .parse import BenchRow, PowerSample, phases
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-DEFAULT_BASELINE = REPO_ROOT / "baselines" / "seed-6x3090-350w.json"
+DEFAULT_BASELINE = shipped_dir("baselines") / "seed-6x3090-350w.json"  # checkout or wheel
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def run_bench(ctx, opts: BenchOptions) -> dict[str, Any]:
     n_gpus = len(gf.gpus) if gf.available else 0
     installed = service_step.unit_installed(ctx)
     active = installed and service_step.is_active(ctx)
-    stop, why = decide_stop(opts.service, n_gpus, bool(cfg["llama_cpp"]["cuda"]), flags.n_gpu_layers, active)
+    stop, why = decide_stop(opts.service, n_gpus, bool(cfg["llama_cpp"]["cuda"]), flags.n_gpu_layers, active,
+                           rpc=bool(flags.rpc))
     _log(ctx, f"{binary} -m {model} {flags.describe()}")
     _log(ctx, f"depths {','.join(map(str, opts.depths))}, pp{opts.n_prompt}/tg{opts.n_gen}, "
               f"{opts.reps} rep(s), power sampling: {'on, ' + str(n_gpus) + ' GPU(s)' if n_gpus else 'off (no GPUs)'}")

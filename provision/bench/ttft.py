@@ -23,6 +23,7 @@ def measure_ttft(ctx, depths: Sequence[int], n_prompt: int) -> dict[int, dict[st
     """The API key (read by the service step, registered as a secret) travels on stdin only."""
     key = service_step.read_api_key(ctx.cfg)
     args = {"port": ctx.cfg["server"]["port"], "key": key, "n_prompt": n_prompt, "depths": list(depths)}
-    r = ctx.target.run(remote.command("http_probe.py", "ttft"), stdin=json.dumps(args),
-                       check=False, timeout=7200)
+    from ..steps import api_key as auth  # no explicit key: the rig's key file, read there as root
+    r = ctx.target.run(auth.keyed(ctx.cfg, remote.command("http_probe.py", "ttft")),
+                       stdin=json.dumps(args), sudo=auth.enabled(ctx.cfg), check=False, timeout=7200)
     return parse_ttft(r.stdout)

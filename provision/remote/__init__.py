@@ -15,7 +15,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("hf_pull.py", "sha256_files.py", "http_probe.py", "model_probe.py", "rig_status.py", "rig_copy.py",
-           "rig_keys.py", "rig_read.py", "tcp_reach.py", "bench_point.sh")
+           "rig_keys.py", "rig_read.py", "tcp_reach.py", "bench_point.sh", "rpc_watch.py", "rpc_cache_prune.py",
+           "rpc_health.py")
 
 
 @lru_cache(maxsize=None)

@@ -28,7 +28,15 @@ if [ "$sample" = 1 ] && command -v nvidia-smi >/dev/null 2>&1; then
     done ) >> "$d/power" 2>/dev/null &
   sp=$!
 fi
-stop_sampler() { if [ -n "$sp" ]; then kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null; sp=; fi; }
+stop_sampler() {
+  if [ -n "$sp" ]; then
+    kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null; sp=
+    # a point shorter than the first sample (a loaded box, a tiny model): one sample at its end
+    if ! grep -q '^P ' "$d/power" 2>/dev/null; then
+      t=$(date +%s.%N); $query 2>/dev/null | sed "s/^/P $t /" >> "$d/power"
+    fi
+  fi
+}
 trap stop_sampler EXIT
 trap 'exit 130' HUP INT TERM
 echo "E $(date +%s.%N) @@start" > "$d/events"

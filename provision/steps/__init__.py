@@ -16,6 +16,7 @@ STEPS = {
     "gpu": ("gpu", "GpuStep"),
     "llama": ("llama", "LlamaStep"),
     "model": ("model", "ModelStep"),
+    "rpc": ("rpc", "RpcStep"),
     "service": ("service", "ServiceStep"),
     "opencode": ("opencode", "OpencodeStep"),
 }

@@ -167,6 +167,8 @@ class ModelStep(Step):
 
     # -- plan -------------------------------------------------------------------------------
     def plan(self, ctx: Context) -> list[Change]:
+        if (ctx.cfg.get("rpc") or {}).get("bind"):
+            return []  # an RPC worker holds no model and serves no API (steps/rpc.py)
         man = self.manifest(ctx)
         stored = ctx.state.get(STATE_KEY)
         rig = read_rig(ctx, man, stored)

@@ -7,6 +7,12 @@ original is backed up once (`opencode.json.llama-rig.bak`) before the first chan
 written when the file is already right; a malformed file is an error and stays untouched.
 Schema: opencode-ai 1.18.x (`npm`, `name`, `options.baseURL`, `options.apiKey`,
 `models.<id>.limit.{context,output}`) — not the seed's `contextLength` keys.
+
+The API key (server.api_key, steps/api_key.py) is never written into the JSON: `apiKey` is
+`{file:llama-rig-<provider>.key}`, a reference opencode resolves relative to the config file's
+folder. On the rig that file is a copy of /etc/llama-rig/api-key made on the rig (`install -m 0600
+-o USER`: the key does not travel); `--local` fetches the key once into the same name beside this
+machine's config (0600).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from typing import Any
 from ..engine import Call, Change, Context, Step
 from ..errors import StepError
 from ..target import quote
+from . import api_key as auth
 
 SCHEMA_URL = "https://opencode.ai/config.json"
 BACKUP_SUFFIX = ".llama-rig.bak"
@@ -38,13 +45,25 @@ def model_id(cfg: dict) -> str:
     return cfg["server"]["alias"] or "llama-server"
 
 
+def key_name(cfg: dict) -> str:
+    """The key file beside opencode.json (one per provider: several rigs, several keys)."""
+    return f"llama-rig-{cfg['opencode']['provider_id']}.key"
+
+
+def key_ref(cfg: dict) -> str:
+    return "{file:" + key_name(cfg) + "}"
+
+
+OUR_REFS = ("{env:LLAMA_API_KEY}",)  # what earlier versions wrote (dropped when there is no key)
+
+
 def provider_block(cfg: dict, url: str, has_key: bool) -> dict[str, Any]:
     s, oc = cfg["server"], cfg["opencode"]
     ctx = s["ctx_size"] // max(1, s["parallel"]) if s["ctx_size"] else 0
     mid = model_id(cfg)
     options: dict[str, Any] = {"baseURL": url}
     if has_key:
-        options["apiKey"] = "{env:LLAMA_API_KEY}"
+        options["apiKey"] = key_ref(cfg)
     return {
         "npm": "@ai-sdk/openai-compatible",
         "name": "llama.cpp (llama-server)",
@@ -92,7 +111,7 @@ def merge(existing: dict[str, Any] | None, cfg: dict, url: str, has_key: bool) -
     opts["baseURL"] = want["options"]["baseURL"]
     if has_key:
         opts["apiKey"] = want["options"]["apiKey"]
-    elif opts.get("apiKey") == "{env:LLAMA_API_KEY}":
+    elif opts.get("apiKey") in OUR_REFS + (key_ref(cfg),):
         del opts["apiKey"]
     merged["options"] = opts
     models = dict(merged.get("models") or {}) if isinstance(merged.get("models"), dict) else {}
@@ -117,7 +136,7 @@ def dump(data: dict[str, Any]) -> str:
 
 
 def has_api_key(cfg: dict) -> bool:
-    return bool(cfg["server"]["api_key_file"])
+    return auth.enabled(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,9 +166,10 @@ def plan_rig(ctx: Context) -> list[Change]:
     text = ctx.target.read_file(path, sudo=True)
     existing = parse(text, f"{ctx.host.name}:{path}")
     url = base_url(cfg, ctx.host.address)
-    new = merge(existing, cfg, url, has_api_key(cfg))
+    key_changes, has_key = plan_key_copy(ctx, user, group, os.path.dirname(path))
+    new = merge(existing, cfg, url, has_key)
     if existing is not None and new == existing:
-        return []
+        return key_changes
     content = dump(new)
     backup = path + BACKUP_SUFFIX
 
@@ -172,7 +192,35 @@ def plan_rig(ctx: Context) -> list[Change]:
               + ("" if text is None else f", backup {os.path.basename(backup)}"),
               fn=write, data={"path": path, "content": content})
     ch.diff = lambda: file_diff(path, text, content)  # type: ignore[method-assign]
-    return [ch]
+    return key_changes + [ch]
+
+
+def plan_key_copy(ctx: Context, user: str, group: str, conf_dir: str) -> tuple[list[Change], bool]:
+    """The user's copy of the rig's API key beside opencode.json, made ON the rig (0600, the
+    user's). Returns (changes, whether the config may reference it)."""
+    dest = f"{conf_dir}/{key_name(ctx.cfg)}"
+    if not auth.enabled(ctx.cfg):
+        if ctx.target.exists(dest, sudo=True):
+            return [Call(f"remove {dest} (server.api_key: none)",
+                         fn=lambda c: c.target.run(f"rm -f {quote(dest)}", sudo=True))], False
+        return [], False
+    k, d = quote(auth.KEY_PATH), quote(dest)
+    r = ctx.target.run(f"test -s {k} || exit 3; cmp -s {k} {d} || exit 4; stat -c '%U %a' {d}",
+                       sudo=True, check=False)
+    if r.exited == 3:
+        if ctx.check:  # the service step makes it earlier in the same run
+            return [Call(f"copy the API key to {dest} once {auth.KEY_PATH} exists", fn=None)], True
+        ctx.warn(f"opencode: {auth.KEY_PATH} is not there yet (the service step makes it): "
+                 "the config gets the key reference at the next provision")
+        return [], False
+    if r.ok and r.stdout.split() == [user, "600"]:
+        return [], True
+
+    def copy(c: Context) -> None:
+        c.target.run(f"for x in {quote(os.path.dirname(conf_dir))} {quote(conf_dir)}; do [ -d \"$x\" ] || "
+                     f"install -d -m 0755 -o {quote(user)} -g {quote(group)} \"$x\"; done; "
+                     f"install -m 0600 -o {quote(user)} -g {quote(group)} {k} {d}", sudo=True)
+    return [Call(f"copy the API key to {dest} (0600 {user}, on the rig)", fn=copy)], True
 
 
 class OpencodeStep(Step):
@@ -180,6 +228,8 @@ class OpencodeStep(Step):
     title = "opencode provider config for the rig's llama-server"
 
     def plan(self, ctx: Context) -> list[Change]:
+        if (ctx.cfg.get("rpc") or {}).get("bind"):
+            return []  # an RPC worker holds no model and serves no API (steps/rpc.py)
         return plan_rig(ctx)
 
 
@@ -194,14 +244,31 @@ def local_config_path() -> Path:
     return Path(base) / "opencode" / "opencode.json"
 
 
-def apply_local(cfg: dict, address: str, path: Path, check: bool = False) -> tuple[bool, str]:
-    """Merge into a file on this machine. Returns (changed, new content)."""
+def apply_local(cfg: dict, address: str, path: Path, check: bool = False,
+                key: str | None = None) -> tuple[bool, str]:
+    """Merge into a file on this machine; `key` (read on the rig) goes to key_name() beside it,
+    0600. Returns (changed, new content)."""
     text = path.read_text() if path.exists() else None
     existing = parse(text, str(path))
-    new = merge(existing, cfg, base_url(cfg, address), has_api_key(cfg))
+    new = merge(existing, cfg, base_url(cfg, address), key is not None)
     content = dump(new)
+    key_path = path.with_name(key_name(cfg))
+    key_changed = False
+    if key is not None:
+        try:
+            key_changed = key_path.read_text() != key + "\n" or key_path.stat().st_mode & 0o077 != 0
+        except OSError:
+            key_changed = True
+        if key_changed and not check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = key_path.with_name(key_path.name + ".llama-rig-new")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                os.fchmod(fh.fileno(), 0o600)
+                fh.write(key + "\n")
+            os.replace(tmp, key_path)
     if existing is not None and new == existing:
-        return False, content
+        return key_changed, content
     if not check:
         path.parent.mkdir(parents=True, exist_ok=True)
         backup = path.with_name(path.name + BACKUP_SUFFIX)
@@ -248,7 +315,17 @@ def task_local(app, host: str | None, all_hosts: bool, check: bool):
         raise UsageError("opencode.config --local: pick exactly one host (the provider points at it)")
     h = hosts[0]
     path = local_config_path()
-    changed, content = apply_local(h.cfg, h.address, path, check=check)
+    key = None
+    if auth.enabled(h.cfg):  # the key opencode needs HERE: read once on the rig (sudo), never shown
+        key = auth.read_control_key(h.cfg)
+        if key is None:
+            from ..engine import Context
+            target = app.target_factory(h)
+            try:
+                key = auth.read_on_rig(Context(h, target, app.console, check=check))
+            finally:
+                target.close()
+    changed, content = apply_local(h.cfg, h.address, path, check=check, key=key)
     verb = ("would change" if check else "changed") if changed else "ok (no change)"
     app.console.line(f"opencode: {path}: {verb} (provider {h.cfg['opencode']['provider_id']} -> "
                      f"{base_url(h.cfg, h.address)})")

@@ -1,9 +1,10 @@
 """`service`: llama-server as a systemd system unit run by a dedicated unprivileged user.
 
-Files: the unit `/etc/systemd/system/llama-server.service` and the env file
-`/etc/llama-rig/llama-server.env` (0600, holds LLAMA_API_KEY when server.api_key_file is set),
-both rendered from templates/, plus a readiness helper `<prefix>/bin/llama-rig-health` that the
-unit's ExecStartPost= runs until /health answers 200.
+Files: the unit `/etc/systemd/system/llama-server.service` (hardened: read-only system, no home,
+private /tmp, only the NVIDIA devices) and the env file `/etc/llama-rig/llama-server.env` (0600),
+both rendered from templates/, a readiness helper `<prefix>/bin/llama-rig-health` that the
+unit's ExecStartPost= runs until /health (open without the key) answers 200, and the API key
+file `/etc/llama-rig/api-key` (api_key.py: made on the rig, passed as --api-key-file).
 
 Restarts: only when the unit, the env file, the binary (`current` moved; the llama step notifies
 `llama-server.restart`) or the model changed. The engine persists the notified handler as "owed"
@@ -15,19 +16,18 @@ free memory; after it, /health must be 200 and one real chat completion must ans
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .. import sections, values
 from ..engine import Call, Change, Context, Run, Step, WriteFile
 from ..errors import CommandError, StepError, UsageError
-from ..facts import host as hostfacts
-from ..facts.gpu import GpuFacts
-from ..secrets import register
 from ..target import join, quote
+from . import api_key as auth
+from .vram_preflight import (PREFLIGHT_MARGIN_MIB, FitReport, check_fit, cuda_devices,  # noqa: F401
+                             fitted_ts, free_memory, parse_fit_output, preflight, propose_ts)
 
 SERVICE = "llama-server.service"
 UNIT_PATH = f"/etc/systemd/system/{SERVICE}"
@@ -35,10 +35,6 @@ ENV_DIR = "/etc/llama-rig"
 ENV_PATH = f"{ENV_DIR}/llama-server.env"
 GPU_UNIT = "llama-rig-gpu.service"
 HANDLER = "llama-server.restart"
-# head room the VRAM preflight leaves on every GPU (server.vram_margin_mib): what llama-fit-params
-# does not count -- the CUDA context (~0.5-0.7 GiB on H100/H200, CUDA 13) and the cuBLAS handle and
-# workspace created at the first request (measured: benchmarks/gpu-proof-20261127-h200x4-service/)
-PREFLIGHT_MARGIN_MIB = 1536
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +85,12 @@ def _attn_batch_flags(s: dict) -> list[str]:
     return out
 
 
+def _rpc_flags(cfg: dict) -> list[str]:
+    """`--rpc w1:50052,w2:50052` on a main host with RPC workers (provision/rpc.py)."""
+    eps = (cfg.get("rpc") or {}).get("endpoints")
+    return ["--rpc", ",".join(eps)] if eps else []
+
+
 def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     """The rendered llama-server command line: every seed flag mapped from the inventory.
     Used by the unit's ExecStart= and, without systemd, for GPU proofs."""
@@ -97,6 +99,7 @@ def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
             "-ngl", str(s["n_gpu_layers"]), "-c", str(s["ctx_size"]),
             "-ctk", s["cache_type_k"], "-ctv", s["cache_type_v"],
             "--parallel", str(s["parallel"]), "--split-mode", s["split_mode"]]
+    argv += _rpc_flags(cfg)
     if s["tensor_split"]:
         argv += ["-ts", _ts(s["tensor_split"])]
     if not s["warmup"]:
@@ -108,6 +111,7 @@ def server_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
         argv += ["--alias", s["alias"]]
     # /metrics behind the API's bind and key; /slots off unless asked (it shows the prompts)
     argv += (["--metrics"] if s["metrics"] else []) + ([] if s["slots"] else ["--no-slots"])
+    argv += auth.server_args(cfg)  # --api-key-file PATH: the key is in neither argv nor env
     argv += _attn_batch_flags(s)
     argv += list(s["extra_args"])
     return argv
@@ -118,6 +122,7 @@ def fit_params_argv(cfg: dict, model_path: str, binary: str) -> list[str]:
     s = cfg["server"]
     argv = [binary, "-m", model_path, "-c", str(s["ctx_size"]), "-ctk", s["cache_type_k"],
             "-ctv", s["cache_type_v"], "-ngl", str(s["n_gpu_layers"]), "-sm", s["split_mode"]]
+    argv += _rpc_flags(cfg)
     if s["tensor_split"]:
         argv += ["-ts", _ts(s["tensor_split"])]
     argv += _attn_batch_flags(s)
@@ -139,12 +144,20 @@ def render_unit(cfg: dict, model_path: str, binary: str | None = None) -> str:
         argv=server_argv(cfg, model_path, binary or binary_path(cfg)),
         health_argv=[helper_path(cfg), health_url(cfg), str(s["start_timeout"])],
         start_timeout=s["start_timeout"], restart_sec=10, limit_nofile=65536,
-        start_limit_interval=max(600, s["start_timeout"] * 3), start_limit_burst=5)
+        start_limit_interval=max(600, s["start_timeout"] * 3), start_limit_burst=5,
+        protect_home=protect_home(model_path, user_home(cfg), p["prefix"]))
 
 
-def render_env(api_key: str | None) -> str:
+def protect_home(*paths: str) -> str:
+    """ProtectHome=yes hides /home, /root and /run/user; a model, prefix or state dir kept there
+    needs read-only (its home stays writable through ReadWritePaths=)."""
+    homes = ("/home", "/root", "/run/user")
+    return "read-only" if any(x == h or x.startswith(h + "/") for x in paths for h in homes) else "yes"
+
+
+def render_env() -> str:
     from ..templates import render
-    return render("llama-server.env.j2", api_key=api_key)
+    return render("llama-server.env.j2")
 
 
 def render_helper(cfg: dict) -> str:
@@ -153,123 +166,7 @@ def render_helper(cfg: dict) -> str:
                   default_timeout=cfg["server"]["start_timeout"])
 
 
-def read_api_key(cfg: dict) -> str | None:
-    """server.api_key_file lives on the CONTROL machine; the key is registered as a secret."""
-    path = cfg["server"]["api_key_file"]
-    if not path:
-        return None
-    full = os.path.expanduser(path)
-    try:
-        with open(full) as fh:
-            key = fh.read().strip()
-    except OSError as e:
-        raise StepError(f"server.api_key_file: cannot read {path}: {e.strerror}") from None
-    if not key or "\n" in key:
-        raise StepError(f"server.api_key_file: {path} must hold exactly one non-empty line")
-    register(key)
-    return key
-
-
-# ---------------------------------------------------------------------------------------------
-# VRAM preflight (pure parts)
-
-
-def parse_fit_output(text: str) -> dict[str, tuple[int, int, int]]:
-    """`CUDA0 10 68 297` / `Host 9 0 290` lines -> {device: (model, context, compute) MiB}."""
-    out: dict[str, tuple[int, int, int]] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 4 and all(p.lstrip("-").isdigit() for p in parts[1:]):
-            out[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
-    return out
-
-
-def cuda_devices(devices: dict[str, tuple[int, int, int]]) -> dict[int, tuple[int, int, int]]:
-    """The CUDA<n> rows of parse_fit_output, keyed by n."""
-    return {int(d[4:]): v for d, v in devices.items() if d.startswith("CUDA") and d[4:].isdigit()}
-
-
-@dataclass
-class FitReport:
-    ok: bool
-    rows: list[list[Any]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    proposed_ts: list[float] | None = None  # set by preflight(): a -ts llama-fit-params says fits
-
-
-def check_fit(devices: dict[str, tuple[int, int, int]], free_mib: dict[int, int],
-              names: dict[int, str] | None = None, margin: int = PREFLIGHT_MARGIN_MIB) -> FitReport:
-    """Compare llama-fit-params' estimate per CUDA device with the GPU's free memory."""
-    rep = FitReport(ok=True)
-    for dev, (m, c, k) in sorted(devices.items(), key=lambda kv: (not kv[0].startswith("CUDA"), kv[0])):
-        need = m + c + k
-        if dev.startswith("CUDA") and dev[4:].isdigit():
-            idx = int(dev[4:])
-            free = free_mib.get(idx)
-            fits = free is not None and need + margin <= free
-            label = f"GPU {idx}" + (f" ({names[idx]})" if names and idx in names else "")
-            rep.rows.append([dev, m, c, k, need, "?" if free is None else free,
-                             "ok" if fits else "DOES NOT FIT"])
-            if not fits:
-                rep.ok = False
-                rep.problems.append(
-                    f"{label}: needs {need} MiB (model {m} + context {c} + compute {k}) + "
-                    f"{margin} MiB margin but only {free if free is not None else '?'} MiB are free")
-        else:
-            rep.rows.append([dev, m, c, k, need, "-", "host memory"])
-    return rep
-
-
-def propose_ts(cuda: dict[int, tuple[int, int, int]], free_mib: dict[int, int],
-               margin: int = PREFLIGHT_MARGIN_MIB) -> list[float] | None:
-    """A -ts proportional to what each GPU has free for weights + KV (free - compute - margin),
-    scaled so the largest share is 1 (two decimals, like the seed's 0.9,1,1,...)."""
-    idxs = sorted(free_mib)
-    room = {i: max(0, free_mib[i] - (cuda.get(i, (0, 0, 0))[2]) - margin) for i in idxs}
-    top = max(room.values(), default=0)
-    if top <= 0:
-        return None
-    need = sum(m + c for m, c, _ in cuda.values())
-    if need > sum(room.values()):
-        return None  # no split fits: the plan needs less context, a smaller quant or more GPUs
-    return [round(room[i] / top, 2) for i in idxs]
-
-
-def fitted_ts(estimate: Callable[[list[float]], dict[int, tuple[int, int, int]] | None],
-              cuda: dict[int, tuple[int, int, int]], free_mib: dict[int, int],
-              margin: int = PREFLIGHT_MARGIN_MIB, tries: int = 5) -> list[float] | None:
-    """A -ts that llama-fit-params itself says fits, or None.
-
-    Starts from propose_ts (shares proportional to each GPU's room) and checks each candidate with
-    `estimate(ts)` (llama-fit-params with that -ts): layers are whole, so a GPU may get more than
-    its proportional share, and compute buffers move with the split. A GPU that still overflows
-    has its share cut by the part that does not fit, and the next candidate is checked."""
-    ts = propose_ts(cuda, free_mib, margin)
-    seen: list[list[float]] = []
-    for _ in range(tries):
-        if ts is None or ts in seen:
-            return None
-        seen.append(ts)
-        est = estimate(ts)
-        if not est:
-            return None
-        idxs = sorted(free_mib)
-        over = {i: sum(est.get(i, (0, 0, 0))) + margin - free_mib[i] for i in idxs}
-        over = {i: o for i, o in over.items() if o > 0}
-        if not over:
-            return ts
-        new = list(ts)
-        for i, o in over.items():
-            m, c, _ = est.get(i, (0, 0, 0))
-            if m + c <= 0:
-                return None  # its compute buffer and the margin alone do not fit
-            pos = idxs.index(i)
-            new[pos] = math.floor(100 * ts[pos] * max(0.0, (m + c - o) / (m + c))) / 100
-        top = max(new)
-        if top <= 0:
-            return None
-        ts = [round(x / top, 2) for x in new]
-    return None
+read_api_key = auth.read_control_key  # the explicit key (server.api_key_file), else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +188,7 @@ class Observed:
     owed: bool = False
     systemd: bool = True
     model_readable: bool | None = None  # by the service user (None: user missing / not checked)
+    key: auth.KeyFile = field(default_factory=auth.KeyFile)  # /etc/llama-rig/api-key
 
 
 def observe(ctx: Context, model_path: str | None = None) -> Observed:
@@ -319,7 +217,8 @@ def observe(ctx: Context, model_path: str | None = None) -> Observed:
         owed=HANDLER in ctx.state.owed,
         systemd=sections.first(sec, "init") == "systemd",
         model_readable=None if len(pw) < 7 or not model_path else t.run(
-            f"runuser -u {quote(u)} -- test -r {quote(model_path)}", sudo=True, check=False).ok)
+            f"runuser -u {quote(u)} -- test -r {quote(model_path)}", sudo=True, check=False).ok,
+        key=auth.observe(ctx, auth.mode(cfg) == "file") if auth.enabled(cfg) else auth.KeyFile())
 
 
 NOLOGIN = "/usr/sbin/nologin"
@@ -353,13 +252,17 @@ def plan(cfg: dict, obs: Observed, model_path: str, api_key: str | None,
     if helper != obs.helper_now:
         changes.append(WriteFile(f"readiness helper {helper_path(cfg)}", path=helper_path(cfg),
                                  content=helper, before=obs.helper_now, mode=0o755))
-    env = render_env(api_key)
     reasons: list[str] = []
+    key_changes = auth.plan(cfg, obs.key, u, api_key)
+    changes += key_changes
+    if any(HANDLER in ch.notify for ch in key_changes):
+        reasons.append("API key file changed")
+    env = render_env()
     if env != obs.env_now:
-        changes.append(WriteFile(f"env file {ENV_PATH}" + (" (with LLAMA_API_KEY)" if api_key else ""),
+        old_key = bool(obs.env_now and "LLAMA_API_KEY" in obs.env_now)  # the key's old place
+        changes.append(WriteFile(f"env file {ENV_PATH}" + (" (LLAMA_API_KEY removed)" if old_key else ""),
                                  path=ENV_PATH, content=env, before=obs.env_now, mode=0o600,
-                                 secret=bool(api_key) or bool(obs.env_now and "LLAMA_API_KEY" in obs.env_now),
-                                 notify=(HANDLER,)))
+                                 secret=old_key, notify=(HANDLER,)))
         reasons.append("env file changed")
     unit = render_unit(cfg, model_path)
     if unit != obs.unit_now:
@@ -430,8 +333,8 @@ def probe(ctx: Context, what: list[str], api_key: str | None = None, timeout: fl
     reqs = [{"name": w, "path": known[w][0], "body": known[w][1], "auth": known[w][2],
              "timeout": timeout if w == "chat" else 30} for w in what]
     args = {"base": f"http://127.0.0.1:{s['port']}", "key": api_key, "requests": reqs}
-    r = ctx.target.run(remote.command("http_probe.py", "requests"), stdin=json.dumps(args), check=False,
-                       timeout=timeout + 60)
+    r = ctx.target.run(auth.keyed(ctx.cfg, remote.command("http_probe.py", "requests")), stdin=json.dumps(args),
+                       sudo=auth.enabled(ctx.cfg), check=False, timeout=timeout + 60)
     try:
         return {k: tuple(v) for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
     except (ValueError, IndexError):
@@ -463,6 +366,8 @@ def restart_and_wait(ctx: Context, api_key: str | None = None, model_path: str |
     /health and a real completion. Marks the `llama-server.restart` handler paid."""
     if api_key is None:
         api_key = read_api_key(ctx.cfg)
+    from . import rpc as rpc_step
+    rpc_step.gate(ctx)  # RPC workers (if any): same build, answering
     timeout = ctx.cfg["server"]["start_timeout"] + 60
     t0 = time.monotonic()
     r = ctx.target.run(f"systemctl reset-failed {SERVICE} 2>/dev/null; systemctl restart {SERVICE}",
@@ -486,78 +391,6 @@ def restart_and_wait(ctx: Context, api_key: str | None = None, model_path: str |
 
 
 # ---------------------------------------------------------------------------------------------
-# VRAM preflight on the box
-
-
-def free_memory(ctx: Context, gf: GpuFacts) -> dict[int, int]:
-    """Free MiB per GPU index, counting what our running llama-server holds as free (a restart
-    releases it)."""
-    free = {g.index: (g.memory_total_mib or 0) - (g.memory_used_mib or 0) for g in gf.gpus}
-    pid = ctx.target.run(f"systemctl show -p MainPID --value {SERVICE} 2>/dev/null", check=False).stdout.strip()
-    if pid.isdigit() and pid != "0":
-        r = ctx.target.run("nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory "
-                           "--format=csv,noheader,nounits", check=False)
-        by_uuid = {g.uuid: g.index for g in gf.gpus}
-        for line in r.stdout.splitlines():
-            parts = [x.strip() for x in line.split(",")]
-            if len(parts) == 3 and parts[1] == pid and parts[2].isdigit() and parts[0] in by_uuid:
-                free[by_uuid[parts[0]]] += int(parts[2])
-    return free
-
-
-def preflight(ctx: Context, model_path: str) -> FitReport | None:
-    """Run llama-fit-params with the server's flags; refuse a plan that does not fit. Returns
-    None (after a visible warning) where it cannot run."""
-    def skipped(reason: str) -> None:
-        ctx.warn(f"VRAM preflight: skipped — {reason}")
-
-    gf = hostfacts.gpu(ctx)
-    if not gf.available or not gf.gpus:
-        skipped(f"no GPU ({gf.reason or 'nvidia-smi lists none'})")
-        return None
-    if ctx.cfg["server"]["n_gpu_layers"] == 0:
-        skipped("server.n_gpu_layers is 0 (nothing is offloaded)")
-        return None
-    fit = fit_params_path(ctx.cfg)
-    if not ctx.target.exists(fit):
-        skipped(f"{fit} not found (add llama-fit-params to llama_cpp.targets)")
-        return None
-
-    def run_fit(ts: list[float] | None = None):
-        cfg = ctx.cfg if ts is None else {**ctx.cfg, "server": {**ctx.cfg["server"], "tensor_split": ts}}
-        r = ctx.target.run(join(fit_params_argv(cfg, model_path, fit)),
-                           env={"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, check=False, timeout=600)
-        return r, parse_fit_output(r.stdout)
-
-    r, devices = run_fit()
-    if r.exited != 0 or not devices:
-        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        skipped(f"llama-fit-params failed (exit {r.exited}): {tail}")
-        return None
-    if not any(d.startswith("CUDA") for d in devices):
-        skipped("CPU build: llama-fit-params reports no CUDA device ("
-                + ", ".join(f"{d} {sum(v)} MiB" for d, v in devices.items()) + ")")
-        return None
-    free = free_memory(ctx, gf)
-    margin = ctx.cfg["server"]["vram_margin_mib"]
-    rep = check_fit(devices, free, {g.index: g.name for g in gf.gpus}, margin)
-    ctx.console.table(f"VRAM preflight: {ctx.host.name} (MiB, margin {margin})",
-                      ["device", "model", "context", "compute", "total", "free", "fit"], rep.rows)
-    if not rep.ok:
-        def estimate(ts: list[float]) -> dict[int, tuple[int, int, int]] | None:
-            r2, d2 = run_fit(ts)
-            return cuda_devices(d2) if r2.exited == 0 else None
-        rep.proposed_ts = fitted_ts(estimate, cuda_devices(devices), free, margin)
-        hint = (f"; try server.tensor_split: [{', '.join(_num(x) for x in rep.proposed_ts)}] "
-                "(llama-fit-params: fits)"
-                if rep.proposed_ts else "; llama-fit-params finds no tensor split that fits: lower "
-                "server.ctx_size, use a smaller quant or more GPUs")
-        raise StepError("VRAM preflight: the plan does not fit — " + "; ".join(rep.problems) + hint
-                        + " (llama-server was not restarted)")
-    return rep
-
-
-# ---------------------------------------------------------------------------------------------
 # the step
 
 
@@ -566,6 +399,9 @@ class ServiceStep(Step):
     title = "llama-server systemd unit, env file, readiness, restarts"
 
     def plan(self, ctx: Context) -> list[Change]:
+        if (ctx.cfg.get("rpc") or {}).get("bind"):
+            return []  # an RPC worker serves ggml-rpc-server (steps/rpc.py), not llama-server
+        auth.warn_open(ctx)
         have_binary = ctx.target.exists(binary_path(ctx.cfg))
         try:
             model_path = _model_path(ctx)
@@ -595,7 +431,7 @@ class ServiceStep(Step):
 
 def _handler(ctx: Context) -> None:
     """Owed restart when the service step itself did not run (e.g. `--only llama`)."""
-    if not unit_installed(ctx):
+    if (ctx.cfg.get("rpc") or {}).get("bind") or not unit_installed(ctx):
         ctx.say(f"handler: {SERVICE} is not installed yet — nothing to restart")
         return
     try:
@@ -628,6 +464,9 @@ def status(ctx: Context) -> bool:
     (not an error); installed but not serving: StepError."""
     name = ctx.host.name
     port = ctx.cfg["server"]["port"]
+    from . import rpc as rpc_step
+    if (ctx.cfg.get("rpc") or {}).get("bind"):
+        return rpc_step.worker_status(ctx)
     if not ctx.target.exists(UNIT_PATH):
         ctx.say(f"service: {SERVICE} is not installed on {name} yet — run "
                 f"`invoke provision --host {name}`")
@@ -661,7 +500,10 @@ def status(ctx: Context) -> bool:
     except (ValueError, KeyError, TypeError):
         ids = "- (not the expected JSON)"
     rows.append(["/v1/models", ids])
-    ctx.console.table(f"service: {name}", ["what", "value"], rows)
+    rpc_rows, rpc_problems = rpc_step.status_rows(ctx)
+    ctx.console.table(f"service: {name}", ["what", "value"], rows + rpc_rows)
+    if rpc_problems:
+        raise StepError("; ".join(rpc_problems) + f" -- llama-server cannot serve without it")
     if props.get("ActiveState") != "active" or hc != 200:
         health = f"/health {hc}" if hc else _no_answer(hb, port, 10)
         raise StepError(f"{SERVICE} is not serving ({props.get('ActiveState') or '-'}, {health}); "

@@ -377,7 +377,7 @@ class SystemStep(Step):
             hf = dataclasses.replace(hf, headers_candidate=hostfacts.headers_candidate(ctx))
         proxy_now = readahead.read_file(ctx, PROXY_FILE) if ctx.cfg["system"]["apt_proxy"] else None
         notes: list[str] = []
-        changes = plan(ctx.cfg, hf, gf, proxy_now, notes)
+        changes = dpkg_repair(dpkg_interrupted(ctx)) + plan(ctx.cfg, hf, gf, proxy_now, notes)
         if hf.reboot_required and not any(isinstance(c, RebootHost) for c in changes):
             notes.append("a reboot is pending (" + (", ".join(hf.reboot_packages) or "/var/run/reboot-required")
                          + "): llama-rig reboots only to load a driver (provision --reboot); "
@@ -400,6 +400,29 @@ class SystemStep(Step):
                             "in /usr/local/cuda/bin and /usr/local/cuda-*/bin)")
         if ctx.cfg["llama_cpp"]["cuda"]:
             ctx.say(f"system: CUDA toolkit {hf.nvcc_version} at {hf.cuda_home} (nvcc {hf.nvcc_path})")
+
+
+DPKG_REPAIR = f"{APT_ENV} dpkg --force-confdef --force-confold --configure -a"
+
+
+def dpkg_interrupted(ctx: Context) -> str:
+    """Why dpkg must finish an interrupted run first (an install stopped half-way: Ctrl-C, a
+    dropped link, a power cut), or "". Read-only: the journal in /var/lib/dpkg/updates and
+    `dpkg --audit` (packages left unpacked or half-configured)."""
+    r = ctx.target.run("ls -A /var/lib/dpkg/updates 2>/dev/null | head -n 3; echo @@audit; "
+                       "dpkg --audit 2>/dev/null | head -n 8", check=False)
+    journal, _, audit = r.stdout.partition("@@audit")
+    if journal.split():
+        return "dpkg was interrupted (/var/lib/dpkg/updates is not empty)"
+    pkgs = [ln.split()[0] for ln in audit.splitlines() if ln.startswith(" ") and ln.split()]
+    if audit.strip():
+        return "dpkg --audit: packages left half-installed" + (f" ({' '.join(pkgs[:5])})" if pkgs else "")
+    return ""
+
+
+def dpkg_repair(why: str) -> list[Change]:
+    """The change that finishes an interrupted dpkg run, before anything else uses apt."""
+    return [Run(f"repair: {why}: dpkg --configure -a", commands=[DPKG_REPAIR], timeout=3600)] if why else []
 
 
 def probe_for_check(ctx: Context, changes: list[Change]) -> None:

@@ -99,7 +99,8 @@ def open_session(ctx, opts: TuneOptions, *, sample_power: bool = False) -> Sessi
     # GPUs the server uses: gpus.count when the inventory says (CUDA_VISIBLE_DEVICES may hide some)
     n_used = min(n_gpus, cfg["gpus"]["count"]) if cfg["gpus"]["count"] else n_gpus
     active = service_step.unit_installed(ctx) and service_step.is_active(ctx)
-    stop, why = decide_stop(opts.service, n_gpus, bool(cfg["llama_cpp"]["cuda"]), flags.n_gpu_layers, active)
+    stop, why = decide_stop(opts.service, n_gpus, bool(cfg["llama_cpp"]["cuda"]), flags.n_gpu_layers, active,
+                           rpc=bool(flags.rpc))
     runner = RigBench(ctx, sample_power=sample_power, interval=opts.interval, timeout=opts.timeout,
                       power_ids=opts.gpu_ids)
     s = Session(ctx, opts, flags, binary, model, gf, n_used, stop, why, runner)

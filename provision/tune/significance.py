@@ -100,6 +100,9 @@ def compare(cand: Runs, ref: Runs, what: str = "t/s", min_reps: int = MIN_REPS,
     gain = (cand.median / ref.median - 1.0) if cand and ref and ref.median else None
     if cand.n < min_reps or ref.n < min_reps:
         return Comparison(False, f"too few runs to tell a gain from noise ({min(cand.n, ref.n)} < {min_reps})", gain)
+    if cand.hi < ref.lo:
+        return Comparison(False, f"slower: its best run {format(cand.hi, spec)} {what} is below the worst of "
+                                 f"{ref_name}, {format(ref.lo, spec)}; median {(gain or 0):+.1%}", gain)
     if cand.lo <= ref.hi:
         return Comparison(False, f"within the noise: its worst run {format(cand.lo, spec)} {what} is not above "
                                  f"the best of {ref_name}, {format(ref.hi, spec)}", gain)

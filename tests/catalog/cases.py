@@ -48,6 +48,18 @@ SHELL = {  # hostile for a shell, an option parser or systemd: refused, or prove
     "empty": "",
     "blank": " ",
 }
+# extra payloads for particular keys: what a careless user writes there (all must be refused)
+KEY_EXTRA = {
+    # llama.cpp's RPC server has no authentication: never a wildcard, public or resolvable bind
+    ("rpc", "bind"): {"wildcard_v4": "0.0.0.0", "wildcard_v6": "::", "wildcard_v6_brackets": "[::]",
+                      "mapped_wildcard": "::ffff:0.0.0.0", "public_v4": "8.8.8.8",
+                      "public_v6": "2001:4860:4860::8888", "multicast": "224.0.0.1",
+                      "hostname": "worker.lan", "localhost_name": "localhost", "with_port": "10.0.0.2:50052",
+                      "zone": "fe80::1%eth0"},
+    ("rpc", "address"): {"wildcard_v4": "0.0.0.0", "public_v4": "1.1.1.1", "hostname": "main.lan"},
+    ("rpc", "workers"): {"unknown_host": ["nosuchhost"], "self": ["rig"]},
+    ("rpc", "gpus"): {"negative": ["-1"], "comma_list": ["0,1"], "uuid": ["GPU-0f1e"]},
+}
 NON_STRING = {"integer_for_string": None, "list_for_string": ["a", "b"], "mapping_for_string": {"a": 1}}
 NUMBER = {
     "word": "abc", "shell": "1; touch {canary}", "nan": math.nan, "inf": math.inf, "negative": -1,
@@ -131,6 +143,8 @@ def generate() -> list[Case]:
             add(sec, key, "list", ["GGML_X=ON"])
         else:
             raise AssertionError(k)
+        for name, v in KEY_EXTRA.get((sec, key), {}).items():
+            add(sec, key, name, v)
     return cases
 
 

@@ -81,6 +81,25 @@ def unit_proof(cfg: dict, base: dict) -> None:
     assert unescape_percent(settings["User"]) == cfg["paths"]["service_user"]
 
 
+def rpc_unit_proof(cfg: dict, base: dict) -> None:
+    """The RPC worker's unit (rendered as if this host were a worker): the same lines and
+    settings, ExecStart= and the cache paths read back as written."""
+    from provision import rpc
+    c, b = json.loads(json.dumps(cfg)), json.loads(json.dumps(base))
+    for x in (c, b):
+        x["rpc"]["bind"] = "10.0.0.5"
+    binary = rpc.bin_dir(c) + "/ggml-rpc-server"
+    unit, ref = rpc.render_worker_unit(c, binary), rpc.render_worker_unit(b, binary)
+    assert len(unit.split("\n")) == len(ref.split("\n")), unit
+    got, want = unit_settings(unit), unit_settings(ref)
+    assert [k for k, _ in got] == [k for k, _ in want]
+    settings = dict(got)
+    assert exec_words(settings["ExecStart"]) == rpc.worker_argv(c, binary)
+    assert exec_words(settings["ReadWritePaths"]) == [rpc.cache_dir(c)]
+    envs = [exec_words(v)[0] for k, v in got if k == "Environment"]
+    assert f"LLAMA_CACHE={rpc.cache_dir(c)}" in envs
+
+
 def commands(cfg: dict) -> list[str]:
     c2 = json.loads(json.dumps(cfg))
     c2["llama_cpp"]["cuda"] = False
@@ -136,6 +155,7 @@ def test_case_refused_or_harmless(case: Case):
     assert case.payload.removeprefix("item_").removeprefix("key_").removeprefix("value_") not in CONTROL, case
     base = load(case, benign(value))
     unit_proof(cfg, base)
+    rpc_unit_proof(cfg, base)
     shell_proof(cfg, base)
     build_proof(cfg)
     config_proof(cfg)
@@ -170,6 +190,11 @@ GOOD = {
     "cuda_arch": ["86", "90a", "120-real", "native", "all-major"],
     "service_user": ["llama", "_llama", "llama-rig"],
     "env_name": ["HF_TOKEN", "_X1"],
+    "ssh_address": ["192.168.1.50", "rig.lan", "gpu1", "::1", "[::1]", "[::1]:2222",
+                    "[fe80::1%eth0]:2222", "fe80::1%eth0", "10.0.0.5:2200", "rig.lan:22"],
+    "rpc_address": ["10.0.0.2", "192.168.1.7", "172.16.0.1", "100.64.0.9", "127.0.0.1", "::1",
+                    "fd00::2", "[fd00::2]"],
+    "gpu_index": ["0", "7", "15"],
 }
 BAD = {
     "deb_package": ["cuda-toolkit-12-8; touch x", "-oDebug=1", "Cuda", "a", "pkg name", "pkg'"],
@@ -191,6 +216,11 @@ BAD = {
     "cuda_arch": ["86;90", "-DX", "sm_86", "8.6", ""],
     "service_user": ["root", "Llama", "ll ama", "-x", "a" * 40],
     "env_name": ["HF-TOKEN", "1X", "X;Y", ""],
+    "ssh_address": ["-oProxyCommand=x", "[x]", "[10.0.0.1]", "[::1]:0", "[::1]:99999", "a:b:c",
+                    "rig:-1", "a b", "a;b", "[::1]:22:22", ""],
+    "rpc_address": ["0.0.0.0", "::", "[::]", "::ffff:0.0.0.0", "8.8.8.8", "2001:4860::8888",
+                    "224.0.0.1", "rig.lan", "localhost", "fe80::1%eth0", "-H", "10.0.0.2:50052", ""],
+    "gpu_index": ["-1", "0,1", "a", "1.5", "GPU-1234", ""],
 }
 
 

@@ -93,9 +93,9 @@ class RigFactory:
         self._lock = threading.Lock()
 
     def __call__(self, name: Optional[str] = None, gpus: Optional[list] = None,
-                 fake_nvidia_smi: bool = True) -> Rig:
+                 fake_nvidia_smi: bool = True, capabilities: tuple = ()) -> Rig:
         nr = boot_rig(self.base, self.pubkey, self.known_hosts_dir, self.key_file, name=name,
-                      gpus=gpus, fake_nvidia_smi=fake_nvidia_smi)
+                      gpus=gpus, fake_nvidia_smi=fake_nvidia_smi, capabilities=capabilities)
         with self._lock:
             self._rigs[nr.name] = nr
         return nr.rig

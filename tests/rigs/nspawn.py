@@ -422,6 +422,7 @@ class NspawnRig:
     rig: Optional[Rig] = None
     boot_s: float = 0.0
     _lock_fds: list = field(default_factory=list, repr=False)
+    capabilities: tuple = ()  # extra capabilities for the box (e.g. CAP_NET_ADMIN: nft in its netns)
     stopped: bool = False
     # "booting" | "running" | "rebooting" (asked for it from inside) | "off" (powered off/died)
     state: str = "booting"
@@ -489,7 +490,8 @@ class NspawnRig:
             ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--machine={name}",
              f"--directory={base}", f"--overlay={base}:{self.upper}:/",
              f"--network-namespace-path=/run/netns/{name}", f"--hostname={name}",
-             "--console=read-only", "--timezone=off", "--resolv-conf=off", "--boot"],
+             "--console=read-only", "--timezone=off", "--resolv-conf=off",
+             *([f"--capability={','.join(self.capabilities)}"] if self.capabilities else []), "--boot"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         log.close()
@@ -592,8 +594,10 @@ def default_gpus_json(gpus: Optional[list]) -> Optional[str]:
 
 def boot_rig(base: Path, client_pubkey: str, known_hosts_dir: Path, client_key: Path,
              name: Optional[str] = None, gpus: Optional[list] = None,
-             fake_nvidia_smi: bool = True, boot_timeout: float = 60) -> NspawnRig:
-    """Boot a Tier B rig from ``base``; returns once its sshd sends a banner."""
+             fake_nvidia_smi: bool = True, boot_timeout: float = 60,
+             capabilities: tuple = ()) -> NspawnRig:
+    """Boot a Tier B rig from ``base``; returns once its sshd sends a banner. ``capabilities``:
+    extra ones for the box (``("CAP_NET_ADMIN",)`` lets it load nft tables in its own netns)."""
     t0 = time.monotonic()
     name, name_fd = _alloc_name(name)
     fds = [name_fd]
@@ -602,7 +606,7 @@ def boot_rig(base: Path, client_pubkey: str, known_hosts_dir: Path, client_key: 
         fds.append(net_fd)
         rdir = WORK_ROOT / "rigs" / name
         shutil.rmtree(rdir, ignore_errors=True)
-        nr = NspawnRig(name=name, n=n, dir=rdir, base=base, _lock_fds=fds)
+        nr = NspawnRig(name=name, n=n, dir=rdir, base=base, _lock_fds=fds, capabilities=tuple(capabilities))
         upper = nr.upper
         (upper / "etc/ssh").mkdir(parents=True)
         os.chmod(rdir, 0o700)

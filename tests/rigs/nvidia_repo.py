@@ -233,6 +233,7 @@ def build_debs(wheels: Path, out: Path) -> list[Path]:
     """The toolkit's component packages + metapackage and the driver stand-ins."""
     v = {k: f"{val}-1" for k, val in WHEELS.items()}
     tv = v["nvidia-cuda-nvcc"]
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)  # a fresh machine has none yet
     work = Path(tempfile.mkdtemp(prefix="nvrepo-", dir=WORK_ROOT))
     debs: list[Path] = []
     try:
@@ -460,6 +461,7 @@ def serve(host: str = PROXY_ADDR) -> NvidiaRepo:
     `host` (default the apt proxy's address, which every rig reaches; rigs go there DIRECT)."""
     debs, info = debs_dir()
     home, fpr = signing_key()
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="nvidia-repo-", dir=WORK_ROOT))
     os.chmod(root, 0o755)
     httpd = http.server.ThreadingHTTPServer((host, 0), functools.partial(_Quiet, directory=str(root)))

@@ -22,7 +22,7 @@ SUDO_USER = "rigadmin"
 
 SSHD_CONFIG = """\
 Port {port}
-ListenAddress 127.0.0.1
+ListenAddress {listen}
 HostKey {d}/host_key
 PidFile {d}/sshd.pid
 AuthorizedKeysFile {d}/authorized_keys
@@ -66,9 +66,10 @@ def ensure_sudo_user(user: str = SUDO_USER) -> None:
         os.replace(tmp, sudoers)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(listen: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((listen, 0))
         return s.getsockname()[1]
 
 
@@ -112,8 +113,10 @@ class SshdServer:
 
 
 def start_sshd(key_file: Path, pubkey: str, tmp_base: Optional[Path] = None,
-               sudo_user: str = SUDO_USER, attempts: int = 20) -> SshdServer:
-    """Start sshd on 127.0.0.1:<random>; returns when it logs 'Server listening'."""
+               sudo_user: str = SUDO_USER, attempts: int = 20,
+               listen: str = "127.0.0.1") -> SshdServer:
+    """Start sshd on 127.0.0.1:<random> (or ``listen``, e.g. ``::1``); returns when it logs
+    'Server listening'."""
     t0 = time.monotonic()
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privsep dir; nothing creates it here
     d = Path(tempfile.mkdtemp(prefix="rig-sshd-", dir=tmp_base))
@@ -128,14 +131,14 @@ def start_sshd(key_file: Path, pubkey: str, tmp_base: Optional[Path] = None,
         host_pub = " ".join((d / "host_key.pub").read_text().split()[:2])
         last_log = ""
         for _ in range(attempts):
-            port = _free_port()
-            (d / "sshd_config").write_text(SSHD_CONFIG.format(port=port, d=d))
+            port = _free_port(listen)
+            (d / "sshd_config").write_text(SSHD_CONFIG.format(port=port, d=d, listen=listen))
             logf = open(d / "sshd.log", "wb")
             popen = subprocess.Popen([SSHD_BIN, "-D", "-e", "-f", str(d / "sshd_config")],
                                      stdin=subprocess.DEVNULL, stdout=logf,
                                      stderr=subprocess.STDOUT, start_new_session=True)
             logf.close()
-            marker = f"Server listening on 127.0.0.1 port {port}."
+            marker = f"Server listening on {listen} port {port}."
 
             def state():
                 text = (d / "sshd.log").read_text(errors="replace")
@@ -159,10 +162,10 @@ def start_sshd(key_file: Path, pubkey: str, tmp_base: Optional[Path] = None,
         else:
             raise RuntimeError(f"sshd: no free port after {attempts} attempts:\n{last_log}")
         known_hosts = d / "known_hosts"
-        known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub}\n")
+        known_hosts.write_text(f"[{listen}]:{port} {host_pub}\n")
         run = _local_sh(root)
-        common = dict(name=socket.gethostname(), address="127.0.0.1", port=port,
-                      key_file=key_file, known_hosts=known_hosts, host_side="127.0.0.1",
+        common = dict(name=socket.gethostname(), address=listen, port=port,
+                      key_file=key_file, known_hosts=known_hosts, host_side=listen,
                       root=root, _sh=run)
         return SshdServer(dir=d, root=root, port=port, popen=popen,
                           root_rig=Rig(user="root", **common),
