@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_unselected_steps_are_names_only():
     steps = all_steps(["facts", "gpu"])
-    assert [s.name for s in steps] == step_names() == ["facts", "system", "gpu", "llama", "model",
+    assert [s.name for s in steps] == step_names() == ["facts", "system", "gpu", "llama", "model", "rpc",
                                                        "service", "opencode"]
     assert [type(s).__name__ for s in steps] == ["FactsStep", "NotSelected", "GpuStep", "NotSelected",
-                                                 "NotSelected", "NotSelected", "NotSelected"]
+                                                 "NotSelected", "NotSelected", "NotSelected", "NotSelected"]
     assert [type(s).__name__ for s in all_steps(skip=["model"])][3:5] == ["LlamaStep", "NotSelected"]
     with pytest.raises(AssertionError):
         NotSelected("llama").plan(None)
