@@ -321,7 +321,7 @@ def _relay(ctx: Context, src: SourceRig, items: Sequence[Item], offsets: dict[st
         reader = threading.Thread(target=_read_events, args=(dst, events, progress, done), daemon=True)
         reader.start()
         try:
-            snd = sctx.target.pipe(f"nice -n 10 python3 -c {quote(remote.source('rig_copy.py'))} send",
+            snd = sctx.target.pipe("nice -n 10 " + remote.command("rig_copy.py", "send"),
                                    sudo=True, timeout=PIPE_TIMEOUT)
         except ConnectError as e:
             raise src.lost(e) from None
@@ -446,7 +446,7 @@ class DirectKey:
         """remote/rig_keys.py on the source, as its login user (no sudo: its own authorized_keys)."""
         ctx = self.src.ctx()
         try:
-            return run_input(ctx.target, f"python3 -c {quote(remote.source('rig_keys.py'))} {action}",
+            return run_input(ctx.target, remote.command("rig_keys.py", action),
                              json.dumps(req) + "\n", timeout=60)
         except ConnectError as e:
             raise self.src.lost(e) from None
