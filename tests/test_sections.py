@@ -30,3 +30,20 @@ def test_marker_rules():
 def test_first_line_of_a_section():
     sec = S.split("@@a\n\n  x  \ny\n@@b\n")
     assert S.first(sec, "a") == "x" and S.first(sec, "b", "-") == "-" and S.first(sec, "zz") == ""
+
+
+def test_the_step_parsers_that_use_it():
+    from types import SimpleNamespace
+
+    from provision.steps import rpc, system
+    sec = rpc._sections("@@unit\n  active \n@@nft\ntable inet x {\n@@empty\n")
+    assert sec == {"unit": ["active"], "nft": ["table inet x {"], "empty": []}
+    assert rpc._first(sec, "unit") == "active" and rpc._first(sec, "empty") == ""
+
+    def ctx(out):
+        return SimpleNamespace(target=SimpleNamespace(run=lambda *a, **k: SimpleNamespace(stdout=out)))
+    assert system.dpkg_interrupted(ctx("@@audit\n")) == ""
+    assert "updates is not empty" in system.dpkg_interrupted(ctx("1234\n@@audit\n"))
+    assert system.dpkg_interrupted(ctx("@@audit\nThe following packages are only half configured:\n"
+                                       " libfoo  a library\n")) == \
+        "dpkg --audit: packages left half-installed (libfoo)"

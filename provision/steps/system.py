@@ -11,7 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .. import nvidia, reach, readahead
+from .. import nvidia, reach, readahead, sections
 from ..engine import Change, Context, RebootHost, Run, Step, WriteFile
 from ..errors import StepError, UnsafeValue
 from ..facts import host as hostfacts
@@ -411,7 +411,8 @@ def dpkg_interrupted(ctx: Context) -> str:
     `dpkg --audit` (packages left unpacked or half-configured)."""
     r = ctx.target.run("ls -A /var/lib/dpkg/updates 2>/dev/null | head -n 3; echo @@audit; "
                        "dpkg --audit 2>/dev/null | head -n 8", check=False)
-    journal, _, audit = r.stdout.partition("@@audit")
+    sec = sections.split("@@journal\n" + r.stdout, ("journal", "audit"))
+    journal, audit = "\n".join(sec["journal"]), "\n".join(sec["audit"])
     if journal.split():
         return "dpkg was interrupted (/var/lib/dpkg/updates is not empty)"
     pkgs = [ln.split()[0] for ln in audit.splitlines() if ln.startswith(" ") and ln.split()]
