@@ -518,7 +518,7 @@ def _cross_check(cfg: dict[str, Any], where: str) -> None:
     if ts is not None:
         if n and len(ts) > n and not cfg["rpc"]["workers"]:
             raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}")
-        if n and len(ts) != n and not cfg["rpc"]["workers"]:  # with workers: _link_rpc
+        if n and len(ts) != n and not cfg["rpc"]["workers"]:  # with workers: rpc.link_hosts
             raise InventoryError(f"{where}: server.tensor_split: has {len(ts)} values but gpus.count is {n}"
                                  f" (a missing GPU must not silently become a {len(ts)}-way split)")
         if sum(ts) <= 0:
@@ -714,51 +714,9 @@ def from_data(data: Any, fname: str = "hosts.yaml", path: Path | None = None,
         _split_address(cfg, explicit, where)
         _cross_check(cfg, where)
         hosts[hname] = Host(hname, member_of, cfg, fname, frozenset(explicit))
-    _link_rpc(hosts, groups, fname)
+    from .rpc import link_hosts
+    link_hosts(hosts, groups, fname)  # rpc.workers -> Host.rpc_workers / rpc_mains, checked
     return Inventory(path, hosts, groups)
-
-
-def _link_rpc(hosts: dict[str, Host], groups: dict[str, list[str]], fname: str) -> None:
-    """rpc.workers (host or group names) -> Host.rpc_workers / Host.rpc_mains, checked."""
-    for h in hosts.values():
-        where = f"{fname}: host {h.name!r}"
-        rpc, lc = h.cfg["rpc"], h.cfg["llama_cpp"]
-        if (rpc["workers"] or rpc["bind"]) and not lc["rpc"]:
-            raise InventoryError(f"{where}: {'rpc.workers' if rpc['workers'] else 'rpc.bind'}: needs "
-                                 "llama_cpp.rpc: true (the build needs GGML_RPC=ON)")
-        if rpc["workers"] and rpc["bind"]:
-            raise InventoryError(f"{where}: rpc.bind: a main host (rpc.workers) is not a worker itself")
-        for w in rpc["workers"]:
-            names = groups.get(w, [w] if w in hosts else None)
-            if names is None:
-                raise InventoryError(f"{where}: rpc.workers: unknown host or group {cut(w)}"
-                                     + _did_you_mean(w, [*hosts, *groups]))
-            for n in names:
-                wk = hosts[n]
-                if n == h.name:
-                    raise InventoryError(f"{where}: rpc.workers: {n!r} is this host itself")
-                if not wk.cfg["rpc"]["bind"]:
-                    raise InventoryError(f"{fname}: host {n!r}: rpc.bind: required on a worker of "
-                                         f"{h.name!r} (a private address of {n!r})")
-                if wk not in h.rpc_workers:
-                    h.rpc_workers.append(wk)
-                    wk.rpc_mains.append(h)
-        if h.rpc_workers:
-            from . import rpc as rpc_mod
-            rpc["endpoints"] = [rpc_mod.endpoint(w.cfg) for w in h.rpc_workers]  # derived, not a key
-            ts, n = h.cfg["server"]["tensor_split"], h.cfg["gpus"]["count"]
-            want = sum(rpc_mod.worker_devices(w.cfg) for w in h.rpc_workers) + n
-            if ts is not None and len(ts) != want:
-                raise InventoryError(
-                    f"{where}: server.tensor_split: has {len(ts)} values but the workers expose "
-                    f"{want - n} device(s) and gpus.count is {n}: list the workers' devices first "
-                    f"(rpc.workers order), then the local GPUs ({want} values)")
-        if rpc["workers"] and not rpc["address"] and any(w.cfg["rpc"]["firewall"] for w in h.rpc_workers):
-            addr = h.cfg["connection"]["address"]
-            if h.is_local or not addr or values.rpc_address(addr):
-                raise InventoryError(f"{where}: rpc.address: required on a main host whose "
-                                     "connection.address is not a private IP address (the workers "
-                                     "let only this address in)")
 
 
 

@@ -103,6 +103,58 @@ def worker_home(cfg: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# the inventory: main hosts and their workers
+
+
+def link_hosts(hosts: dict, groups: dict[str, list[str]], fname: str) -> None:
+    """rpc.workers (host or group names) -> Host.rpc_workers / Host.rpc_mains, checked; the derived
+    cfg["rpc"]["endpoints"] (what --rpc gets). Called by inventory.from_data once every host is
+    merged; every problem is one InventoryError line (exit 2)."""
+    from . import values
+    from .errors import InventoryError
+    from .inventory import _did_you_mean
+    from .values import cut
+    for h in hosts.values():
+        where = f"{fname}: host {h.name!r}"
+        rpc, lc = h.cfg["rpc"], h.cfg["llama_cpp"]
+        if (rpc["workers"] or rpc["bind"]) and not lc["rpc"]:
+            raise InventoryError(f"{where}: {'rpc.workers' if rpc['workers'] else 'rpc.bind'}: needs "
+                                 "llama_cpp.rpc: true (the build needs GGML_RPC=ON)")
+        if rpc["workers"] and rpc["bind"]:
+            raise InventoryError(f"{where}: rpc.bind: a main host (rpc.workers) is not a worker itself")
+        for w in rpc["workers"]:
+            names = groups.get(w, [w] if w in hosts else None)
+            if names is None:
+                raise InventoryError(f"{where}: rpc.workers: unknown host or group {cut(w)}"
+                                     + _did_you_mean(w, [*hosts, *groups]))
+            for n in names:
+                wk = hosts[n]
+                if n == h.name:
+                    raise InventoryError(f"{where}: rpc.workers: {n!r} is this host itself")
+                if not wk.cfg["rpc"]["bind"]:
+                    raise InventoryError(f"{fname}: host {n!r}: rpc.bind: required on a worker of "
+                                         f"{h.name!r} (a private address of {n!r})")
+                if wk not in h.rpc_workers:
+                    h.rpc_workers.append(wk)
+                    wk.rpc_mains.append(h)
+        if h.rpc_workers:
+            rpc["endpoints"] = [endpoint(w.cfg) for w in h.rpc_workers]  # derived, not a key
+            ts, n = h.cfg["server"]["tensor_split"], h.cfg["gpus"]["count"]
+            want = sum(worker_devices(w.cfg) for w in h.rpc_workers) + n
+            if ts is not None and len(ts) != want:
+                raise InventoryError(
+                    f"{where}: server.tensor_split: has {len(ts)} values but the workers expose "
+                    f"{want - n} device(s) and gpus.count is {n}: list the workers' devices first "
+                    f"(rpc.workers order), then the local GPUs ({want} values)")
+        if rpc["workers"] and not rpc["address"] and any(w.cfg["rpc"]["firewall"] for w in h.rpc_workers):
+            addr = h.cfg["connection"]["address"]
+            if h.is_local or not addr or values.rpc_address(addr):
+                raise InventoryError(f"{where}: rpc.address: required on a main host whose "
+                                     "connection.address is not a private IP address (the workers "
+                                     "let only this address in)")
+
+
+# ---------------------------------------------------------------------------------------------
 # rendered files
 
 
