@@ -88,7 +88,7 @@ class Pair:
         self.a, self.b, self.url, self.commit, self.tmp = a, b, url, commit, tmp
         self.write()
 
-    def write(self, w1_ref: str | None = None) -> Path:
+    def write(self, w1_ref: str | None = None, w1_bind: str = B_ADDR) -> Path:
         llama = {"repo": self.url, "ref": self.commit, "cuda": False, "prebuilt_ui": False, "native": False,
                  "rpc": True, "targets": ["llama-server", "llama-bench"]}
         hosts = {
@@ -99,7 +99,7 @@ class Pair:
                         "cache_type_v": "f16", "alias": "tiny", "start_timeout": 120}),
             "w1": self.b.inventory_entry(
                 connection={"connect_timeout": 5}, llama_cpp=dict(llama, ref=w1_ref or self.commit),
-                rpc={"bind": B_ADDR, "port": PORT, "cache_max_gb": 1}),
+                rpc={"bind": w1_bind, "port": PORT, "cache_max_gb": 1}),
         }
         p = self.tmp / "hosts.yaml"
         p.write_text(yaml.safe_dump({"hosts": hosts}, sort_keys=False))
@@ -123,14 +123,16 @@ class Pair:
         print(f"$ {title} --host {host} (exit {rc})\n{out.getvalue()}")
         return rc, out.getvalue()
 
-    def chat(self) -> dict:
+    def chat(self, timeout: int = 60) -> dict:
         body = json.dumps({"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
         r = self.a.sh("python3 -c " + _q(
             "import sys,urllib.request;k=open('/etc/llama-rig/api-key').read().strip();"  # the rig's key
             "r=urllib.request.Request('http://127.0.0.1:8080/v1/chat/completions',"
             "data=sys.argv[1].encode(),headers={'Content-Type':'application/json','Authorization':'Bearer '+k});"
-            "print(urllib.request.urlopen(r,timeout=60).read().decode())") + " " + _q(body), check=False, timeout=90)
-        assert r.returncode == 0, r.stdout + r.stderr
+            f"print(urllib.request.urlopen(r,timeout={timeout}).read().decode())") + " " + _q(body), check=False,
+            timeout=timeout + 30)
+        if r.returncode != 0:
+            return {"failed": (r.stdout + r.stderr)[-300:]}
         return json.loads(r.stdout)
 
 
@@ -217,11 +219,8 @@ def test_rpc_across_two_rigs(pair):
     assert re.search(r"/health 200 in \d+ ms; chat completion in \d+ ms", out), out
     argv = a.sh("systemctl show llama-server.service -p ExecStart").stdout
     assert f"--rpc {EP}" in argv and "-ngl 3" in argv
-    log = a.sh("journalctl -u llama-server.service -o cat --no-pager").stdout
-    assert f"RPC0[{EP}]" in log, log[-3000:]  # the remote device took layers
-    assert re.search(r"offloaded 3/5 layers to GPU", log), log[-3000:]
     reply = pair.chat()
-    assert reply["choices"][0]["message"] is not None
+    assert reply.get("choices") and reply["choices"][0]["message"] is not None, reply
     peers = [ln.split()[3] for ln in b.sh(f"ss -Htn state established '( sport = :{PORT} )'").stdout.splitlines()]
     assert peers and all(p.startswith(f"{A_ADDR}:") for p in peers), peers  # A's llama-server is its client
     assert a.sh("systemctl is-active llama-rig-rpc-watch.service").stdout.strip() == "active"
@@ -243,6 +242,8 @@ def test_rpc_across_two_rigs(pair):
     sh(["ip", "-n", b.name, "link", "set", pair.b_if, "down"])
     try:
         wait_until(lambda: not can_connect(a, B_ADDR, PORT, timeout=2), 30, "B to be unreachable from A")
+        # the layers on B are gone with it: no answer (proof that B really computes them)
+        assert "failed" in pair.chat(timeout=8)
         time.sleep(4)  # the watcher's next round sees it down
         rc, out = pair.task("main", svc.status, "service.status")
         assert rc == 1, out
@@ -254,25 +255,30 @@ def test_rpc_across_two_rigs(pair):
                       not in (pid0, "0", ""), 60, "the watcher to restart llama-server")
     wait_until(lambda: a.sh("python3 -c \"import urllib.request as u;print(u.urlopen('http://127.0.0.1:8080/health')"
                             ".status)\"", check=False).stdout.strip().endswith("200"), 120, "llama-server healthy again")
-    assert pair.chat()["choices"], "no answer after B came back"
+    assert pair.chat().get("choices"), "no answer after B came back"
     print(f"llama-server restarted by the watcher {took:.1f}s after B came back")
     rc, out = pair.task("main", svc.status, "service.status")
     assert rc == 0 and f"{EP} up" in out, out
 
     # -- the worker's rpc server restarted (its connection to A is gone): A's llama-server restarts --
     pid1 = a.sh("systemctl show -p MainPID --value llama-server.service").stdout.strip()
+
+    def watcher_restarts() -> int:
+        return a.sh("journalctl -u llama-rig-rpc-watch -o cat --no-pager").stdout.count("llama-server.service: restart (")
+    before = watcher_restarts()
     b.sh("systemctl restart llama-rpc-server.service")
     wait_until(lambda: a.sh("systemctl show -p MainPID --value llama-server.service").stdout.strip()
                not in (pid1, "0", ""), 60, "the watcher to restart llama-server after the worker restart")
     wait_until(lambda: a.sh("python3 -c \"import urllib.request as u;print(u.urlopen('http://127.0.0.1:8080/health')"
                             ".status)\"", check=False).stdout.strip().endswith("200"), 120, "llama-server healthy")
-    assert pair.chat()["choices"]
-    assert "restart (the rpc server of" in a.sh("journalctl -u llama-rig-rpc-watch -o cat --no-pager").stdout
+    assert pair.chat().get("choices")
+    assert watcher_restarts() == before + 1  # "the rpc server of ... restarted" or "... is back"
 
     # -- bench on this topology: llama-bench gets --rpc, the server comes back through the gate ----
     r = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "bench", "--host", "main",
                         "--inventory", str(pair.tmp / "hosts.yaml"), "--depths", "0", "--reps", "1",
-                        "--prompt", "32", "--gen", "8", "--no-ttft", "--results", str(pair.tmp / "results")],
+                        "--prompt", "32", "--gen", "8", "--no-ttft", "--results", str(pair.tmp / "results"),
+                        "--model", MODEL],
                        cwd=pair.tmp, text=True, capture_output=True, timeout=900)
     print(r.stdout + r.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -282,13 +288,17 @@ def test_rpc_across_two_rigs(pair):
 
     # -- a public bind: bad input, exit 2, B untouched ----------------------------------------------
     before = b.sh("cat /etc/systemd/system/llama-rpc-server.service").stdout
-    r = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "provision", "--host", "w1",
-                        "--inventory", str(pair.tmp / "hosts.yaml"), "--set", "rpc.bind=0.0.0.0"],
-                       cwd=pair.tmp, text=True, capture_output=True, timeout=120)
-    lines = (r.stdout + r.stderr).strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("hosts.yaml: host 'w1': rpc.bind: must be a private IP address"), lines
-    assert b.sh("cat /etc/systemd/system/llama-rpc-server.service").stdout == before
+    for bind, over, first in (("0.0.0.0", [], "hosts.yaml: host 'w1': rpc.bind: "),
+                              (B_ADDR, ["--set", "rpc.bind=::"], "command line: rpc.bind: ")):
+        pair.write(w1_bind=bind)
+        r = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "provision", "--host", "w1",
+                            "--inventory", str(pair.tmp / "hosts.yaml"), *over],
+                           cwd=pair.tmp, text=True, capture_output=True, timeout=120)
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(first + "must be a private IP address"), lines
+        assert b.sh("cat /etc/systemd/system/llama-rpc-server.service").stdout == before
+    pair.write()
 
     # -- a worker at another commit: the main refuses to restart, naming it --------------------------
     new = pair.upstream.add_commit()  # touches tools/server/server.cpp only: a short rebuild on B
