@@ -489,7 +489,8 @@ class SSHTarget(Target):
             return ConnectError(self._watch.lost)
         self.conn.close()
         if "Timeout opening channel" in str(e):  # the server did not answer within connect_timeout
-            return ConnectError(f"{self.name} ({self.address}): no answer on its SSH connection for "
+            where = f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+            return ConnectError(f"{self.name} ({where}): no answer on its SSH connection for "
                                 f"{self.timeout:g}s (network down or host gone); the run on it was stopped")
         return ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}")
 
