@@ -73,34 +73,33 @@ def facts(c, host=None, all=False, inventory="hosts.yaml", set=None):
 # -- llama.cpp: build / update / rollback / status --------------------------------------------
 
 
-def _llama(inventory, set, host, all, fn_name: str, title: str) -> None:
-    from provision.steps import llama as llama_step
-    _each(inventory, set, host, all, getattr(llama_step, fn_name), title,
-          changes=not title.endswith(".status"))
+def _llama(inventory, set, host, all, fn_name: str, title: str, changes: bool) -> None:
+    from provision import llama_tasks
+    _each(inventory, set, host, all, getattr(llama_tasks, fn_name), title, changes=changes)
 
 
 @task(name="build", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
 def llama_build(c, host=None, all=False, inventory="hosts.yaml", set=None):
     """Build llama.cpp at llama_cpp.ref with the inventory's flags unless that build exists; switch."""
-    _llama(inventory, set, host, all, "task_build", "llama.build")
+    _llama(inventory, set, host, all, "task_build", "llama.build", changes=True)
 
 
 @task(name="update", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
 def llama_update(c, host=None, all=False, inventory="hosts.yaml", set=None):
     """Fetch upstream, show new commits, build, switch, restart; roll back if unhealthy."""
-    _llama(inventory, set, host, all, "task_update", "llama.update")
+    _llama(inventory, set, host, all, "task_update", "llama.update", changes=True)
 
 
 @task(name="rollback", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
 def llama_rollback(c, host=None, all=False, inventory="hosts.yaml", set=None):
     """Switch llama.cpp back to the previous kept build (and restart llama-server)."""
-    _llama(inventory, set, host, all, "task_rollback", "llama.rollback")
+    _llama(inventory, set, host, all, "task_rollback", "llama.rollback", changes=True)
 
 
 @task(name="status", auto_shortflags=False, iterable=["set"], help=HOST_HELP)
 def llama_status(c, host=None, all=False, inventory="hosts.yaml", set=None):
     """Show the current llama.cpp build, commit, fingerprint, kept builds, disk and ccache."""
-    _llama(inventory, set, host, all, "task_status", "llama.status")
+    _llama(inventory, set, host, all, "task_status", "llama.status", changes=False)
 
 
 llama = Collection("llama")
@@ -155,8 +154,8 @@ def bench(c, host=None, all=False, depths=None, reps=3, ttft=True, service="auto
             service=guard.parse_service_policy(service), binary=binary, model=model, results_root=results,
             n_prompt=bf.parse_count(prompt, "prompt"), n_gen=bf.parse_count(gen, "gen"),
             baseline=baseline or str(br.DEFAULT_BASELINE))
-        return app.each_host(host, lambda ctx: sweep.run_bench(ctx, opts) and False, title="bench",
-                             all_hosts=all, parallel=1, changes=True)
+        return app.each_host(host, lambda ctx: sweep.run_bench(ctx, opts), title="bench",
+                             all_hosts=all, parallel=1, changes=True, restores=True)
     _exit(app.guarded(go))
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from provision.app import App  # noqa: E402
 from provision.console import Console, Environment  # noqa: E402
 from provision.engine import Context  # noqa: E402
+from provision import llama_tasks as lt  # noqa: E402
 from provision.steps import llama as ls  # noqa: E402
 from provision.target import connect, join, quote  # noqa: E402
 
@@ -112,7 +113,7 @@ class Bench:
         res["machine"] = hf.stdout.strip().splitlines()
         self.wipe()
         # 1. cold
-        secs, rc = self.task(ls.task_build)
+        secs, rc = self.task(lt.task_build)
         if rc:
             raise SystemExit(f"cold llama.build failed (exit {rc})")
         info = self.current_info()
@@ -124,7 +125,7 @@ class Bench:
         res["toolkit_overhead_pct"] = round((secs - cmake_s) / cmake_s * 100, 2)
         # 2. no-op
         before = self.ll.view()
-        secs, rc = self.task(ls.task_build)
+        secs, rc = self.task(lt.task_build)
         after = self.ll.view()
         res["noop"] = {"seconds": round(secs, 2), "exit": rc,
                        "compiled": 0 if (after.current == before.current and
@@ -132,7 +133,7 @@ class Bench:
         # 3. update by one commit
         if self.a.upstream:
             sha = add_commit(Path(self.a.upstream))
-            secs, rc = self.task(ls.task_update)
+            secs, rc = self.task(lt.task_update)
             info2 = self.current_info()
             ok = rc == 0 and info2.get("commit") == sha
             res["update"] = {"seconds": round(secs, 1), "exit": rc, "switched_to": info2.get("name"),

@@ -71,7 +71,7 @@ class App:
             from .engine import active_steps, select_steps
             from .steps import all_steps
             hosts = self.hosts(host, all_hosts)
-            the_steps = steps or all_steps()
+            the_steps = steps or all_steps(_csv(only), _csv(skip))
             opts = RunOptions(check=check, diff=diff, only=_csv(only), skip=_csv(skip),
                               parallel=parallel, reboot=reboot, what=" ".join(
                                   ["provision"] + ([f"--only {only}"] if only else [])
@@ -129,9 +129,12 @@ class App:
     # -- one action per host (status tasks, builds, ...) -------------------------------------
     def each_host(self, host: str | None, action: Callable[[Context], Any], *, title: str,
                   all_hosts: bool = False, check: bool = False, parallel: int = 4,
-                  recap: bool = False, changes: bool = False) -> ExitStatus:
+                  recap: bool = False, changes: bool = False, restores: bool = False) -> ExitStatus:
         """Connect to each selected host and call action(ctx). RigError -> that host failed.
-        `changes`: the action may change the host, so it holds the host's run lock (unless check)."""
+        What the task declares: `changes` -- the action may change the host, so it holds the
+        host's run lock (unless check); `restores` -- it puts back what it changes while it runs
+        (bench: the service, power limits): reported "ok" whatever it returns. Otherwise a true
+        result reports "changed"."""
         def go() -> ExitStatus:
             hosts = self.hosts(host, all_hosts)
             reports = [HostReport(h.name) for h in hosts]
@@ -156,7 +159,7 @@ class App:
                             changed = action(ctx)
                     else:
                         changed = action(ctx)
-                    rep.results.append(StepResult(title, "changed" if changed else "ok"))
+                    rep.results.append(StepResult(title, "changed" if changed and not restores else "ok"))
                     rep.current = ""
                 except ConnectError as e:
                     rep.unreachable = str(e)
@@ -245,8 +248,7 @@ class App:
         from .steps.facts import summary_rows
 
         def show(ctx: Context) -> bool:
-            hf = hostfacts.host_facts(ctx)
-            gf = hostfacts.gpu(ctx)
+            hf, gf = hostfacts.host_and_gpu(ctx)
             self.console.table(f"facts: {ctx.host.name}", ["fact", "value"], summary_rows(hf, gf))
             return False
         return self.each_host(host, show, title="facts", all_hosts=all_hosts)

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from . import keeper
+from . import keeper, readahead
 from .console import Console
 from .errors import ConnectError, ExitStatus, RigError, StepError
 from .inventory import Host
@@ -115,13 +115,20 @@ def file_diff(path: str, before: str | None, after: str) -> str:
 # host state (persisted on the host)
 
 
+def state_path(ctx: "Context") -> str:
+    return f"{ctx.host.cfg['paths']['state_dir']}/state.json"
+
+
+readahead.wants(lambda ctx: readahead.Want(read=[state_path(ctx)]))
+
+
 class HostState:
     """JSON at <state_dir>/state.json on the host: owed handlers and what steps record."""
 
     def __init__(self, ctx: "Context"):
         self.ctx = ctx
-        self.path = f"{ctx.host.cfg['paths']['state_dir']}/state.json"
-        raw = ctx.target.read_file(self.path, sudo=True)
+        self.path = state_path(ctx)
+        raw = readahead.read_file(ctx, self.path)
         try:
             self.data: dict[str, Any] = json.loads(raw) if raw else {}
         except json.JSONDecodeError:
@@ -522,6 +529,7 @@ def _run_step_inner(ctx: Context, step: Step) -> StepResult:
                 continue
             if ch.notify:
                 ctx.state.owe(ch.notify)
+            readahead.forget(ctx)  # what was read ahead may change now
             ch.apply(ctx)
             if ctx.reboot_pending is not None:
                 break  # nothing after a reboot request runs before the reboot
@@ -556,6 +564,7 @@ def _run_handlers(ctx: Context, handlers: dict[str, Callable[[Context], None]],
             ctx.console.host_line(ctx.host.name, f"handler: {h} stays owed (its step did not run)")
             continue
         ctx.console.host_line(ctx.host.name, f"handler: running {h}")
+        readahead.forget(ctx)
         t0 = time.monotonic()
         failed = _call_guarded(ctx, f"handler {h}", fn)
         if failed:

@@ -26,7 +26,6 @@ from . import remote
 from .errors import ConnectError, ExitStatus, RigError
 from .facts import gpu as gpu_facts
 from .facts import metrics as metrics_facts
-from .target import quote
 
 SERVICE = "llama-server.service"
 PROBE_TIMEOUT_S = 30
@@ -58,7 +57,7 @@ def status_input(cfg: dict, key: str | None) -> str:
 
 
 def probe_command() -> str:
-    return f"python3 -c {quote(remote.source('rig_status.py'))}"
+    return remote.command("rig_status.py")
 
 
 def read_raw(target: Any, cfg: dict, key: str | None) -> dict:

@@ -9,6 +9,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from . import sections
+
 # -- refs -------------------------------------------------------------------------------------
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -96,14 +98,8 @@ _TARGET_RE = re.compile(r"(?:set\s*\(\s*TARGET\s+|add_executable\s*\(\s*)([A-Za-
 
 
 def parse_tree(output: str) -> TreeFacts:
-    sec: dict[str, list[str]] = {"fa": [], "targets": [], "count": [], "shallow": [], "short": []}
-    cur = None
-    for line in output.splitlines():
-        if line.startswith("@@") and line[2:] in sec:
-            cur = line[2:]
-            continue
-        if cur and line.strip():
-            sec[cur].append(line.strip())
+    sec = {k: [ln.strip() for ln in v if ln.strip()]
+           for k, v in sections.split(output, ("fa", "targets", "count", "shallow", "short")).items()}
     fa_names = {m.group(0) for ln in sec["fa"]
                 for m in re.finditer(r"GGML_CUDA_FA_(?:ALL_)?QUANTS\b", ln)}
     fa = ("GGML_CUDA_FA_QUANTS" if "GGML_CUDA_FA_QUANTS" in fa_names

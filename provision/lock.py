@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from . import __version__
+from . import __version__, readahead
 from .engine import Context
 from .errors import StepError, UsageError
 from .facts import host as hostfacts
@@ -213,11 +213,21 @@ def sha256_many(ctx: Context, paths: dict[str, str]) -> dict[str, str | None]:
     return {role: got.get(path) for role, path in paths.items()}
 
 
-def from_rig(ctx: Context) -> dict[str, Any]:
-    """Build the lock of the rig behind `ctx` (reads state, facts, the rendered files' sha256)."""
+readahead.wants(lambda ctx: readahead.Want(sha256=[SERVICE_UNIT, SERVICE_ENV, GPU_UNIT]))
+
+
+def from_rig(ctx: Context, read_ahead: bool = False) -> dict[str, Any]:
+    """Build the lock of the rig behind `ctx` (reads state, facts, the rendered files' sha256).
+    `read_ahead`: the hashes may come from the run's read-ahead (the engine's hook after the
+    steps: it drops what it read ahead once anything changed)."""
     hf = hostfacts.host_facts(ctx)
     gf = hostfacts.gpu(ctx)
-    hashes = sha256_many(ctx, rendered_paths(ctx))
+    paths = rendered_paths(ctx)
+    if read_ahead:
+        got = readahead.sha256(ctx, list(paths.values()))
+        hashes = {role: got[p] for role, p in paths.items()}
+    else:
+        hashes = sha256_many(ctx, paths)
     return build(name=ctx.host.name, address=ctx.host.address, groups=ctx.host.groups,
                  cfg=ctx.cfg, state=dict(ctx.state.data), hf=hf, gf=gf, hashes=hashes)
 
@@ -440,7 +450,7 @@ class AfterHost:
         got = self.locks.get(ctx.host.name)
         if ctx.check and got is None:
             return
-        doc = from_rig(ctx)
+        doc = from_rig(ctx, read_ahead=True)
         if got is not None:
             path, want = got
             diffs = differences(want["lock"], doc["lock"], names=("lock", "rig"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
+from . import sections
 from .target import join, quote
 
 APT_HELPER = "/usr/lib/apt/apt-helper"
@@ -153,29 +154,17 @@ def pip_probe_url(mcfg: dict) -> str:
     return mcfg.get("pip_index_url") or mcfg.get("pip_find_links") or PYPI
 
 
-PROBE_URL_PY = r'''
-import sys, urllib.request
-try:
-    urllib.request.urlopen(sys.argv[1], timeout=15).read(1)
-    print("@@ok")
-except Exception as e:
-    r = getattr(e, "reason", None)
-    print("@@fail " + (str(r) if r is not None else f"{type(e).__name__}: {e}"))
-'''
-
-
 def url_probe_command(url: str) -> str:
-    """A read-only GET from the rig (python3, as the model step needs it anyway)."""
-    return f"python3 -c {quote(PROBE_URL_PY)} {quote(url)}"
+    """A read-only GET from the rig (`remote/http_probe.py get`; python3, as the model step needs
+    it anyway)."""
+    from . import remote
+    return remote.command("http_probe.py", "get", url)
 
 
 def parse_url_probe(output: str) -> str | None:
     """None when reachable, else the reason."""
-    for ln in output.splitlines():
-        if ln.startswith("@@ok"):
-            return None
-        if ln.startswith("@@fail "):
-            return ln[7:].strip() or "failed"
+    for s in sections.parse(output, ("ok", "fail")):
+        return None if s.name == "ok" else (s.arg or "failed")
     tail = [ln for ln in output.splitlines() if ln.strip()]
     return tail[-1].strip() if tail else "no answer from the probe"
 

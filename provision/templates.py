@@ -94,7 +94,14 @@ def environment(path: str | None = None) -> jinja2.Environment:
     env.filters["systemd_quote"] = systemd_quote
     env.filters["systemd_argv"] = systemd_argv
     env.filters["systemd_value"] = systemd_value
+    env.globals["remote_source"] = remote_source
     return env
+
+
+def remote_source(name: str) -> Rendered:
+    """The text of a program of provision/remote/ (a script template embeds it whole)."""
+    from . import remote
+    return Rendered(remote.source(name))
 
 
 def render(name: str, **values: Any) -> str:

@@ -421,12 +421,18 @@ def url_or_path(s: str) -> str | None:
     return http_url(s)
 
 
+_SIMPLE_REQUIREMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+                                 r"(?:(?:==|!=|>=|<=|<|>)\d+(?:\.\d+)*(?:,(?:==|!=|>=|<=|<|>)\d+(?:\.\d+)*)*)?")
+
+
 def pip_requirement(s: str) -> str | None:
     """A PEP 508 requirement (never a pip option like -r FILE or --index-url)."""
     what = "a pip requirement like huggingface-hub>=2.4,<3"
     err = _plain(s, what, "huggingface-hub>=2.4,<3")
     if err:
         return err
+    if _SIMPLE_REQUIREMENT.fullmatch(s):  # name + plain version bounds: valid, no parser needed
+        return None
     from packaging.requirements import InvalidRequirement, Requirement
     try:
         r = Requirement(s)

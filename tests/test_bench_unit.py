@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,7 +183,8 @@ def test_sampler_script_runs_with_the_fake_nvidia_smi(tmp_path):
     (bindir / "nvidia-smi").write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_SMI} \"$@\"\n")
     prog = [ln for ln in (DATA / "llama-bench-progress.txt").read_text().splitlines() if ln.startswith("llama-bench:")]
     rows = (DATA / "llama-bench-sweep.jsonl").read_text().splitlines()
-    fake = "#!/bin/sh\n" + "".join(f"echo {json.dumps(p)} >&2; sleep 0.15\n" for p in prog[:4])
+    fake = "#!/bin/sh\necho \"env: $LLAMA_RIG_X\" >&2\n"
+    fake += "".join(f"echo {json.dumps(p)} >&2; sleep 0.15\n" for p in prog[:4])
     fake += "".join(f"echo {json.dumps(r).replace('$', '')}\n" for r in rows)
     (bindir / "llama-bench").write_text(fake)
     for f in bindir.iterdir():
@@ -190,13 +193,36 @@ def test_sampler_script_runs_with_the_fake_nvidia_smi(tmp_path):
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}",
                FAKE_NVIDIA_SMI_CONFIG=str(tmp_path / "gpus.json"), FAKE_NVIDIA_SMI_STATE=str(tmp_path / "st"))
     wd = tmp_path / "wd"
-    script = RUN.point_script(["llama-bench", "-m", "x"], str(wd), True, interval=0.05)
+    script = RUN.point_script(["llama-bench", "-m", "x"], str(wd), True, interval=0.05,
+                              env={"LLAMA_RIG_X": "a b  *"})
     r = subprocess.run(["setsid", "-w", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     pr = P.parse_point_output(r.stdout)
     assert pr.rc == 0 and len(pr.rows) == 4
     assert pr.samples and {s.watts for s in pr.samples} == {400.0}
     assert any(e[1].startswith("llama-bench:") for e in pr.events)
+    assert any(e[1] == "env: a b  *" for e in pr.events)  # the environment reached llama-bench whole
     assert not wd.exists()  # cleaned up
+
+
+def test_point_pid_is_the_process_group_to_kill(tmp_path):
+    """RigBench.kill kills `-$(cat pid)`: under `setsid -w` the script's pid is its group."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "llama-bench").write_text("#!/bin/sh\nsleep 30\n")
+    (bindir / "llama-bench").chmod(0o755)
+    wd = tmp_path / "wd"
+    script = RUN.point_script(["llama-bench"], str(wd), False)
+    p = subprocess.Popen(f"setsid -w {script}", shell=True, env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if (wd / "pid").exists() and (wd / "pid").read_text().strip():
+            break
+        time.sleep(0.02)
+    pid = int((wd / "pid").read_text())
+    assert os.getpgid(pid) == pid
+    os.killpg(pid, signal.SIGTERM)
+    p.communicate(timeout=20)
+    assert p.returncode is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,14 +79,14 @@ def test_banner_cuda_version():
 
 
 def test_gather_ok():
-    out = "@@rc=0\n" + data("nvidia-smi-6x3090.csv") + "@@banner\n" + data("nvidia-smi-banner.txt")
+    out = "@@rc 0\n" + data("nvidia-smi-6x3090.csv") + "@@banner\n" + data("nvidia-smi-banner.txt")
     f = gpu_facts.parse_gather(out)
     assert f.available and f.reason == ""
     assert len(f.gpus) == 6 and f.cuda_version == "12.8" and f.driver_version == "570.133.20"
 
 
 def test_gather_driver_not_loaded_exit_9():
-    f = gpu_facts.parse_gather("@@rc=9\n" + data("nvidia-smi-no-driver.txt") + "@@banner\n")
+    f = gpu_facts.parse_gather("@@rc 9\n" + data("nvidia-smi-no-driver.txt") + "@@banner\n")
     assert not f.available and f.gpus == () and f.driver_version is None
     assert f.reason == ("nvidia-smi failed (exit 9): NVIDIA-SMI has failed because it couldn't "
                         "communicate with the NVIDIA driver. Make sure that the latest NVIDIA "
@@ -96,12 +96,12 @@ def test_gather_driver_not_loaded_exit_9():
 def test_gather_absent_and_no_devices():
     f = gpu_facts.parse_gather("@@absent\n")
     assert not f.available and f.reason == "nvidia-smi not found (no NVIDIA driver installed)"
-    f = gpu_facts.parse_gather("@@rc=6\nNo devices were found\n@@banner\n")
+    f = gpu_facts.parse_gather("@@rc 6\nNo devices were found\n@@banner\n")
     assert not f.available and f.reason == "nvidia-smi failed (exit 6): No devices were found"
 
 
 def test_gather_garbage_is_not_a_crash():
-    f = gpu_facts.parse_gather("@@rc=0\n0, GPU-x, only three\n@@banner\n")
+    f = gpu_facts.parse_gather("@@rc 0\n0, GPU-x, only three\n@@banner\n")
     assert not f.available
     assert f.reason.startswith("cannot parse nvidia-smi output: unexpected nvidia-smi line (3 fields")
 

@@ -8,6 +8,7 @@ import pytest
 from provision import inventory as inv
 from provision import llama_build as lb
 from provision.engine import Call
+from provision import llama_tasks as lt
 from provision.steps import llama as ls
 
 SHA = "4341dc8bc0123456789abcdef0123456789abcde"
@@ -366,9 +367,9 @@ def test_parse_view():
 def test_previous_build():
     v = _view("b3", [("b1", "1"), ("b2", "2"), ("b3", "3")])
     v.builds["b1"].built_at, v.builds["b2"].built_at, v.builds["b3"].built_at = 1, 2, 3
-    assert ls.previous_build(v, "b1") == "b1"
-    assert ls.previous_build(v, "gone") == "b2"
-    assert ls.previous_build(_view("b3", [("b3", "3")]), None) is None
+    assert lt.previous_build(v, "b1") == "b1"
+    assert lt.previous_build(v, "gone") == "b2"
+    assert lt.previous_build(_view("b3", [("b3", "3")]), None) is None
 
 
 # -- the real tree (the upstream fixture: llama.cpp as vendored in llama-cpp-python) -------------
@@ -459,15 +460,15 @@ def _update_ctx(monkeypatch, healthy):
         if not healthy(restarts[-1]):
             raise StepError(f"{restarts[-1]}: /health never returned 200")
 
-    monkeypatch.setattr(ls, "Llama", _FakeLlama)
-    monkeypatch.setattr(ls, "unit_installed", lambda c: True)
-    monkeypatch.setattr(ls, "restart_and_wait", restart)
+    monkeypatch.setattr(lt, "Llama", _FakeLlama)
+    monkeypatch.setattr(lt, "unit_installed", lambda c: True)
+    monkeypatch.setattr(lt, "restart_and_wait", restart)
     return ctx, out, restarts
 
 
 def test_update_restarts_and_stays_when_healthy(monkeypatch):
     ctx, out, restarts = _update_ctx(monkeypatch, lambda b: True)
-    assert ls.task_update(ctx) is True
+    assert lt.task_update(ctx) is True
     assert restarts == ["b2"] and _FakeLlama.last.switched == ["b2"]
     assert "1 new commit(s)" in out.getvalue() and "abcdef0 a change" in out.getvalue()
 
@@ -476,6 +477,6 @@ def test_update_rolls_back_when_unhealthy(monkeypatch):
     from provision.errors import StepError
     ctx, out, restarts = _update_ctx(monkeypatch, lambda b: b != "b2")
     with pytest.raises(StepError, match="failed its health check; rolled back to b1"):
-        ls.task_update(ctx)
+        lt.task_update(ctx)
     assert restarts == ["b2", "b1"]  # restarted on the new build, then again on the old one
     assert _FakeLlama.last.switched == ["b2", "b1"] and _FakeLlama.last.recorded == ("b1", "b2")

@@ -430,3 +430,28 @@ def test_add_cuda_repo_private_tempdir_pinned_key_or_purge():
         ch.apply(_ctx(box))
     assert str(ei.value) == ("unreachable from rig: NVIDIA CUDA repo http://x/repos/debian12/x86_64/: "
                              "Could not connect to x:80 (10.0.0.9). - connect (111: Connection refused)")
+
+
+def test_apt_is_asked_for_the_headers_candidate_only_when_headers_may_be_installed():
+    """apt-cache loads the whole package cache: not part of the facts command, asked (by the
+    step) only when headers_plan may look at the candidate."""
+    from provision.facts import host as host_facts
+    assert "apt-cache" not in host_facts.script("/m")
+    gpus = {"count": 1}
+    c = cfg(gpus=gpus, system={"driver": "install"})
+    assert system.headers_may_be_wanted(c, hf(), GF_OK) is False  # the GPU answers: no DKMS build
+    assert system.headers_may_be_wanted(c, hf(), GF_NONE) is True  # a driver to install
+    assert system.headers_may_be_wanted(c, hf(headers=True), GF_NONE) is False
+    assert system.headers_may_be_wanted(cfg(gpus=gpus, system={"kernel_headers": True}), hf(), GF_OK) is True
+    assert system.headers_may_be_wanted(cfg(gpus=gpus, system={"kernel_headers": False, "driver": "install"}),
+                                        hf(), GF_NONE) is False
+    # whenever headers_plan would look at the candidate, the step asks apt for it
+    for kw in ({}, {"kernel_headers": True}, {"kernel_headers": False}):
+        for driver in ("install", "require"):
+            for gf in (GF_OK, GF_NONE):
+                for h in (hf(), hf(headers=True), hf(headers_candidate=None)):
+                    c = cfg(gpus=gpus, system={**kw, "driver": driver})
+                    dkms = not gf.available and driver == "install"
+                    if not system.headers_may_be_wanted(c, h, gf):
+                        notes: list[str] = []
+                        assert system.headers_plan(c, h, dkms, notes) == [] and not notes

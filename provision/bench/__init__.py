@@ -6,6 +6,6 @@
 * `results` -- points, power and tokens/kWh, the seed's baseline, tables, JSON/CSV/PNG files
 * `run`     -- the rig runner: llama-bench under setsid with a power sampler, Ctrl-C kills it
 * `guard`   -- what a bench/tune borrows from the rig (the service, power limits) and puts back
-* `ttft`    -- TTFT through the running llama-server (provision/remote/ttft_probe.py)
+* `ttft`    -- TTFT through the running llama-server (provision/remote/http_probe.py ttft)
 * `sweep`   -- the bench itself on one host (`run_bench`)
 """

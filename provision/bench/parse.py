@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import sections
 from ..errors import StepError
 
 
@@ -177,15 +178,7 @@ POINT_SECTIONS = ("out", "events", "power", "rc")
 
 
 def split_sections(text: str) -> dict[str, str]:
-    out: dict[str, list[str]] = {}
-    cur = None
-    for ln in text.splitlines():
-        if ln.startswith("@@") and ln[2:] in POINT_SECTIONS:
-            cur = ln[2:]
-            out[cur] = []
-        elif cur:
-            out[cur].append(ln)
-    return {k: "\n".join(v) for k, v in out.items()}
+    return {k: "\n".join(v) for k, v in sections.split(text, POINT_SECTIONS).items()}
 
 
 @dataclass

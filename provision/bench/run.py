@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Sequence
 
-from .. import keeper
+from .. import keeper, remote
 from ..errors import StepError
 from ..target import join, quote
 from .parse import PointRun, parse_point_output
@@ -35,44 +35,13 @@ def _workdir() -> str:
 
 def point_script(argv: Sequence[str], workdir: str, sample_power: bool, interval: float = 0.2,
                  env: dict[str, str] | None = None, query: str = POWER_QUERY) -> str:
-    """Shell run (under `setsid -w`) on the rig for one llama-bench invocation: a power sampler in
-    the background, llama-bench's stderr time-stamped line by line (its --progress lines mark the
-    phases), then everything printed between markers. `<workdir>/pid` is the process group to
-    kill if the control machine goes away (Ctrl-C)."""
-    envs = "".join(f"export {k}={quote(v)}; " for k, v in (env or {}).items())
-    return f"""set -u
-d={quote(workdir)}
-mkdir -p "$d" && chmod 700 "$d" || exit 90
-echo $$ > "$d/pid"
-: > "$d/power"
-main=$$
-sp=
-if [ {1 if sample_power else 0} = 1 ] && command -v nvidia-smi >/dev/null 2>&1; then
-  ( while kill -0 "$main" 2>/dev/null; do
-      t=$(date +%s.%N)
-      {query} 2>/dev/null | sed "s/^/P $t /"
-      sleep {interval:g}
-    done ) >> "$d/power" 2>/dev/null &
-  sp=$!
-fi
-stop_sampler() {{
-  if [ -n "$sp" ]; then
-    kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null; sp=
-    # a point shorter than the first sample (a loaded box, a tiny model): one sample at its end
-    if ! grep -q '^P ' "$d/power" 2>/dev/null; then
-      t=$(date +%s.%N); {query} 2>/dev/null | sed "s/^/P $t /" >> "$d/power"
-    fi
-  fi
-}}
-trap stop_sampler EXIT
-trap 'exit 130' HUP INT TERM
-echo "E $(date +%s.%N) @@start" > "$d/events"
-{{ {{ {envs}{join(argv)}; echo $? > "$d/rc"; }} 2>&1 1>"$d/out" | while IFS= read -r l; do printf 'E %s %s\\n' "$(date +%s.%N)" "$l"; done >> "$d/events"; }}
-echo "E $(date +%s.%N) @@end" >> "$d/events"
-stop_sampler
-echo @@out; cat "$d/out"; echo @@events; cat "$d/events"; echo @@power; cat "$d/power"; echo @@rc; cat "$d/rc" 2>/dev/null || echo 255
-rm -rf "$d"
-"""
+    """The command (run under `setsid -w`) for one llama-bench invocation on the rig:
+    `provision/remote/bench_point.sh` (a power sampler, llama-bench's stderr time-stamped, the
+    sectioned output). `<workdir>/pid` is the process group to kill if the control machine goes
+    away (Ctrl-C)."""
+    return join(["sh", "-c", remote.source("bench_point.sh"), "bench_point", workdir,
+                 "1" if sample_power else "0", f"{interval:g}", query,
+                 *(f"{k}={v}" for k, v in (env or {}).items()), "--", *argv])
 
 
 class RigBench:
@@ -95,7 +64,7 @@ class RigBench:
         self._live.add(wd)
         try:
             script = point_script(argv, wd, self.sample_power, self.interval, self.env, self.query)
-            res = self.ctx.target.run(f"setsid -w sh -c {quote(script)}", sudo=True, check=False,
+            res = self.ctx.target.run(f"setsid -w {script}", sudo=True, check=False,
                                       timeout=self.timeout)
             if self.interrupted:
                 raise KeyboardInterrupt

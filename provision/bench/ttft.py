@@ -1,4 +1,4 @@
-"""TTFT through the running llama-server: `provision/remote/ttft_probe.py` runs on the rig and asks
+"""TTFT through the running llama-server: `provision/remote/http_probe.py ttft` runs on the rig and asks
 the server itself (127.0.0.1), one prompt of exactly `depth` tokens per depth; the server's own
 `timings.prompt_ms` is the measured TTFT.
 """
@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from .. import remote
+from .. import remote, sections
 from ..steps import service as service_step
-from ..target import quote
 
 
 def parse_ttft(text: str) -> dict[int, dict[str, Any]]:
     out = {}
-    for ln in text.splitlines():
-        if ln.startswith("@@ttft "):
-            d = json.loads(ln[7:])
-            out[int(d["depth"])] = d
+    for s in sections.parse(text, ("ttft",)):
+        d = json.loads(s.arg)
+        out[int(d["depth"])] = d
     return out
 
 
@@ -26,6 +24,6 @@ def measure_ttft(ctx, depths: Sequence[int], n_prompt: int) -> dict[int, dict[st
     key = service_step.read_api_key(ctx.cfg)
     args = {"port": ctx.cfg["server"]["port"], "key": key, "n_prompt": n_prompt, "depths": list(depths)}
     from ..steps import api_key as auth  # no explicit key: the rig's key file, read there as root
-    r = ctx.target.run(auth.keyed(ctx.cfg, "python3 -c " + quote(remote.source("ttft_probe.py"))),
+    r = ctx.target.run(auth.keyed(ctx.cfg, remote.command("http_probe.py", "ttft")),
                        stdin=json.dumps(args), sudo=auth.enabled(ctx.cfg), check=False, timeout=7200)
     return parse_ttft(r.stdout)

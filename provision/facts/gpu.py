@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .. import sections
+
 QUERY_FIELDS = ("index", "uuid", "name", "pci.bus_id", "compute_cap", "memory.total", "memory.used",
                 "persistence_mode", "power.draw", "power.limit", "power.default_limit",
                 "power.min_limit", "power.max_limit", "driver_version")
@@ -43,6 +45,7 @@ class GpuFacts:
     reason: str  # why not available ("" when available)
     gpus: tuple[Gpu, ...] = ()
     cuda_version: str | None = None  # from the nvidia-smi banner ("CUDA Version: 12.8")
+    nvidia_smi: str | None = None  # where it is (`command -v nvidia-smi`; None: absent)
 
     @property
     def driver_version(self) -> str | None:
@@ -101,25 +104,32 @@ def parse_banner_cuda(banner: str) -> str | None:
 
 GATHER = (
     "if ! command -v nvidia-smi >/dev/null 2>&1; then echo '@@absent'; exit 0; fi; "
-    f"out=$({QUERY} 2>&1); rc=$?; echo \"@@rc=$rc\"; printf '%s\\n' \"$out\"; "
-    "echo '@@banner'; nvidia-smi 2>/dev/null | head -n 5"
+    "echo \"@@path $(command -v nvidia-smi)\"; "
+    # the banner (CUDA version) is read beside the query: each nvidia-smi call takes a while
+    "b=$(mktemp 2>/dev/null) || b=''; [ -z \"$b\" ] || { nvidia-smi 2>/dev/null | head -n 5 >\"$b\" & }; "
+    f"out=$({QUERY} 2>&1); rc=$?; echo \"@@rc $rc\"; printf '%s\\n' \"$out\"; wait; "
+    "echo '@@banner'; if [ -n \"$b\" ]; then cat \"$b\"; rm -f \"$b\"; else nvidia-smi 2>/dev/null | head -n 5; fi"
 )
+SECTIONS = ("absent", "path", "rc", "banner")
 
 
 def parse_gather(output: str) -> GpuFacts:
-    if output.startswith("@@absent"):
+    parts = {s.name: s for s in sections.parse(output, SECTIONS)}
+    if "absent" in parts:
         return GpuFacts(False, "nvidia-smi not found (no NVIDIA driver installed)")
-    head, _, banner = output.partition("@@banner")
-    first, _, body = head.partition("\n")
-    rc = int(first.strip().split("=", 1)[1]) if first.startswith("@@rc=") else 255
+    got = parts.get("rc")
+    rc = int(got.arg) if got is not None and got.arg.lstrip("-").isdigit() else 255
+    body = got.text if got is not None else ""
+    banner = parts["banner"].text if "banner" in parts else ""
+    smi = parts["path"].arg or None if "path" in parts else None
     if rc != 0:
         msg = (body.strip().splitlines() or [f"exit {rc}"])[0]
-        return GpuFacts(False, f"nvidia-smi failed (exit {rc}): {msg}")
+        return GpuFacts(False, f"nvidia-smi failed (exit {rc}): {msg}", nvidia_smi=smi)
     try:
         gpus = parse_query(body)
     except ValueError as e:
-        return GpuFacts(False, f"cannot parse nvidia-smi output: {e}")
-    return GpuFacts(True, "", gpus, parse_banner_cuda(banner))
+        return GpuFacts(False, f"cannot parse nvidia-smi output: {e}", nvidia_smi=smi)
+    return GpuFacts(True, "", gpus, parse_banner_cuda(banner), nvidia_smi=smi)
 
 
 def gather(target) -> GpuFacts:

@@ -7,6 +7,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from . import gpu as gpu_facts
+from .. import sections
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,6 @@ def script(models_dir: str) -> str:
         "echo '@@reboot'; if [ -e /var/run/reboot-required ]; then echo yes; cat /var/run/reboot-required.pkgs 2>/dev/null; fi",
         "echo '@@headers'; [ -e /lib/modules/$(uname -r)/build ] && echo yes",
         "echo '@@init'; [ -d /run/systemd/system ] && echo systemd",
-        "echo '@@headers_candidate'; command -v apt-cache >/dev/null && "
-        "apt-cache policy \"linux-headers-$(uname -r)\" 2>/dev/null | sed -n 's/^ *Candidate: *//p'",
         "echo '@@secureboot'; if command -v mokutil >/dev/null 2>&1; then mokutil --sb-state 2>&1; "
         "else for f in /sys/firmware/efi/efivars/SecureBoot-*; do [ -r \"$f\" ] && "
         "od -An -t u1 \"$f\" | awk '{print \"efivar \" $NF}'; done; fi",
@@ -101,20 +100,8 @@ def script(models_dir: str) -> str:
     ])
 
 
-def _sections(output: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {s: [] for s in SECTIONS}
-    cur = None
-    for line in output.splitlines():
-        if line.startswith("@@") and line[2:] in out:
-            cur = line[2:]
-            continue
-        if cur:
-            out[cur].append(line)
-    return out
-
-
 def parse(output: str) -> HostFacts:
-    s = _sections(output)
+    s = sections.split(output, SECTIONS)
     osr = {}
     for line in s["os"]:
         if "=" in line:
@@ -225,6 +212,45 @@ def gpu(ctx) -> gpu_facts.GpuFacts:
     return ctx.fact("gpu", lambda: gpu_facts.gather(ctx.target))
 
 
+def host_and_gpu(ctx, read_ahead: bool = False) -> tuple[HostFacts, gpu_facts.GpuFacts]:
+    """Both, in ONE remote command when neither is cached yet, the GPU query running beside the
+    host's (the facts step: a no-op run reads everything in one session). `read_ahead`: the
+    run's read-ahead (provision/readahead.py: state, units, hashes; as root) rides along."""
+    if "host" not in ctx.facts and "gpu" not in ctx.facts:
+        from .. import readahead
+        along = readahead.along(ctx) if read_ahead else None
+        cmd = ("g=$(mktemp) || exit 1; ( " + gpu_facts.GATHER + " ) >\"$g\" 2>/dev/null & "
+               + script(ctx.cfg["model"]["dir"]) + "; "
+               + (f"echo '@@read_ahead'; {along}; " if along else "")
+               + "wait; echo '@@gpu_facts'; cat \"$g\"; rm -f \"$g\"")
+        lines = ctx.target.run(cmd, check=False).stdout.splitlines()
+        gpu_at = _last(lines, "@@gpu_facts", len(lines))
+        ra_at = _last(lines[:gpu_at], "@@read_ahead", gpu_at) if along else gpu_at
+        ctx.facts["host"] = parse("\n".join(lines[:ra_at]))
+        ctx.facts["gpu"] = gpu_facts.parse_gather("\n".join(lines[gpu_at + 1:]))
+        if along:
+            readahead.accept(ctx, "\n".join(lines[ra_at + 1:gpu_at]))
+    return host_facts(ctx), gpu(ctx)
+
+
+def _last(lines: list[str], marker: str, default: int) -> int:
+    at = [i for i, ln in enumerate(lines) if ln == marker]
+    return at[-1] if at else default
+
+
+# apt's candidate for the running kernel's headers: apt-cache loads the whole package cache (half a
+# second on a small box), so it is asked only when the headers may have to be installed
+# (`headers_candidate(ctx)`, from the system step), never in the one facts command.
+HEADERS_CANDIDATE = ("command -v apt-cache >/dev/null && apt-cache policy \"linux-headers-$(uname -r)\" "
+                     "2>/dev/null | sed -n 's/^ *Candidate: *//p'")
+
+
+def headers_candidate(ctx) -> str | None:
+    """apt's candidate version of linux-headers-<running kernel> (None: apt has none). Cached."""
+    return ctx.fact("headers_candidate", lambda: _candidate(
+        ctx.target.run(HEADERS_CANDIDATE, check=False).stdout.splitlines()))
+
+
 def invalidate(ctx, *keys: str) -> None:
-    for k in keys or ("host", "gpu"):
+    for k in keys or ("host", "gpu", "headers_candidate"):
         ctx.facts.pop(k, None)

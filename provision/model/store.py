@@ -114,7 +114,7 @@ def probe_input(cfg: dict, man: dict | None, stored: dict | None) -> str:
 
 
 def probe_command() -> str:
-    return f"python3 -c {quote(remote.source('model_probe.py'))}"
+    return remote.command("model_probe.py")
 
 
 def parse_probe(output: str, free_bytes: int = 0, disk_path: str = "") -> RigView:

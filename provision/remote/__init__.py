@@ -1,6 +1,8 @@
 """Self-contained scripts run on a rig (stdlib, plus huggingface_hub for hf_pull): uploaded to
-<prefix>/libexec/ (hf_pull, sha256_files, ttft_probe) or passed whole as `python3 -c` (model_probe,
-rig_status: one round trip).
+<prefix>/libexec/ (hf_pull, sha256_files) or passed whole as `python3 -c` (model_probe, rig_status,
+rig_read, http_probe: one round trip). `http_probe.py` is the one HTTP client on a rig: bench's
+TTFT, the service step's checks, reachability of a URL, and (rendered into
+templates/llama-rig-health.sh.j2) the unit's readiness gate.
 
 `source(name)` gives a script's text; `sha(name)` its sha256 (to upload only when it changed).
 They talk back in JSON lines on stdout and take their input (including any token) on stdin.
@@ -12,8 +14,9 @@ from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("hf_pull.py", "sha256_files.py", "ttft_probe.py", "model_probe.py", "rig_status.py", "rig_copy.py",
-           "rig_keys.py", "rpc_watch.py", "rpc_cache_prune.py", "rpc_health.py")
+SCRIPTS = ("hf_pull.py", "sha256_files.py", "http_probe.py", "model_probe.py", "rig_status.py", "rig_copy.py",
+           "rig_keys.py", "rig_read.py", "tcp_reach.py", "bench_point.sh", "rpc_watch.py", "rpc_cache_prune.py",
+           "rpc_health.py")
 
 
 @lru_cache(maxsize=None)
@@ -21,6 +24,12 @@ def source(name: str) -> str:
     if name not in SCRIPTS:
         raise KeyError(name)
     return (HERE / name).read_text()
+
+
+def command(name: str, *args: str) -> str:
+    """`python3 -c SOURCE ARGS...` (quoted): one round trip, nothing left on the rig."""
+    from ..target import join
+    return join(["python3", "-c", source(name), *args])
 
 
 def sha(name: str) -> str:

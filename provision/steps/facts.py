@@ -36,8 +36,7 @@ class FactsStep(Step):
     title = "read the box"
 
     def plan(self, ctx: Context) -> list[Change]:
-        hf = hostfacts.host_facts(ctx)
-        gf = hostfacts.gpu(ctx)
+        hf, gf = hostfacts.host_and_gpu(ctx, read_ahead=True)
         ctx.say(f"facts: {hf.os_pretty}, kernel {hf.kernel}, {hf.cpus} CPUs, "
                 f"{hf.mem_total_kib // 1048576} GiB RAM, {len(gf.gpus)} GPU(s)"
                 + (f" [{gf.gpus[0].name}]" if gf.gpus else "")

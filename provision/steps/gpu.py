@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import readahead
 from ..engine import Change, Context, Run, Step, WriteFile
 from ..errors import CommandError, StepError
 from ..facts import host as hostfacts
@@ -164,16 +165,15 @@ def plan(cfg: dict, gf: GpuFacts, obs: Observed, watts: float | None = None,
     return changes, warnings
 
 
+readahead.wants(lambda ctx: readahead.Want(read=[UNIT_PATH], enabled=[UNIT_NAME]))
+
+
 def observe(ctx: Context) -> Observed:
-    t = ctx.target
-    r = t.run("command -v nvidia-smi; echo @@; [ -d /run/systemd/system ] && echo systemd; echo @@; "
-              f"systemctl is-enabled {UNIT_NAME} 2>/dev/null; true", check=False)
-    parts = (r.stdout + "@@@@").split("@@")
-    smi = parts[0].strip().splitlines()
-    return Observed(nvidia_smi=smi[0] if smi else NVIDIA_SMI,
-                    unit_now=t.read_file(UNIT_PATH),
-                    unit_enabled=parts[2].strip() == "enabled",
-                    systemd="systemd" in parts[1])
+    """nvidia-smi's path from the GPU facts; the unit, its state and systemd read ahead."""
+    return Observed(nvidia_smi=hostfacts.gpu(ctx).nvidia_smi or NVIDIA_SMI,
+                    unit_now=readahead.read_file(ctx, UNIT_PATH),
+                    unit_enabled=readahead.enabled(ctx, UNIT_NAME) == "enabled",
+                    systemd=readahead.systemd(ctx))
 
 
 def confirm(ctx: Context, watts: float | None = None) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import remote
-from .. import rpc
+from .. import rpc, sections
 from ..engine import Call, Change, Context, Run, Step, WriteFile
 from ..errors import ConnectError, RigError, StepError
 from ..facts import host as hostfacts
@@ -57,19 +57,10 @@ class WorkerObserved:
 
 
 def _sections(text: str) -> dict[str, list[str]]:
-    sec: dict[str, list[str]] = {}
-    cur = None
-    for line in text.splitlines():
-        if line.startswith("@@") and " " not in line:
-            cur = line[2:]
-            sec[cur] = []
-        elif cur:
-            sec[cur].append(line.strip())
-    return sec
+    return {k: [ln.strip() for ln in v] for k, v in sections.split(text).items()}
 
 
-def _first(sec: dict[str, list[str]], key: str) -> str:
-    return next((x for x in sec.get(key, []) if x), "")
+_first = sections.first
 
 
 def observe_worker(ctx: Context) -> WorkerObserved:
@@ -465,7 +456,8 @@ def worker_status(ctx: Context) -> bool:
     r = ctx.target.run(f"systemctl show {rpc.UNIT} -p ActiveState -p SubState -p NRestarts "
                        f"-p ActiveEnterTimestamp -p UnitFileState; echo @@ss; "
                        f"ss -Hltn 'sport = :{int(cfg['rpc']['port'])}' 2>/dev/null", check=False)
-    head, _, ss = r.stdout.partition("@@ss")
+    sec = sections.split("@@props\n" + r.stdout, ("props", "ss"))
+    head, ss = "\n".join(sec["props"]), "\n".join(sec["ss"])
     props = dict(x.split("=", 1) for x in head.splitlines() if "=" in x)
     listening = rpc.bare(cfg["rpc"]["bind"]) in ss
     rows = [["unit", f"{rpc.UNIT} {props.get('ActiveState') or '-'} ({props.get('SubState') or '-'}), "

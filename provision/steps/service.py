@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import values
+from .. import sections, values
 from ..engine import Call, Change, Context, Run, Step, WriteFile
 from ..errors import CommandError, StepError, UsageError
 from ..target import join, quote
@@ -201,29 +201,21 @@ def observe(ctx: Context, model_path: str | None = None) -> Observed:
         f"echo @@binary; readlink -f {quote(binary_path(cfg))} 2>/dev/null",
         "echo @@init; [ -d /run/systemd/system ] && echo systemd",
         "true"])
-    r = ctx.target.run(script, check=False)
-    sec: dict[str, list[str]] = {}
-    cur = None
-    for line in r.stdout.splitlines():
-        if line.startswith("@@"):
-            cur = line[2:]
-            sec[cur] = []
-        elif cur:
-            sec[cur].append(line.strip())
-    pw = (sec.get("passwd") or [""])[0].split(":")
+    sec = sections.split(ctx.target.run(script, check=False).stdout)
+    pw = sections.first(sec, "passwd").split(":")
     t = ctx.target
     return Observed(
         user_exists=len(pw) >= 7, user_home=pw[5] if len(pw) >= 7 else None,
         user_shell=pw[6] if len(pw) >= 7 else None,
         unit_now=t.read_file(UNIT_PATH), env_now=t.read_file(ENV_PATH, sudo=True),
         helper_now=t.read_file(helper_path(cfg)),
-        enabled=(sec.get("enabled") or [""])[0] == "enabled",
-        active=(sec.get("active") or [""])[0] == "active",
-        binary_now=((sec.get("binary") or [""])[0] or None)
+        enabled=sections.first(sec, "enabled") == "enabled",
+        active=sections.first(sec, "active") == "active",
+        binary_now=(sections.first(sec, "binary") or None)
         if t.exists(binary_path(cfg)) else None,
         started=dict(ctx.state.get("service", {}) or {}),
         owed=HANDLER in ctx.state.owed,
-        systemd=bool(sec.get("init")) and sec["init"][0] == "systemd",
+        systemd=sections.first(sec, "init") == "systemd",
         model_readable=None if len(pw) < 7 or not model_path else t.run(
             f"runuser -u {quote(u)} -- test -r {quote(model_path)}", sudo=True, check=False).ok,
         key=auth.observe(ctx, auth.mode(cfg) == "file") if auth.enabled(cfg) else auth.KeyFile())
@@ -328,45 +320,20 @@ def journal_tail(ctx: Context, n: int = 30) -> str:
     return r.stdout.strip() or r.stderr.strip()
 
 
-_PROBE = r"""
-import json, sys, time, urllib.request, urllib.error
-a = json.loads(sys.stdin.read())
-base, key, out = a["base"], a.get("key"), {}
-def req(path, body=None, auth=True, timeout=30):
-    h = {"Content-Type": "application/json"}
-    if key and auth:
-        h["Authorization"] = "Bearer " + key
-    r = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
-                               headers=h)
-    t0 = time.monotonic()
-    try:
-        with urllib.request.urlopen(r, timeout=timeout) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace"), time.monotonic() - t0
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace"), time.monotonic() - t0
-    except Exception as e:
-        return 0, "%s: %s" % (type(e).__name__, e), time.monotonic() - t0
-for what in a["what"]:
-    if what == "health":
-        out["health"] = req("/health", auth=False)
-    elif what == "props":
-        out["props"] = req("/props")
-    elif what == "models":
-        out["models"] = req("/v1/models")
-    elif what == "chat":
-        out["chat"] = req("/v1/chat/completions", {"model": a["model"], "max_tokens": a["max_tokens"],
-            "messages": [{"role": "user", "content": "Reply with one word: ready"}]}, timeout=a["timeout"])
-print(json.dumps(out))
-"""
-
-
 def probe(ctx: Context, what: list[str], api_key: str | None = None, timeout: float = 300,
           max_tokens: int = 8) -> dict[str, tuple[int, str, float]]:
-    """HTTP requests to the server from the box itself (127.0.0.1); the key travels on stdin."""
+    """HTTP requests to the server from the box itself (127.0.0.1) through `remote/http_probe.py`;
+    the key travels on stdin (and never to /health)."""
+    from .. import remote
     s = ctx.cfg["server"]
-    args = {"base": f"http://127.0.0.1:{s['port']}", "key": api_key, "what": what,
-            "model": s["alias"] or "default", "max_tokens": max_tokens, "timeout": timeout}
-    r = ctx.target.run(auth.keyed(ctx.cfg, "python3 -c " + quote(_PROBE)), stdin=json.dumps(args),
+    chat = {"model": s["alias"] or "default", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "Reply with one word: ready"}]}
+    known = {"health": ("/health", None, False), "props": ("/props", None, True),
+             "models": ("/v1/models", None, True), "chat": ("/v1/chat/completions", chat, True)}
+    reqs = [{"name": w, "path": known[w][0], "body": known[w][1], "auth": known[w][2],
+             "timeout": timeout if w == "chat" else 30} for w in what]
+    args = {"base": f"http://127.0.0.1:{s['port']}", "key": api_key, "requests": reqs}
+    r = ctx.target.run(auth.keyed(ctx.cfg, remote.command("http_probe.py", "requests")), stdin=json.dumps(args),
                        sudo=auth.enabled(ctx.cfg), check=False, timeout=timeout + 60)
     try:
         return {k: tuple(v) for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}

@@ -7,10 +7,11 @@ a planned change (`RebootHost`) that is reported — and done only with `invoke 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .. import nvidia, reach
+from .. import nvidia, reach, readahead, sections
 from ..engine import Change, Context, RebootHost, Run, Step, WriteFile
 from ..errors import StepError, UnsafeValue
 from ..facts import host as hostfacts
@@ -196,6 +197,18 @@ def headers_plan(cfg: dict, hf: HostFacts, dkms_build: bool, notes: list[str]) -
     return [name]
 
 
+def headers_may_be_wanted(cfg: dict, hf: HostFacts, gf: GpuFacts) -> bool:
+    """Whether `headers_plan` may look at apt's candidate (a superset of when it does): only then
+    is apt asked (`hostfacts.headers_candidate`)."""
+    name = f"linux-headers-{hf.kernel}"
+    if hf.kernel_headers or name in hf.packages or not hf.uses_apt:
+        return False
+    asked = cfg["system"]["kernel_headers"]
+    if asked is not None:
+        return bool(asked)
+    return cfg["gpus"]["count"] > 0 and not gf.available and cfg["system"]["driver"] == "install"
+
+
 def nouveau_changes(hf: HostFacts) -> list[Change]:
     if not hf.nouveau_loaded or hf.nouveau_blacklisted:
         return []
@@ -350,6 +363,9 @@ def cuda_repo_plan(cfg: dict, hf: HostFacts, needed: bool) -> tuple[list[Change]
 # the step
 
 
+readahead.wants(lambda ctx: readahead.Want(read=[PROXY_FILE] if ctx.cfg["system"]["apt_proxy"] else []))
+
+
 class SystemStep(Step):
     name = "system"
     title = "packages, CUDA repo + toolkit, driver, kernel headers"
@@ -357,7 +373,9 @@ class SystemStep(Step):
     def plan(self, ctx: Context) -> list[Change]:
         hf = hostfacts.host_facts(ctx)
         gf = hostfacts.gpu(ctx)
-        proxy_now = ctx.target.read_file(PROXY_FILE) if ctx.cfg["system"]["apt_proxy"] else None
+        if headers_may_be_wanted(ctx.cfg, hf, gf):
+            hf = dataclasses.replace(hf, headers_candidate=hostfacts.headers_candidate(ctx))
+        proxy_now = readahead.read_file(ctx, PROXY_FILE) if ctx.cfg["system"]["apt_proxy"] else None
         notes: list[str] = []
         changes = dpkg_repair(dpkg_interrupted(ctx)) + plan(ctx.cfg, hf, gf, proxy_now, notes)
         if hf.reboot_required and not any(isinstance(c, RebootHost) for c in changes):
@@ -393,7 +411,8 @@ def dpkg_interrupted(ctx: Context) -> str:
     `dpkg --audit` (packages left unpacked or half-configured)."""
     r = ctx.target.run("ls -A /var/lib/dpkg/updates 2>/dev/null | head -n 3; echo @@audit; "
                        "dpkg --audit 2>/dev/null | head -n 8", check=False)
-    journal, _, audit = r.stdout.partition("@@audit")
+    sec = sections.split("@@journal\n" + r.stdout, ("journal", "audit"))
+    journal, audit = "\n".join(sec["journal"]), "\n".join(sec["audit"])
     if journal.split():
         return "dpkg was interrupted (/var/lib/dpkg/updates is not empty)"
     pkgs = [ln.split()[0] for ln in audit.splitlines() if ln.startswith(" ") and ln.split()]

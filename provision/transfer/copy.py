@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .. import remote
+from .. import remote, sections
 from ..engine import Context
 from ..errors import ConnectError, StepError
 from ..pipe import PipeError, PipeTimeout
@@ -164,44 +164,38 @@ def human(n: float | int | None) -> str:
 
 
 class Progress:
-    """One line when an item starts and ends, and every `every_s` in between."""
+    """Copy events through the one progress display (provision/progress.py): a line when an item
+    starts and ends; its bytes as a bar on a terminal, else a line every `every_s`."""
 
     def __init__(self, ctx: Context, prefix: str, source: str, items: Sequence[Item], every_s: float = 5.0):
-        self.ctx, self.prefix, self.source = ctx, prefix, source
+        from ..progress import Progress as Display
+        self.source = source
         self.labels = {it.id: it.label or os.path.basename(it.dest) for it in items}
-        self.every_s = every_s
-        self.started = time.monotonic()
-        self.t0: dict[str, float] = {}
-        self.base: dict[str, int] = {}
-        self.last: dict[str, float] = {}
+        self.display = Display(ctx, prefix, "bytes", every_s=every_s).__enter__()
 
     def __call__(self, ev: dict) -> None:
         kind, iid = ev.get("event"), ev.get("id")
         name = self.labels.get(iid, str(iid))
-        now = time.monotonic()
+        d = self.display
         if kind == "start":
             off, size = int(ev.get("offset") or 0), int(ev.get("size") or 0)
-            self.t0[iid], self.base[iid], self.last[iid] = now, off, now
-            self.ctx.say(f"{self.prefix}: {name} <- {self.source}: "
-                         + (f"resuming at {human(off)} of {human(size)}" if off else f"copying {human(size)}"))
+            d.say(f"{name} <- {self.source}: "
+                  + (f"resuming at {human(off)} of {human(size)}" if off else f"copying {human(size)}"))
+            d.add(str(iid), name, total=size or None, done=off)
         elif kind == "progress":
-            if now - self.last.get(iid, 0) < self.every_s:
-                return
-            self.last[iid] = now
-            done, total = int(ev.get("bytes") or 0), ev.get("total")
-            el = max(now - self.t0.get(iid, self.started), 1e-6)
-            rate = (done - self.base.get(iid, 0)) / el
-            eta = (int(total) - done) / rate if total and rate > 0 else None
-            from ..progress import duration
-            self.ctx.say(f"{self.prefix}: {name}: {human(done)} / {human(total)}, {human(rate)}/s, ETA {duration(eta)}")
+            total = ev.get("total")
+            d.update(str(iid), int(ev.get("bytes") or 0), int(total) if total else None)
         elif kind == "done":
             secs = float(ev.get("seconds") or 0)
             n = int(ev.get("bytes") or 0)
-            self.ctx.say(f"{self.prefix}: {name} <- {self.source}: {human(n)} in {secs:.1f}s "
-                         f"({human(n / max(secs, 1e-6))}/s)"
-                         + (f", {ev.get('files')} files" if ev.get("files", 1) != 1 else ""))
+            d.complete(str(iid), n)
+            d.say(f"{name} <- {self.source}: {human(n)} in {secs:.1f}s ({human(n / max(secs, 1e-6))}/s)"
+                  + (f", {ev.get('files')} files" if ev.get("files", 1) != 1 else ""))
         elif kind == "error":
-            self.ctx.say(f"{self.prefix}: {name}: copy from {self.source} failed: {ev.get('error')}")
+            d.say(f"{name}: copy from {self.source} failed: {ev.get('error')}")
+
+    def close(self) -> None:
+        self.display.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +269,16 @@ def copy(ctx: Context, src: SourceRig, items: Sequence[Item], prefix: str,
          offsets: dict[str, int] | None = None) -> CopyRun:
     """Copy `items` from the source onto ctx's rig. Never raises for a copy that fails (each
     item's Result says why); raises ConnectError only when THIS rig goes away."""
-    offsets = offsets or {}
-    t0 = time.monotonic()
     progress = Progress(ctx, prefix, src.name, items)
+    try:
+        return _copy(ctx, src, items, offsets or {}, progress)
+    finally:
+        progress.close()
+
+
+def _copy(ctx: Context, src: SourceRig, items: Sequence[Item], offsets: dict[str, int],
+          progress: Progress) -> CopyRun:
+    t0 = time.monotonic()
     mode = src.cfg["transfer"]["mode"]
     why = ""
     if mode != "relay" and src.address and not src.direct_failed:
@@ -299,7 +300,7 @@ def copy(ctx: Context, src: SourceRig, items: Sequence[Item], prefix: str,
     if mode == "direct":
         msg = f"direct copy impossible ({why}) and {src.name}'s transfer.mode is direct"
         return CopyRun("direct", msg, results_from([], items, msg), time.monotonic() - t0)
-    ctx.say(f"{prefix}: relaying through this machine: {why}")
+    progress.display.say(f"relaying through this machine: {why}")
     try:
         results = _relay(ctx, src, items, offsets, progress)
     except SourceUnavailable as e:
@@ -320,7 +321,7 @@ def _relay(ctx: Context, src: SourceRig, items: Sequence[Item], offsets: dict[st
         reader = threading.Thread(target=_read_events, args=(dst, events, progress, done), daemon=True)
         reader.start()
         try:
-            snd = sctx.target.pipe(f"nice -n 10 python3 -c {quote(remote.source('rig_copy.py'))} send",
+            snd = sctx.target.pipe("nice -n 10 " + remote.command("rig_copy.py", "send"),
                                    sudo=True, timeout=PIPE_TIMEOUT)
         except ConnectError as e:
             raise src.lost(e) from None
@@ -384,11 +385,6 @@ def _read_events(dst, events: list[dict], progress: Callable[[dict], None], done
             progress(ev)
 
 
-REACH = ("import socket, sys\n"
-         "try:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()\n"
-         "except OSError as e:\n    sys.exit(f'{type(e).__name__}: {e.strerror or e}')\n")
-
-
 class DirectKey:
     """The temporary key of one direct copy: made on the destination, allowed on the source."""
 
@@ -410,7 +406,7 @@ class DirectKey:
 
     def open(self, items: Sequence[Item]) -> None:
         # can the destination reach the source's sshd at all? (before anything is written anywhere)
-        r = self.ctx.target.run(f"python3 -c {quote(REACH)} {quote(self.addr)} {self.port}", check=False,
+        r = self.ctx.target.run(remote.command("tcp_reach.py", self.addr, str(self.port)), check=False,
                                 timeout=30)
         if not r.ok:
             why = (r.stderr.strip().splitlines() or [f"exit {r.exited}"])[-1]
@@ -424,7 +420,8 @@ class DirectKey:
         if not r.ok:
             raise DirectUnavailable(f"cannot make a key on {self.ctx.host.name} (ssh-keygen): "
                                     f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        pub, _, addrs = r.stdout.partition("@@addr")
+        sec = sections.split("@@pub\n" + r.stdout, ("pub", "addr"))
+        pub, addrs = "\n".join(sec["pub"]), " ".join(sec["addr"])
         hk = self.src.run("cat /etc/ssh/ssh_host_*_key.pub 2>/dev/null; true", check=False).stdout
         host = self.addr if self.port == 22 else f"[{self.addr}]:{self.port}"
         known = [f"{host} {' '.join(ln.split()[:2])}" for ln in hk.splitlines() if len(ln.split()) >= 2]
@@ -449,7 +446,7 @@ class DirectKey:
         """remote/rig_keys.py on the source, as its login user (no sudo: its own authorized_keys)."""
         ctx = self.src.ctx()
         try:
-            return run_input(ctx.target, f"python3 -c {quote(remote.source('rig_keys.py'))} {action}",
+            return run_input(ctx.target, remote.command("rig_keys.py", action),
                              json.dumps(req) + "\n", timeout=60)
         except ConnectError as e:
             raise self.src.lost(e) from None
