@@ -130,8 +130,9 @@ def new_run_id() -> str:
 def guard_line(line: str, run_id: str) -> str:
     """`line` as its own process group on the box, tagged with the run: the first stderr line is
     PGID_MARK + the group id (parse_pgid strips it). sshd makes every session command a session
-    leader: after `exec`, `$$` is the group (and session) id."""
-    inner = f'printf "{PGID_MARK} %s\\n" "$$" >&2; exec sh -c "$1"'
+    leader: after `exec`, `$$` is the group (and session) id. The line itself runs in the login
+    shell, as sshd would have run it (`$SHELL -c`)."""
+    inner = f'printf "{PGID_MARK} %s\\n" "$$" >&2; exec "${{SHELL:-sh}}" -c "$1"'
     return f"exec env {RUN_ENV}={run_id} sh -c {quote(inner)} llama-rig {quote(line)}"
 
 

@@ -488,6 +488,10 @@ class SSHTarget(Target):
         if self._watch is not None and self._watch.lost:
             return ConnectError(self._watch.lost)
         self.conn.close()
+        if "Timeout opening channel" in str(e):  # the server did not answer within connect_timeout
+            where = f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+            return ConnectError(f"{self.name} ({where}): no answer on its SSH connection for "
+                                f"{self.timeout:g}s (network down or host gone); the run on it was stopped")
         return ConnectError(f"{self.name} ({self.address}): connection lost: {e or type(e).__name__}")
 
     def _exec(self, command, *, timeout, stdin, on_stdout, on_stderr) -> Result:

@@ -127,10 +127,14 @@ class RealServer:
     def __init__(self, bin_dir: Path, model: Path, tmp: Path, cfg: dict):
         self.port = cfg["server"]["port"]
         argv = service.server_argv(cfg, str(model), str(bin_dir / "llama-server")) + ["-t", "1"]
+        # the unit reads the key from the rig's key file; here the server runs on this machine and
+        # reads the control-side key file the inventory names (the same key)
+        i = argv.index("--api-key-file")
+        argv[i + 1] = cfg["server"]["api_key_file"]
         self.argv = argv
         self.log = tmp / "server.log"
         self.logf = open(self.log, "w")
-        env = dict(os.environ, LLAMA_API_KEY=KEY)  # what the unit's env file sets
+        env = dict(os.environ)
         self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         deadline = time.monotonic() + 120

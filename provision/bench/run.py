@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Sequence
 
-from .. import remote
+from .. import keeper, remote
 from ..errors import StepError
 from ..target import join, quote
 from .parse import PointRun, parse_point_output
@@ -78,12 +78,13 @@ class RigBench:
             return pr
         finally:
             if wd in self._live:
-                self.kill(wd)
+                with keeper.allowed():  # also after Ctrl-C (provision/keeper.py)
+                    self.kill(wd)
 
     def kill(self, wd: str) -> None:
         """Kill the process group of an invocation that is still running (Ctrl-C, timeout)."""
         cmd = (f"d={quote(wd)}; if [ -f \"$d/pid\" ]; then p=$(cat \"$d/pid\"); "
-               f"kill -TERM -- -\"$p\" 2>/dev/null; sleep 0.5; kill -KILL -- -\"$p\" 2>/dev/null; fi; "
+               f"kill -TERM -\"$p\" 2>/dev/null; sleep 0.5; kill -KILL -\"$p\" 2>/dev/null; fi; "
                f"rm -rf \"$d\"")
         try:
             self.ctx.target.run(cmd, sudo=True, check=False, timeout=30)
