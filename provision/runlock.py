@@ -168,8 +168,12 @@ def run_lock(target: Target, host_name: str, state_dir: str, what: str,
                      "the last one" if age.strip().isdigit() else "")
             raise RunLockBusy(f"another llama-rig run is changing this host ({who.strip()}{since}); "
                               f"nothing was changed — wait for it to finish ({lock})")
+        hint = "the lock needs bash, flock(1) and root (or sudo) on the host"
+        if "Permission denied" in line and not target.is_root() and not target.needs_sudo:
+            user = getattr(target, "user", "the login user")
+            hint = f"{user} is not root and connection.sudo is false: connect as root or give {user} sudo"
         raise RunLockError(f"cannot take the run lock {lock} ({line or 'no answer'}); nothing was "
-                           "changed — the lock needs bash, flock(1) and root (or sudo) on the host")
+                           f"changed — {hint}")
     took = line.partition("\t")[2].strip()
     if took and warn is not None:
         warn(f"run lock: took over from a run that went silent: {took}; what it had started on "

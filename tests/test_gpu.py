@@ -248,13 +248,15 @@ def test_power_limits_on_rig(rig_factory, tmp_path):
         assert app.provision("rig", only="gpu") == 1
         assert "expected 5 GPUs (gpus.count) but nvidia-smi shows 4" in out.getvalue()
 
-        # not root: rigadmin without sudo (connection.sudo false) -> nvidia-smi exit 4, clear error
+        # not root: rigadmin without sudo (connection.sudo false) -> the run lock (root-owned, it
+        # fails closed) stops the run before anything, one clear line
         rig.sh("rm -f /run/fake-nvidia-smi/state.json")
         app, out = _app(path, "connection.user=rigadmin", "connection.sudo=false")
         assert app.provision("rig", only="gpu") == 1
         text = out.getvalue()
-        assert "needs root: nvidia-smi says Insufficient Permissions (exit 4)" in text, text
+        assert "cannot take the run lock" in text and "nothing was changed" in text, text
         assert "connect as root or give rigadmin sudo" in text
+        assert "Traceback" not in text
         assert _limits(rig)[0] == (350.0, "Disabled")
         # ... and with sudo it works
         app, out = _app(path, "connection.user=rigadmin")

@@ -255,6 +255,13 @@ def test_bare_box_to_serving_rig(journey):
     # 3. the real opencode with the config the opencode step wrote on the rig
     local = tmp / "opencode.json"
     local.write_text(rig.sh("cat /root/.config/opencode/opencode.json").stdout)
+    # the API key (server.api_key auto, made on the rig) is in the JSON by reference only:
+    # {file:<name>} next to the config, 0600 -- copy it beside the local config as well
+    ref = re.search(r'"\{file:([^}]+)\}"', local.read_text())
+    assert ref, local.read_text()
+    key = tmp / ref.group(1)
+    key.write_text(rig.sh(f"cat /root/.config/opencode/{ref.group(1)}").stdout)
+    key.chmod(0o600)
     t0 = time.monotonic()
     r = opencode_cli.run(["run", "--title", "journey", "--format", "json", "-m", f"llama-cpp/{ALIAS}",
                           "Reply: pong"], local, tmp / "oc-home", timeout=600)

@@ -36,14 +36,16 @@ def test_systemd_passes_exactly_our_argv(rig_factory):
                                          "paths": {"prefix": "/opt/llama rig/%h/$USER"}}}}).hosts["r"].cfg
     unit = service.render_unit(cfg, MODEL, binary=DUMP)
     want = service.server_argv(cfg, MODEL, DUMP)
-    _put(rig, DUMP, "#!/bin/sh\nprintf '%s\\0' \"$0\" \"$@\" > /run/llama-rig-argv.bin\n", "0755")
+    # the hardened unit (ProtectSystem=strict) may write only its ReadWritePaths: the argv goes there
+    rig.sh("mkdir -p /var/lib/llama-rig/home")
+    _put(rig, DUMP, "#!/bin/sh\nprintf '%s\\0' \"$0\" \"$@\" > /var/lib/llama-rig/home/argv.bin\n", "0755")
     _put(rig, "/etc/systemd/system/catalog-argv.service", unit)
     # the test swaps what needs a provisioned rig (user, env file, readiness helper) for plain values
     _put(rig, "/etc/systemd/system/catalog-argv.service.d/test.conf",
          "[Service]\nType=oneshot\nUser=root\nGroup=root\nWorkingDirectory=/\nEnvironmentFile=\n"
          "ExecStartPost=\nRestart=no\n")
     rig.sh("systemctl daemon-reload && systemctl start catalog-argv.service", timeout=60)
-    got = rig.sh("cat /run/llama-rig-argv.bin").stdout.split("\0")[:-1]
+    got = rig.sh("cat /var/lib/llama-rig/home/argv.bin").stdout.split("\0")[:-1]
     assert got == want, (got, want)
     desc = rig.sh("systemctl show -p Description --value catalog-argv.service").stdout.rstrip("\n")
     assert desc == f"llama.cpp server ({ALIAS}) - llama-rig"
