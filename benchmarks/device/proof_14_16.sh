@@ -14,6 +14,7 @@ set -u
 T0=$(date +%s)
 LIMIT=${LIMIT:-570}
 GPUS=${GPUS:-0}
+# RPC_ARGS: rpc_gpu.py sizes for a short budget, e.g. "--reps 2 --prompt 1024 --gen 64"
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 RES=/tmp/res
 mkdir -p "$RES"
@@ -39,5 +40,5 @@ timeout -s INT -k 20 $(( $(left) / 2 )) python3 benchmarks/service_gpu.py --pref
 echo "service_gpu exit $? after $(( $(date +%s) - T0 ))s"; tail -25 "$RES/service.log"
 
 timeout -s INT -k 20 $(( $(left) - 15 )) python3 benchmarks/rpc_gpu.py --bin /tmp/gp/prefix/llama.cpp/current/bin \
-    --model "$MODEL" --gpus "$GPUS" --reps 3 --ctx 8192 --out "$RES/rpc" > "$RES/rpc.log" 2>&1
+    --model "$MODEL" --gpus "$GPUS" ${RPC_ARGS:---reps 3} --ctx 8192 --out "$RES/rpc" > "$RES/rpc.log" 2>&1
 echo "rpc_gpu exit $? after $(( $(date +%s) - T0 ))s"; grep 'RPC PROOF' "$RES/rpc.log"; tail -5 "$RES/rpc.log"
