@@ -18,7 +18,7 @@ GPUS=${GPUS:-0}
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 RES=/tmp/res
 mkdir -p "$RES"
-pack() { tar -czf "$OUT/proof.tgz" -C "$RES" . ; ls -la "$OUT"; }
+pack() { tar -czf "$OUT/proof.tgz" --exclude=rpc-cache -C "$RES" . ; ls -la "$OUT"; }  # not the tensor cache (GBs)
 trap pack EXIT
 
 bash benchmarks/device/setup.sh > "$RES/setup.log" 2>&1 || { tail -20 "$RES/setup.log"; exit 1; }
