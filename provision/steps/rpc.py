@@ -28,7 +28,6 @@ from ..facts import host as hostfacts
 from ..target import connect, quote
 
 HANDLER = "llama-server.restart"
-NOLOGIN = "/usr/sbin/nologin"
 STATE_KEY = "rpc"
 
 
@@ -105,15 +104,11 @@ def plan_worker(cfg: dict, obs: WorkerObserved, allowed: list[str], restart_fn=N
     if not binary_name:
         raise StepError(f"the llama.cpp build {obs.build.short()} has no ggml-rpc-server or rpc-server "
                         "(set llama_cpp.rpc: true and run the llama step)")
-    p = cfg["paths"]
-    u = p["service_user"]
-    home = rpc.worker_home(cfg)
+    from .service import create_user_change
+    u = cfg["paths"]["service_user"]
     changes: list[Change] = []
     if not obs.user_exists:
-        changes.append(Run(f"create system user {u} (no login shell, home {home})", commands=[
-            f"mkdir -p {quote(p['state_dir'])}",
-            f"useradd --system --user-group --home-dir {quote(home)} --create-home "
-            f"--shell {NOLOGIN} --comment 'llama-rig llama-server' {quote(u)}"]))
+        changes.append(create_user_change(cfg))
     cdir = rpc.cache_dir(cfg)
     if obs.cache_owner != u:
         changes.append(Run(f"tensor cache dir {cdir} (owned by {u}, 0700)", commands=[

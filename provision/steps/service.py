@@ -224,6 +224,17 @@ def observe(ctx: Context, model_path: str | None = None) -> Observed:
 NOLOGIN = "/usr/sbin/nologin"
 
 
+def create_user_change(cfg: dict) -> Run:
+    """The service user (llama-server here, ggml-rpc-server on an RPC worker): a system user with
+    no login shell, its home under the state dir."""
+    p = cfg["paths"]
+    u, home = p["service_user"], user_home(cfg)
+    return Run(f"create system user {u} (no login shell, home {home})", commands=[
+        f"mkdir -p {quote(p['state_dir'])}",
+        f"useradd --system --user-group --home-dir {quote(home)} --create-home "
+        f"--shell {NOLOGIN} --comment 'llama-rig llama-server' {quote(u)}"])
+
+
 def plan(cfg: dict, obs: Observed, model_path: str, api_key: str | None,
          restart_fn=None) -> list[Change]:
     """Observed state in -> changes out (pure; `restart_fn` is what the restart Call runs)."""
@@ -235,10 +246,7 @@ def plan(cfg: dict, obs: Observed, model_path: str, api_key: str | None,
     home = user_home(cfg)
     changes: list[Change] = []
     if not obs.user_exists:
-        changes.append(Run(f"create system user {u} (no login shell, home {home})", commands=[
-            f"mkdir -p {quote(p['state_dir'])}",
-            f"useradd --system --user-group --home-dir {quote(home)} --create-home "
-            f"--shell {NOLOGIN} --comment 'llama-rig llama-server' {quote(u)}"]))
+        changes.append(create_user_change(cfg))
     elif obs.user_home != home or obs.user_shell not in (NOLOGIN, "/bin/false", "/usr/bin/false"):
         changes.append(Run(f"fix user {u}: home {home}, no login shell", commands=[
             f"mkdir -p {quote(home)} && chown {quote(u)}: {quote(home)}",
