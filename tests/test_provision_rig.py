@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from provision import inventory as inv
+from tests.rigs import recap_row
 
 pytestmark = pytest.mark.rig
 
@@ -50,12 +51,7 @@ def invoke(*args, timeout=900):
 
 
 def recap(out: str) -> dict:
-    """The recap row of HOST as a dict (plain output: a title line, a header, rows)."""
-    lines = out.splitlines()
-    i = max(i for i, l in enumerate(lines) if l.startswith("recap"))
-    cols = lines[i + 1].split()
-    row = next(l.split() for l in lines[i + 2:] if l.split()[:1] == [HOST])
-    return dict(zip(cols, row))
+    return recap_row(out, HOST)
 
 
 def snapshot(rig) -> dict:

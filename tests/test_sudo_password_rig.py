@@ -20,7 +20,7 @@ from provision import inventory as inv
 from provision.errors import InventoryError, SudoPasswordError
 from provision.model.store import parse_probe, probe_command, probe_input
 from provision.target import connect
-from tests.rigs import WORK_ROOT
+from tests.rigs import WORK_ROOT, recap_row
 from tests.rigs.access import add_password_sudo_user
 
 pytestmark = pytest.mark.rig
@@ -73,11 +73,7 @@ def invoke(*args, env_pw: str | None, timeout=600):
 
 
 def recap(out: str) -> dict:
-    lines = out.splitlines()
-    i = max(i for i, l in enumerate(lines) if l.startswith("recap"))
-    cols = lines[i + 1].split()
-    row = next(l.split() for l in lines[i + 2:] if l.split()[:1] == [HOST])
-    return dict(zip(cols, row))
+    return recap_row(out, HOST)
 
 
 def rig_state(rig) -> str:

@@ -89,6 +89,16 @@ class RigCommandError(subprocess.CalledProcessError):
         return msg
 
 
+def recap_row(out: str, host: str) -> dict[str, str]:
+    """The recap row of `host` in a task's plain output (a `recap` title line, a header, rows),
+    as {column: value}."""
+    lines = out.splitlines()
+    i = max(i for i, l in enumerate(lines) if l.startswith("recap"))
+    cols = lines[i + 1].split()
+    row = next(l.split() for l in lines[i + 2:] if l.split()[:1] == [host])
+    return dict(zip(cols, row))
+
+
 def run_checked(argv, *, check: bool, timeout: float, **kw) -> subprocess.CompletedProcess:
     """subprocess.run in text mode with captured output; the error carries the output."""
     proc = subprocess.run(argv, text=True, capture_output=True, timeout=timeout, **kw)
