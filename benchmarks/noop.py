@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -208,25 +207,12 @@ def table(res: dict[str, Any]) -> str:
 def with_rig(reps: int, pyinfra: str, before: Path | None = None) -> dict[str, Any]:
     import yaml
 
-    from tests.rigs.aptproxy import AptProxy
-    from tests.rigs.nspawn import boot_rig, build_base_image
-    from tests.rigs.sshd import make_client_key
+    from tests.rigs.nspawn import standalone_rig
 
-    tmp = Path(tempfile.mkdtemp(prefix="noop-bench-"))
-    proxy = AptProxy().acquire()
-    nr = None
-    try:
-        base = build_base_image(proxy_url=proxy.url)
-        key, pub = make_client_key(tmp)
-        (tmp / "known_hosts").mkdir()
-        nr = boot_rig(base, pub, tmp / "known_hosts", key)
+    with standalone_rig("noop-bench-") as (nr, tmp):
         inv_path = tmp / "hosts.yaml"
         inv_path.write_text(yaml.safe_dump({"hosts": {"rig": nr.rig.inventory_entry(llama_cpp={"cuda": False})}}))
         return run(inv_path, "rig", nr.rig, reps, pyinfra, tmp, before)
-    finally:
-        if nr is not None:
-            nr.stop()
-        proxy.release()
 
 
 def main(argv: list[str] | None = None) -> int:

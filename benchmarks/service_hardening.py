@@ -69,20 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from tests.rigs.aptproxy import AptProxy
-    from tests.rigs.nspawn import boot_rig, build_base_image
-    from tests.rigs.sshd import make_client_key
+    from tests.rigs.nspawn import standalone_rig
     from tests.test_service_rig import MODEL, exposure, http, install_fake
     from provision.steps import model as model_step
 
-    tmp = Path(tempfile.mkdtemp(prefix="service-hardening-"))
-    proxy = AptProxy().acquire()
-    nr = None
-    try:
-        base = build_base_image(proxy_url=proxy.url)
-        key, pub = make_client_key(tmp)
-        (tmp / "known_hosts").mkdir()
-        nr = boot_rig(base, pub, tmp / "known_hosts", key)
+    with standalone_rig("service-hardening-") as (nr, tmp):
         rig = nr.rig
         install_fake(rig)
         model_step.shard1_path = lambda ctx: MODEL  # the stand-in model (no hub here)
@@ -130,13 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         ok = after_level <= 4.0 and served == {"no_key": 401, "key": 200, "health": 200}
         return 0 if ok else 1
-    finally:
-        if nr is not None:
-            try:
-                nr.stop()
-            except Exception as e:  # noqa: BLE001
-                print(f"teardown of {nr.name}: {e}", file=sys.stderr)
-        proxy.release()
 
 
 if __name__ == "__main__":

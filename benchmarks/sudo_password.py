@@ -17,7 +17,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,36 +49,25 @@ def main() -> int:
     args = ap.parse_args()
 
     from tests.rigs.access import add_password_sudo_user
-    from tests.rigs.aptproxy import AptProxy
-    from tests.rigs.nspawn import boot_rig, build_base_image
-    from tests.rigs.sshd import make_client_key
+    from tests.rigs.nspawn import standalone_rig
 
-    tmp = Path(tempfile.mkdtemp(prefix="sudo-pw-bench-"))
-    proxy = AptProxy().acquire()
-    nr = None
-    try:
-        base = build_base_image(proxy_url=proxy.url)
-        key, pub = make_client_key(tmp)
-        (tmp / "kh").mkdir()
-        nr = boot_rig(base, pub, tmp / "kh", key)
-        pw = os.urandom(12).hex()
-        os.environ[ENV] = pw
-        pw_rig = add_password_sudo_user(nr.rig, "rigpw", pw)
-        out = {
-            "commands": args.n,
-            "root": per_command(nr.rig.inventory_entry(), args.n),
-            "nopasswd_sudo": per_command(nr.rig.as_user("rigadmin").inventory_entry(), args.n),
-            "password_sudo": per_command(pw_rig.inventory_entry(connection={"sudo_password_env": ENV}), args.n),
-            "load_average": os.getloadavg()[0],
-        }
-        out["ratio_password_over_nopasswd"] = round(
-            out["password_sudo"]["median_s"] / out["nopasswd_sudo"]["median_s"], 2)
-        print(json.dumps(out, indent=2))
-    finally:
-        if nr is not None:
-            nr.stop()
-        proxy.release()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with standalone_rig("sudo-pw-bench-") as (nr, tmp):
+        try:
+            pw = os.urandom(12).hex()
+            os.environ[ENV] = pw
+            pw_rig = add_password_sudo_user(nr.rig, "rigpw", pw)
+            out = {
+                "commands": args.n,
+                "root": per_command(nr.rig.inventory_entry(), args.n),
+                "nopasswd_sudo": per_command(nr.rig.as_user("rigadmin").inventory_entry(), args.n),
+                "password_sudo": per_command(pw_rig.inventory_entry(connection={"sudo_password_env": ENV}), args.n),
+                "load_average": os.getloadavg()[0],
+            }
+            out["ratio_password_over_nopasswd"] = round(
+                out["password_sudo"]["median_s"] / out["nopasswd_sudo"]["median_s"], 2)
+            print(json.dumps(out, indent=2))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

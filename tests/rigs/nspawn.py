@@ -17,6 +17,7 @@ Layout (all as root on the control machine):
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -661,3 +662,30 @@ def boot_rig(base: Path, client_pubkey: str, known_hosts_dir: Path, client_key: 
     nr.rig = Rig(name=name, address=nr.address, port=22, user="root", key_file=client_key,
                  known_hosts=known_hosts, host_side=f"10.250.{n}.1", root=None, _sh=nr.sh)
     return nr
+
+
+@contextlib.contextmanager
+def standalone_rig(prefix: str):
+    """One Tier B rig outside pytest (the benchmarks): the apt proxy, the base image, a client
+    key, the rig; yields (booted rig, temp dir); stops the rig and releases the proxy after."""
+    import tempfile
+
+    from .aptproxy import AptProxy
+    from .sshd import make_client_key
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    proxy = AptProxy().acquire()
+    nr = None
+    try:
+        base = build_base_image(proxy_url=proxy.url)
+        key, pub = make_client_key(tmp)
+        (tmp / "known_hosts").mkdir()
+        nr = boot_rig(base, pub, tmp / "known_hosts", key)
+        yield nr, tmp
+    finally:
+        if nr is not None:
+            try:
+                nr.stop()
+            except Exception as e:  # noqa: BLE001
+                print(f"teardown of {nr.name}: {e}", file=sys.stderr)
+        proxy.release()
