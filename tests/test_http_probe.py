@@ -166,3 +166,35 @@ def test_tcp_reach():
     bad = subprocess.run(["sh", "-c", remote.command("tcp_reach.py", "127.0.0.1", str(_port()))],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and bad.stderr.startswith("ConnectionRefusedError: ")
+
+
+def test_key_inject_feeds_the_key_file_to_the_probe_through_a_pipe(fake_server, tmp_path):
+    """remote/key_inject.py on its own, and piped into http_probe.py as auth.keyed() runs it."""
+    from provision.steps import api_key as auth
+
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY + "\n")
+    inject = remote.command("key_inject.py", str(key_file))
+
+    def run(cmd: str, stdin: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-c", cmd], input=stdin, capture_output=True, text=True, timeout=60)
+
+    r = run(inject, json.dumps({"base": "http://x"}) + "\n")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"base": "http://x", "key": KEY}
+    r = run(inject, json.dumps({"key": "caller-key"}) + "\n")  # the caller's key wins
+    assert json.loads(r.stdout) == {"key": "caller-key"}
+    missing = remote.command("key_inject.py", str(tmp_path / "nope"))
+    r = run(missing, "{}\n")
+    assert json.loads(r.stdout) == {} and f"cannot read the API key file {tmp_path / 'nope'}" in r.stderr
+    # the command line the service step runs (with KEY_PATH swapped for the test's file)
+    cfg = {"server": {"api_key": "auto"}}
+    cmd = auth.keyed(cfg, remote.command("http_probe.py", "requests"))
+    assert cmd.startswith(remote.command("key_inject.py", auth.KEY_PATH) + " | ")
+    cmd = cmd.replace(remote.command("key_inject.py", auth.KEY_PATH), inject, 1)
+    assert KEY not in cmd
+    time.sleep(1.1)
+    reqs = [{"name": "models", "path": "/v1/models", "body": None, "auth": True}]
+    r = run(cmd, json.dumps({"base": f"http://127.0.0.1:{fake_server}", "requests": reqs}) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["models"][0] == 200 and KEY not in r.stdout + r.stderr
+    assert auth.keyed({"server": {"api_key": "none"}}, "probe") == "probe"

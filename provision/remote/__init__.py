@@ -1,6 +1,6 @@
 """Self-contained scripts run on a rig (stdlib, plus huggingface_hub for hf_pull): uploaded to
 <prefix>/libexec/ (hf_pull, sha256_files) or passed whole as `python3 -c` (model_probe, rig_status,
-rig_read, http_probe: one round trip). `http_probe.py` is the one HTTP client on a rig: bench's
+rig_read, http_probe, key_inject: one round trip). `http_probe.py` is the one HTTP client on a rig: bench's
 TTFT, the service step's checks, reachability of a URL, and (rendered into
 templates/llama-rig-health.sh.j2) the unit's readiness gate.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("hf_pull.py", "sha256_files.py", "http_probe.py", "model_probe.py", "rig_status.py", "rig_copy.py",
            "rig_keys.py", "rig_read.py", "tcp_reach.py", "bench_point.sh", "rpc_watch.py", "rpc_cache_prune.py",
-           "rpc_health.py")
+           "rpc_health.py", "key_inject.py")
 
 
 @lru_cache(maxsize=None)

@@ -20,6 +20,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
+from .. import remote
 from ..engine import Change, Context, Run, WriteFile
 from ..errors import StepError
 from ..secrets import register
@@ -48,27 +49,13 @@ def server_args(cfg: dict) -> list[str]:
     return ["--api-key-file", KEY_PATH] if enabled(cfg) else []
 
 
-# Puts the key of KEY_PATH into the one-line JSON a probe reads on stdin ("key", unless the caller
-# set one): the key goes from the file to the probe through a pipe on the rig, never through argv,
-# the environment or the control machine. An unreadable file leaves "key" unset (the server's 401
-# then says why) and a line on stderr.
-_INJECT = (
-    "import json, sys\n"
-    "a = json.loads(sys.stdin.readline() or '{}')\n"
-    "if not a.get('key'):\n"
-    "    try:\n"
-    "        a['key'] = open(sys.argv[1]).readline().strip() or None\n"
-    "    except OSError as e:\n"
-    "        sys.stderr.write('llama-rig: cannot read the API key file %s: %s\\n' % (sys.argv[1], e.strerror))\n"
-    "sys.stdout.write(json.dumps(a) + '\\n')\n")
-
-
 def keyed(cfg: dict, command: str) -> str:
-    """`command` (a probe reading one JSON line on stdin) fed with the rig's key; run it as root
+    """`command` (a probe reading one JSON line on stdin) fed with the rig's key by
+    remote/key_inject.py (file -> pipe -> probe, on the rig); run it as root
     (sudo=auth.enabled(cfg)). Unchanged when the server has no key."""
     if not enabled(cfg):
         return command
-    return f"python3 -c {quote(_INJECT)} {quote(KEY_PATH)} | {command}"
+    return f"{remote.command('key_inject.py', KEY_PATH)} | {command}"
 
 
 def is_loopback(host: str) -> bool:
