@@ -146,10 +146,14 @@ class SSHHeld(Held):
         try:
             with self._mu:
                 self.chan.shutdown_write()
-            t0 = time.monotonic()
-            while (not self.chan.exit_status_ready() and not self.chan.closed
-                   and time.monotonic() - t0 < 5):
-                time.sleep(0.02)
+            ended = getattr(self.chan, "status_event", None)  # set on exit status and on close
+            if ended is not None:
+                ended.wait(5)
+            else:
+                t0 = time.monotonic()
+                while (not self.chan.exit_status_ready() and not self.chan.closed
+                       and time.monotonic() - t0 < 5):
+                    time.sleep(0.02)
         except Exception:  # noqa: BLE001 - a dead session: the keeper on the box sees EOF or its lease end
             pass
         finally:

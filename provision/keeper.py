@@ -273,6 +273,7 @@ def run_hosts(items: Sequence[T], work: Callable[[T], R], parallel: int,
 
     running = [True] * len(items)  # not Thread.is_alive(): a join() that Ctrl-C interrupts
     # can leave a live thread looking finished (CPython < 3.13)
+    all_done = threading.Event()  # the main thread wakes when the last worker ends, not on a tick
 
     def worker(i: int, item: T) -> None:
         _local.token = token
@@ -286,6 +287,8 @@ def run_hosts(items: Sequence[T], work: Callable[[T], R], parallel: int,
                     pass
         finally:
             running[i] = False
+            if not any(running):
+                all_done.set()
 
     threads = [threading.Thread(target=worker, args=(i, it), name=f"host-{i}", daemon=True)
                for i, it in enumerate(items)]
@@ -293,7 +296,7 @@ def run_hosts(items: Sequence[T], work: Callable[[T], R], parallel: int,
         t.start()
     try:
         while any(running):
-            time.sleep(0.02)
+            all_done.wait(0.1)  # a Ctrl-C interrupts the wait (KeyboardInterrupt)
         return results, False
     except KeyboardInterrupt:
         pass

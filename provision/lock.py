@@ -71,7 +71,7 @@ def dump(doc: dict[str, Any], path: str | os.PathLike | None = None) -> str:
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a lock file; one-line UsageError if it is missing or not a lock."""
     from .errors import InventoryError
-    from .inventory import MAX_FILE_BYTES, parse_yaml
+    from .yamlfile import MAX_FILE_BYTES, parse_yaml
     p = Path(path)
     try:
         if p.stat().st_size > MAX_FILE_BYTES:

@@ -281,8 +281,45 @@ def trust(client, known_hosts: str, policy: str) -> None:
                                        else paramiko.RejectPolicy())
 
 
+class _QuickAckSocket(socket.socket):
+    """A TCP socket that ACKs what it received at once (Linux TCP_QUICKACK, re-armed after every
+    recv: the kernel drops back to delayed ACKs on its own). sshd writes without TCP_NODELAY on a
+    session with no terminal: a small reply (a channel opened, an exit status) waits for the ACK
+    of its previous small write, and a client in delayed-ACK mode sends that ACK only after
+    ~40 ms. Measured on a rig: the first command of a connection took 54 ms, 11 ms with this."""
+
+    def recv(self, *a, **kw):
+        data = super().recv(*a, **kw)
+        try:
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+        return data
+
+
+def nodelay_transport(sock, **kw):
+    """paramiko's Transport over `sock` with Nagle's algorithm off (TCP_NODELAY) and, on Linux,
+    quick ACKs (`_QuickAckSocket`). With Nagle on, the small writes of every command (channel
+    open, exec request, stdin EOF) wait for the server's delayed ACK: about 40 ms per command and
+    per handshake step on any link. Measured on a rig over a veth: a `true` took 47 ms with
+    Nagle, 4 ms without (benchmarks/noop/). A ProxyCommand or a jump host's channel is left as it
+    is (the jump host's own socket gets the same treatment)."""
+    import paramiko
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        if hasattr(socket, "TCP_QUICKACK") and type(sock) is socket.socket:
+            timeout = sock.gettimeout()
+            sock = _QuickAckSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            sock.settimeout(timeout)
+    return paramiko.Transport(sock, **kw)
+
+
 def auth_kwargs(ep: Endpoint) -> dict:
-    kw: dict = {"banner_timeout": ep.timeout, "auth_timeout": ep.timeout}
+    kw: dict = {"banner_timeout": ep.timeout, "auth_timeout": ep.timeout,
+                "transport_factory": nodelay_transport}
     keys = [k for k in ep.keys if ep.key_source == "connection.key" or os.path.isfile(k)]
     if keys:  # OpenSSH skips an IdentityFile that is not there; connection.key must be
         kw.update(key_filename=keys, look_for_keys=False, allow_agent=not ep.identities_only)

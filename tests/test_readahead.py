@@ -149,5 +149,7 @@ def test_facts_gpu_and_the_read_ahead_in_one_command(tmp_path, declared, monkeyp
     assert gf.available and len(gf.gpus) >= 1 and gf.cuda_version and gf.nvidia_smi == str(fake)
     assert ra.read_file(ctx, str(f1)) == "1\n" and ctx.state.owed == ["x.restart"]
     assert ctx.target.commands_run == 1  # all of it came with the facts
+    from provision.steps import system
+    assert system.dpkg_interrupted(ctx) == "" and ctx.target.commands_run == 1  # dpkg's state too
     # the GPU query alone (after a change) still parses the same way
     assert [g.uuid for g in hostfacts.gpu_facts.gather(ctx.target).gpus] == [g.uuid for g in gf.gpus]

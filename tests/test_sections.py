@@ -40,10 +40,15 @@ def test_the_step_parsers_that_use_it():
     assert sec == {"unit": ["active"], "nft": ["table inet x {"], "empty": []}
     assert rpc._first(sec, "unit") == "active" and rpc._first(sec, "empty") == ""
 
-    def ctx(out):
-        return SimpleNamespace(target=SimpleNamespace(run=lambda *a, **k: SimpleNamespace(stdout=out)))
-    assert system.dpkg_interrupted(ctx("@@audit\n")) == ""
-    assert "updates is not empty" in system.dpkg_interrupted(ctx("1234\n@@audit\n"))
-    assert system.dpkg_interrupted(ctx("@@audit\nThe following packages are only half configured:\n"
-                                       " libfoo  a library\n")) == \
+    from provision.facts import host as hostfacts
+    assert hostfacts.dpkg_interrupted([], []) == ""
+    assert "updates is not empty" in hostfacts.dpkg_interrupted(["1234"], [])
+    assert hostfacts.dpkg_interrupted([], ["The following packages are only half configured:",
+                                           " libfoo  a library"]) == \
         "dpkg --audit: packages left half-installed (libfoo)"
+    # read with the host's facts, in their one command
+    hf = hostfacts.parse("@@os\nID=debian\n@@dpkg_journal\n@@dpkg_audit\n"
+                         "The following packages are only half configured:\n libfoo  a library\n")
+    assert hf.dpkg_interrupted == "dpkg --audit: packages left half-installed (libfoo)"
+    assert hostfacts.parse("@@os\nID=debian\n@@dpkg_journal\n@@dpkg_audit\n").dpkg_interrupted == ""
+    assert "@@dpkg_audit" in hostfacts.script("/srv/models")

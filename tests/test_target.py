@@ -305,3 +305,25 @@ def test_a_password_for_a_sudo_that_does_not_ask_never_reaches_the_command(sshd,
                 assert p.readline() == b"bytes\n" and p.readline() == b""
         finally:
             t.close()
+
+
+def test_the_ssh_socket_has_nagle_off_and_acks_at_once(root_t):
+    """provision/sshconf.nodelay_transport: the rig's TCP socket has TCP_NODELAY (and, on Linux,
+    re-arms TCP_QUICKACK after each read) -- without them each command waited ~40 ms for a
+    delayed ACK (benchmarks/noop/). A ProxyCommand or a jump host's channel passes through as is."""
+    from provision import sshconf
+
+    root_t.run("true")
+    sock = root_t.conn.client.get_transport().sock
+    assert isinstance(sock, socket.socket)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    if hasattr(socket, "TCP_QUICKACK"):
+        assert isinstance(sock, sshconf._QuickAckSocket)
+    assert root_t.run("echo still fine").stdout == "still fine\n"
+    assert sshconf.auth_kwargs(sshconf.resolve(root_t.host))["transport_factory"] is sshconf.nodelay_transport
+
+    class NotASocket:  # a ProxyCommand, a paramiko Channel through a jump host
+        def settimeout(self, t):
+            pass
+    odd = NotASocket()
+    assert sshconf.nodelay_transport(odd).sock is odd

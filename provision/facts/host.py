@@ -44,6 +44,8 @@ class HostFacts:
     cuda_keyring_fprs: tuple[str, ...] | None = None  # primary keys in the cuda keyring (None: absent)
     cuda_lists: dict[str, str] = field(default_factory=dict)  # /etc/apt/sources.list.d/cuda-*.list
     nvidia_module: str | None = None  # first line of /proc/driver/nvidia/version (module loaded)
+    # why dpkg must finish an interrupted run first ("" when it need not): see dpkg_interrupted()
+    dpkg_interrupted: str = ""
 
     @property
     def uses_apt(self) -> bool:
@@ -57,7 +59,7 @@ class HostFacts:
 
 SECTIONS = ("os", "kernel", "arch", "cpu", "mem", "disk", "nvcc", "gcc", "cmake", "packages",
             "reboot", "headers", "init", "headers_candidate", "secureboot", "mok", "nouveau",
-            "cuda_keyring", "cuda_lists", "nvidia_module")
+            "cuda_keyring", "cuda_lists", "nvidia_module", "dpkg_journal", "dpkg_audit")
 KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 MOK_KEYS = ("/var/lib/dkms/mok.pub", "/var/lib/shim-signed/mok/MOK.der")
 
@@ -96,6 +98,10 @@ def script(models_dir: str) -> str:
         "echo '@@cuda_lists'; for f in /etc/apt/sources.list.d/cuda-*.list; do [ -f \"$f\" ] && "
         "{ echo \"@file $f\"; cat \"$f\"; }; done",
         "echo '@@nvidia_module'; head -n 1 /proc/driver/nvidia/version 2>/dev/null",
+        # an install stopped half-way (Ctrl-C, a dropped link, a power cut): dpkg's journal and
+        # the packages it left unpacked or half-configured
+        "echo '@@dpkg_journal'; ls -A /var/lib/dpkg/updates 2>/dev/null | head -n 3",
+        "echo '@@dpkg_audit'; dpkg --audit 2>/dev/null | head -n 8",
         "true",
     ])
 
@@ -158,7 +164,19 @@ def parse(output: str) -> HostFacts:
         cuda_keyring_fprs=_keyring(s["cuda_keyring"]),
         cuda_lists=_lists(s["cuda_lists"]),
         nvidia_module=(s["nvidia_module"] or [None])[0] or None,
+        dpkg_interrupted=dpkg_interrupted(s["dpkg_journal"], s["dpkg_audit"]),
     )
+
+
+def dpkg_interrupted(journal: list[str], audit: list[str]) -> str:
+    """Why dpkg must finish an interrupted run first, or "": a non-empty journal in
+    /var/lib/dpkg/updates, or `dpkg --audit` naming packages left unpacked or half-configured."""
+    if "".join(journal).split():
+        return "dpkg was interrupted (/var/lib/dpkg/updates is not empty)"
+    pkgs = [ln.split()[0] for ln in audit if ln.startswith(" ") and ln.split()]
+    if "".join(audit).strip():
+        return "dpkg --audit: packages left half-installed" + (f" ({' '.join(pkgs[:5])})" if pkgs else "")
+    return ""
 
 
 def _secure_boot(lines: list[str]) -> bool | None:
@@ -215,14 +233,18 @@ def gpu(ctx) -> gpu_facts.GpuFacts:
 def host_and_gpu(ctx, read_ahead: bool = False) -> tuple[HostFacts, gpu_facts.GpuFacts]:
     """Both, in ONE remote command when neither is cached yet, the GPU query running beside the
     host's (the facts step: a no-op run reads everything in one session). `read_ahead`: the
-    run's read-ahead (provision/readahead.py: state, units, hashes; as root) rides along."""
+    run's read-ahead (provision/readahead.py: state, units, hashes; as root) rides along, also
+    beside the host's script."""
     if "host" not in ctx.facts and "gpu" not in ctx.facts:
         from .. import readahead
         along = readahead.along(ctx) if read_ahead else None
+        # the GPU query and the read-ahead run beside the host's script (each its own process:
+        # nvidia-smi and python3 take tens of ms to start), their output kept in temp files
         cmd = ("g=$(mktemp) || exit 1; ( " + gpu_facts.GATHER + " ) >\"$g\" 2>/dev/null & "
-               + script(ctx.cfg["model"]["dir"]) + "; "
-               + (f"echo '@@read_ahead'; {along}; " if along else "")
-               + "wait; echo '@@gpu_facts'; cat \"$g\"; rm -f \"$g\"")
+               + ("r=$(mktemp) || exit 1; ( " + along + " ) >\"$r\" & " if along else "")
+               + script(ctx.cfg["model"]["dir"]) + "; wait; "
+               + ("echo '@@read_ahead'; cat \"$r\"; rm -f \"$r\"; " if along else "")
+               + "echo '@@gpu_facts'; cat \"$g\"; rm -f \"$g\"")
         lines = ctx.target.run(cmd, check=False).stdout.splitlines()
         gpu_at = _last(lines, "@@gpu_facts", len(lines))
         ra_at = _last(lines[:gpu_at], "@@read_ahead", gpu_at) if along else gpu_at

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .. import nvidia, reach, readahead, sections
+from .. import nvidia, reach, readahead
 from ..engine import Change, Context, RebootHost, Run, Step, WriteFile
 from ..errors import StepError, UnsafeValue
 from ..facts import host as hostfacts
@@ -407,18 +407,9 @@ DPKG_REPAIR = f"{APT_ENV} dpkg --force-confdef --force-confold --configure -a"
 
 def dpkg_interrupted(ctx: Context) -> str:
     """Why dpkg must finish an interrupted run first (an install stopped half-way: Ctrl-C, a
-    dropped link, a power cut), or "". Read-only: the journal in /var/lib/dpkg/updates and
-    `dpkg --audit` (packages left unpacked or half-configured)."""
-    r = ctx.target.run("ls -A /var/lib/dpkg/updates 2>/dev/null | head -n 3; echo @@audit; "
-                       "dpkg --audit 2>/dev/null | head -n 8", check=False)
-    sec = sections.split("@@journal\n" + r.stdout, ("journal", "audit"))
-    journal, audit = "\n".join(sec["journal"]), "\n".join(sec["audit"])
-    if journal.split():
-        return "dpkg was interrupted (/var/lib/dpkg/updates is not empty)"
-    pkgs = [ln.split()[0] for ln in audit.splitlines() if ln.startswith(" ") and ln.split()]
-    if audit.strip():
-        return "dpkg --audit: packages left half-installed" + (f" ({' '.join(pkgs[:5])})" if pkgs else "")
-    return ""
+    dropped link, a power cut), or "". Read with the host's facts (facts/host.py), in the same
+    read-only round trip."""
+    return hostfacts.host_facts(ctx).dpkg_interrupted
 
 
 def dpkg_repair(why: str) -> list[Change]:
