@@ -1,15 +1,23 @@
 """invoke tasks for llama-rig. Thin: parse flags, call provision.app. See `invoke --list`."""
 from __future__ import annotations
 
-from invoke import Collection, task
-from invoke.exceptions import Exit
+import sys
 
-from provision import options as opt
-from provision.app import App
-from provision.cli import bad_input_is_exit_2
-from provision.errors import UsageError
-from provision.inventory import STEP_SECTIONS
-from provision.steps import step_names
+# invoke turns .pyc writing off before it loads a tasks file (`--write-pyc` turns it back on), so
+# every module imported from here on was compiled from source on EVERY run (~0.1-0.3 s of CPU per
+# task from a checkout). llama-rig's library is an ordinary package: cache its bytecode, unless
+# the user asked Python not to (-B, PYTHONDONTWRITEBYTECODE).
+sys.dont_write_bytecode = bool(sys.flags.dont_write_bytecode)
+
+from invoke import Collection, task  # noqa: E402
+from invoke.exceptions import Exit  # noqa: E402
+
+from provision import options as opt  # noqa: E402
+from provision.app import App  # noqa: E402
+from provision.cli import bad_input_is_exit_2  # noqa: E402
+from provision.errors import UsageError  # noqa: E402
+from provision.inventory import STEP_SECTIONS  # noqa: E402
+from provision.steps import step_names  # noqa: E402
 
 bad_input_is_exit_2()  # invoke's own parse errors (unknown flag, missing value) exit 2 as well
 

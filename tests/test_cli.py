@@ -108,3 +108,22 @@ def test_no_host_given_is_exit_2():
     r = invoke("provision", "--check")
     assert r.returncode == 2
     assert r.stderr == "hosts.yaml: no host given (use --host NAME, a group, or --all)\n"
+
+
+def test_the_library_bytecode_is_cached_across_runs(tmp_path):
+    """invoke turns .pyc writing off before loading tasks.py; tasks.py turns it back on for the
+    library (it was compiled from source on every run), and leaves it off under -B /
+    PYTHONDONTWRITEBYTECODE."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    prefix = tmp_path / "pyc"
+    r = subprocess.run([sys.executable, "-m", "invoke", "--list"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=dict(env, PYTHONPYCACHEPREFIX=str(prefix)))
+    assert r.returncode == 0, r.stderr
+    cached = {p.name.split(".")[0] for p in prefix.rglob("*.pyc") if "provision" in p.parts}
+    assert {"app", "engine", "inventory", "options"} <= cached, sorted(cached)
+    off = tmp_path / "pyc-off"
+    r = subprocess.run([sys.executable, "-m", "invoke", "--list"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=dict(env, PYTHONPYCACHEPREFIX=str(off), PYTHONDONTWRITEBYTECODE="1"))
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in off.rglob("*.pyc") if "provision" in p.parts]
