@@ -113,12 +113,18 @@ def apt_probe_script(urls: list[str], proxy: str | None = None, timeout: int = 1
     return "\n".join(lines)
 
 
+# apt sources reached over a network; `file:`, `copy:` and `cdrom:` sources are on the box itself
+# (a flat `file:` repo often has no InRelease at all): apt reads them in place, nothing to reach
+_NETWORK_SCHEMES = ("http://", "https://", "ftp://", "tor+http://", "tor+https://", "mirror://",
+                    "mirror+http://", "mirror+https://")
+
+
 def print_uris_sources(output: str) -> list[str]:
-    """InRelease URLs from `apt-get update --print-uris` (one per source)."""
+    """InRelease URLs from `apt-get update --print-uris` (one per source reached over a network)."""
     out = []
     for ln in output.splitlines():
         m = re.match(r"^'([^']+/InRelease)'\s", ln.strip())
-        if m and m.group(1) not in out:
+        if m and m.group(1) not in out and m.group(1).lower().startswith(_NETWORK_SCHEMES):
             out.append(m.group(1))
     return out
 

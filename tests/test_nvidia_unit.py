@@ -111,7 +111,9 @@ def test_apt_unreachable_names_each_source_once():
 def test_apt_print_uris_and_probe_script():
     out = ("'http://deb.debian.org/debian/dists/bookworm/InRelease' deb.debian.org_debian_dists_bookworm_InRelease 0 \n"
            "'http://deb.debian.org/debian/dists/bookworm/main/binary-amd64/Packages.xz' x 0 \n"
-           "'http://10.250.0.1:4000/repos/debian12/x86_64/InRelease' y 0 \n")
+           "'http://10.250.0.1:4000/repos/debian12/x86_64/InRelease' y 0 \n"
+           # a local flat repo (no InRelease there at all) and a CD: on the box, nothing to reach
+           "'file:/srv/local-repo/./InRelease' z 0 \n'cdrom:[Debian 12]/dists/bookworm/InRelease' w 0 \n")
     urls = reach.print_uris_sources(out)
     assert urls == ["http://deb.debian.org/debian/dists/bookworm/InRelease",
                     "http://10.250.0.1:4000/repos/debian12/x86_64/InRelease"]
