@@ -185,6 +185,7 @@ class Context:
     notified: list[str] = field(default_factory=list)  # handlers notified by changes this run
     reboot_pending: "RebootHost | None" = None  # a step asked for a reboot (see RebootHost)
     rebooted: int = 0  # reboots done in this run (at most one)
+    peers: Any = None  # provision.peers.Peers: the other hosts of this run (None: alone)
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -277,6 +278,7 @@ class RunOptions:
     after_host: Callable[[Context], None] | None = None
     what: str = "provision"  # what this run is, for the host's run lock (provision.runlock)
     reboot: bool = False  # reboot a host that needs it (RebootHost), wait for SSH, go on
+    peers: Any = None  # provision.peers.Peers of this run (set by run())
 
 
 def select_steps(steps: Sequence[Step], only: list[str] | None, skip: list[str] | None) -> None:
@@ -310,7 +312,7 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
         report.done = True
         console.error(f"[{host.name}] UNREACHABLE: {e}")
         return report
-    ctx = Context(host, target, console, check=opts.check, show_diff=opts.diff)
+    ctx = Context(host, target, console, check=opts.check, show_diff=opts.diff, peers=opts.peers)
     handlers: dict[str, Callable[[Context], None]] = {}
     active = active_steps(steps, opts.only, opts.skip)
     failed = False
@@ -338,6 +340,8 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
         if opts.before_host is not None and not failed:
             failed = not _run_hook(ctx, opts.before_host, report)
         for step in steps:
+            if opts.peers is not None and report.results:
+                opts.peers.step_done(host.name, report.results[-1].step.split(" (")[0])
             if step not in active:
                 report.results.append(StepResult(step.name, "skipped", message="not selected"))
                 continue
@@ -583,11 +587,21 @@ def run(hosts: Sequence[Host], steps: Sequence[Step], console: Console, opts: Ru
     select_steps(steps, opts.only, opts.skip)
     reports = [HostReport(h.name) for h in hosts]
     t0 = time.monotonic()
+    from . import peers
+    if len(hosts) > 1 and opts.peers is None:
+        opts.peers = peers.Peers(h.name for h in hosts)
 
     def work(i: int) -> HostReport:
-        return _run_host_safe(hosts[i], steps, console, opts, target_factory, reports[i])
-    _, interrupted = keeper.run_hosts(range(len(hosts)), work, opts.parallel,
-                                      on_wait=console.line)
+        if opts.peers is not None:
+            opts.peers.started(hosts[i].name)
+        try:
+            return _run_host_safe(hosts[i], steps, console, opts, target_factory, reports[i])
+        finally:
+            if opts.peers is not None:
+                opts.peers.ended(hosts[i].name)
+    # the hosts others depend on (RPC workers of a main in this run) start first
+    _, interrupted = keeper.run_hosts(peers.order(hosts, lambda h: [w.name for w in getattr(h, "rpc_workers", ())]),
+                                      work, opts.parallel, on_wait=console.line)
     if interrupted:
         finish_interrupted(console, reports, time.monotonic() - t0,
                            [s.name for s in active_steps(steps, opts.only, opts.skip)])

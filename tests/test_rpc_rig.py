@@ -3,7 +3,8 @@ GGML_RPC=ON from the upstream fixture repo, a real ggml-rpc-server and llama-ser
 
 rig A ("main") serves a tiny llama model whose last layers live on rig B ("w1"): B's
 ggml-rpc-server listens only on the private link between the two rigs (10.251.0.2, a veth pair
-that exists only inside their two network namespaces) and its nft table lets only A in. Then:
+that exists only inside their two network namespaces) and its nft table lets only A in. ONE
+`provision --host main,w1` brings up both (B fresh: A's rpc step waits for B's build). Then:
 a completion is answered; a second run changes nothing; B cut off -> `service.status` on A names
 it and fails; B back -> the watcher restarts llama-server and it answers again; a worker built at
 another commit -> A refuses to restart, naming the node; a public rpc.bind -> exit 2, B untouched.
@@ -192,11 +193,14 @@ def _model(monkeypatch):
 
 def test_rpc_across_two_rigs(pair):
     a, b = pair.a, pair.b
-    # -- the worker: built with GGML_RPC=ON at the same commit, unit, nft table ------------------
-    rc, out = pair.provision("w1", "facts,system,llama,rpc,model,service,opencode")
+    # -- ONE run for both, the worker fresh: it builds (GGML_RPC=ON, same commit) while the main's
+    # rpc step waits for the worker's (provision/peers.py); then the main starts llama-server -----
+    rc, out = pair.provision("main,w1", "facts,system,llama,rpc,service")
     assert rc == 0, out
-    assert "rpc: llama-rpc-server.service listening on 10.251.0.2:50052" in out
-    assert "model: ok (no change)" in out and "service: ok (no change)" in out  # a worker serves no model
+    assert "[main] rpc: waiting for w1 (provisioned in this run) to finish its rpc step" in out
+    assert out.index("[w1] rpc: llama-rpc-server.service listening on") < out.index("[main] rpc: worker w1")
+    assert "[w1] rpc: llama-rpc-server.service listening on 10.251.0.2:50052" in out
+    assert "[w1] service: ok (no change)" in out  # a worker serves no model
     bins = b.sh(f"ls {PREFIX}/llama.cpp/current/bin").stdout.split()
     assert "ggml-rpc-server" in bins or "rpc-server" in bins
     unit = b.sh("systemctl show llama-rpc-server.service -p ActiveState -p User -p ExecStart").stdout
@@ -213,9 +217,7 @@ def test_rpc_across_two_rigs(pair):
     assert not tcp_open(b.address, PORT)  # B's management address (this machine's side): not bound
 
     # -- the main: --rpc, workers checked, a completion through both rigs -------------------------
-    rc, out = pair.provision("main", "facts,system,llama,rpc,service")
-    assert rc == 0, out
-    assert "rpc: worker w1 10.251.0.2:50052:" in out
+    assert "[main] rpc: worker w1 10.251.0.2:50052:" in out
     assert re.search(r"/health 200 in \d+ ms; chat completion in \d+ ms", out), out
     argv = a.sh("systemctl show llama-server.service -p ExecStart").stdout
     assert f"--rpc {EP}" in argv and "-ngl 3" in argv

@@ -406,3 +406,94 @@ def test_cache_pruner_keeps_the_most_recently_used_under_the_cap(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "2 files, 0.0 MB kept, 1 removed" in r.stdout, r.stdout
     assert sorted(p.name for p in d.iterdir()) == ["mid", "new"]
+
+
+def test_one_run_of_main_and_workers_runs_the_workers_rpc_step_before_the_mains():
+    """`provision --host main,w1,w2` on fresh boxes: the workers start first and the main's rpc
+    step waits for theirs (provision/peers.py) -- also with --parallel 1, where waiting on a
+    queued worker would deadlock: there the workers run first, whole."""
+    import io
+    import threading
+
+    from provision import peers
+    from provision.console import Console, Environment
+    from provision.engine import RunOptions, Step, run
+    from provision.target import Result, Target
+
+    class Box(Target):
+        def is_root(self):
+            return True
+
+        def _exec(self, command, **kw):
+            return Result(command, 0, "", "")
+
+        def _start(self, command, stdin, timeout):  # no run lock in check mode
+            raise AssertionError("check mode takes no lock")
+
+        def read_file(self, path, sudo=False):  # an empty box (no state file)
+            return None
+
+    events: list[str] = []
+    mu = threading.Lock()
+
+    class Build(Step):  # the workers' builds are slow; the main's is there already
+        name = "llama"
+
+        def plan(self, ctx):
+            time.sleep(0.4 if ctx.host.name != "main" else 0)
+            return []
+
+    class Rpc(Step):  # the real step's first move on a main, then a record of when it got there
+        name = "rpc"
+
+        def plan(self, ctx):
+            if ctx.host.rpc_workers and ctx.peers is not None:
+                ctx.peers.wait_step([w.name for w in ctx.host.rpc_workers], self.name,
+                                    lambda hosts: ctx.say(f"rpc: waiting for {', '.join(hosts)}"))
+            with mu:
+                events.append(ctx.host.name)
+            return []
+
+    i = load(data())
+    hosts = [i.hosts["main"], i.hosts["w1"], i.hosts["w2"]]
+    assert [hosts[k].name for k in peers.order(hosts, lambda h: [w.name for w in h.rpc_workers])] == \
+        ["w1", "w2", "main"]
+    for parallel in (4, 1):
+        events.clear()
+        out = io.StringIO()
+        status, reports = run(hosts, [Build(), Rpc()], Console(Environment(out, out, False)),
+                              RunOptions(check=True, parallel=parallel), lambda h: Box(h))
+        assert int(status) == 0, out.getvalue()
+        assert events[-1] == "main" and sorted(events) == ["main", "w1", "w2"], (parallel, events)
+        assert [r.host for r in reports] == ["main", "w1", "w2"]  # the recap keeps the inventory's order
+        if parallel == 4:
+            assert "[main] rpc: waiting for w1, w2" in out.getvalue()
+
+    # a main alone (its workers not in this run) does not wait
+    events.clear()
+    out = io.StringIO()
+    status, _ = run([i.hosts["main"]], [Build(), Rpc()], Console(Environment(out, out, False)),
+                    RunOptions(check=True), lambda h: Box(h))
+    assert events == ["main"] and "waiting" not in out.getvalue()
+
+
+def test_waiting_for_a_peer_ends_on_ctrl_c_and_when_the_peer_ends():
+    from provision import keeper, peers
+
+    p = peers.Peers(["main", "w1"])
+    p.started("w1")
+    t0 = time.monotonic()
+    import threading
+    threading.Timer(0.3, p.ended, args=("w1",)).start()  # w1's run ended (failed) before its rpc step
+    assert p.wait_step(["w1"], "rpc") == ["w1"] and time.monotonic() - t0 < 5
+    p2 = peers.Peers(["main", "w1"])
+    p2.started("w1")
+    token = keeper.RunToken()
+    token.interrupt()
+    keeper._local.token = token
+    try:
+        with pytest.raises(keeper.Interrupted):
+            p2.wait_step(["w1"], "rpc")
+    finally:
+        del keeper._local.token
+    assert p2.wait_step(["w9"], "rpc") == []  # not in this run: no wait

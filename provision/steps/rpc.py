@@ -11,6 +11,10 @@ changed since llama-server last started owes llama-server a restart.
 
 `gate(ctx)` (called by `steps.service.restart_and_wait` before every start of llama-server) checks
 the builds again and waits until every worker accepts a connection from the main host.
+
+A worker provisioned in the same run as its main (`provision --host main,worker` on fresh boxes)
+runs first, and the main's rpc step waits for the worker's (provision/peers.py): one run brings up
+both.
 """
 from __future__ import annotations
 
@@ -389,6 +393,9 @@ class RpcStep(Step):
             allowed = [rpc.main_address(m.cfg) for m in ctx.host.rpc_mains if rpc.main_address(m.cfg)]
             return plan_worker(cfg, obs, allowed, restart_worker, ctx.warn)
         if ctx.host.rpc_workers:
+            if ctx.peers is not None:  # workers provisioned in this same run: their rpc step first
+                ctx.peers.wait_step([w.name for w in ctx.host.rpc_workers], self.name, lambda hosts: ctx.say(
+                    f"rpc: waiting for {', '.join(hosts)} (provisioned in this run) to finish its rpc step"))
             if ctx.check and not ctx.target.exists(f"{rpc.bin_dir(cfg)}/llama-server"):
                 return [Call("check the RPC workers once llama.cpp is built", data={"action": "pending"})]
             try:
