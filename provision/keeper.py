@@ -149,38 +149,12 @@ def parse_pgid(stderr: str) -> tuple[int | None, str]:
 
 
 def stop_groups_sh(wait: float = KILL_WAIT_S) -> str:
-    """Shell text: `stop_groups PGIDS RUN` TERMs the process groups PGIDS and every group that
-    holds a process tagged RUN_ENV=RUN (apt runs dpkg in a session of its own, on a pty), never
-    the caller's own group; waits up to `wait` seconds, then KILLs what is left. Needs root to
-    see other users' environments (the run lock's keeper and the kill line run under sudo)."""
-    n = max(1, int(wait / 0.1))
-    return (
-        # a group whose members are all zombies (their reaper is slow) is gone: with ps, ask for
-        # the live members of the session (every group here leads its session)
-        "alive() {\n"
-        "  if command -v ps >/dev/null 2>&1; then ps -o stat= -s \"$1\" 2>/dev/null | grep -qv '^Z'\n"
-        "  else kill -0 \"-$1\" 2>/dev/null; fi\n"
-        "}\n"
-        "stop_groups() {\n"
-        "  me=$(sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3); pgs=''\n"
-        "  for g in $1; do [ \"$g\" != \"$me\" ] && pgs=\"$pgs $g\"; done\n"
-        "  if [ -n \"$2\" ]; then\n"
-        f"    for f in $(grep -lzx \"{RUN_ENV}=$2\" /proc/[0-9]*/environ 2>/dev/null); do\n"
-        "      p=${f#/proc/}; p=${p%/environ}\n"
-        "      g=$(sed 's/.*) //' \"/proc/$p/stat\" 2>/dev/null | cut -d' ' -f3)\n"
-        "      case \" $me $pgs \" in *\" $g \"*) ;; *) [ -n \"$g\" ] && pgs=\"$pgs $g\" ;; esac\n"
-        "    done\n"
-        "  fi\n"
-        "  [ -n \"$pgs\" ] || return 0\n"
-        "  for g in $pgs; do kill -TERM \"-$g\" 2>/dev/null; done\n"
-        "  i=0\n"
-        f"  while [ $i -lt {n} ]; do\n"
-        "    left=''; for g in $pgs; do alive \"$g\" && left=\"$left $g\"; done\n"
-        "    [ -z \"$left\" ] && break; sleep 0.1; i=$((i+1))\n"
-        "  done\n"
-        "  for g in $pgs; do kill -KILL \"-$g\" 2>/dev/null; done\n"
-        "  return 0\n"
-        "}\n")
+    """Shell text: defines `stop_groups PGIDS RUN` (provision/remote/stop_groups.sh): TERM the
+    process groups PGIDS and every group that holds a process tagged RUN_ENV=RUN, never the
+    caller's own group; wait up to `wait` seconds, then KILL what is left. Needs root to see
+    other users' environments (the run lock's keeper and the kill line run under sudo)."""
+    from . import remote
+    return f"stop_ticks={max(1, int(wait / 0.1))}\n" + remote.source("stop_groups.sh")
 
 
 def kill_line(pgid: int | None, run_id: str | None = None, wait: float = KILL_WAIT_S) -> str:

@@ -31,6 +31,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from . import remote
 from .errors import StepError
 from .keeper import stop_groups_sh
 from .target import Target, quote
@@ -64,50 +65,14 @@ def owner_line(what: str) -> str:
     return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {now}: {what}"
 
 
-# The keeper, run by bash as root. $1 state dir, $2 owner line, $3 run id, $4 lease (s).
-KEEPER = r'''
-d=$1; owner=$2; run=$3; lease=$4
-mkdir -p "$d" || exit 1
-exec 9>>"$d/run.lock" || exit 1
-flock -n -E 75 9; rc=$?
-if [ "$rc" != 0 ]; then
-  if [ "$rc" = 75 ]; then
-    who=$(head -n 1 "$d/run.owner" 2>/dev/null); age=""
-    [ -e "$d/run.owner" ] && age=$(( $(date +%s) - $(stat -c %Y "$d/run.owner") ))
-    printf 'busy %s\t%s\n' "${who:-an unknown run}" "$age"
-  fi
-  exit "$rc"
-fi
-took=""
-if [ -s "$d/run.expired" ]; then took=$(head -n 1 "$d/run.expired"); fi
-rm -f "$d/run.expired"
-printf '%s\n' "$owner" > "$d/run.owner" || exit 1
-printf 'locked\t%s\n' "$took"
-why=released
-while :; do
-  IFS= read -r -t "$lease" _; rc=$?
-  if [ "$rc" = 0 ]; then touch "$d/run.owner"; continue; fi
-  [ "$rc" -gt 128 ] && why=expired
-  break
-done
-'''
-
-STOP_AND_GO = r'''
-stop_groups "" "$run"
-if [ "$why" = expired ]; then
-  printf '%s; its lease ran out at %s (no heartbeat for %s s)\n' "$owner" \
-    "$(date -u '+%Y-%m-%d %H:%M:%S UTC')" "$lease" > "$d/run.expired"
-fi
-rm -f "$d/run.owner"
-'''
-
-
 def keeper_script() -> str:
-    return KEEPER + stop_groups_sh(wait=2.0) + STOP_AND_GO
+    """The keeper (provision/remote/run_lock.sh) with stop_groups (remote/stop_groups.sh): 2 s
+    between TERM and KILL for what the run left behind."""
+    return stop_groups_sh(wait=2.0) + remote.source("run_lock.sh")
 
 
 def lock_command(state_dir: str, owner: str, run_id: str, lease: int | None = None) -> str:
-    """The shell line that takes the lock and holds it while heartbeats come (see KEEPER).
+    """The shell line that takes the lock and holds it while heartbeats come (remote/run_lock.sh).
 
     First line of output: `locked<TAB><the expired lease it took over, or nothing>`, or
     `busy <owner of the holder><TAB><seconds since its last heartbeat>` (exit 75), or an error."""

@@ -221,3 +221,32 @@ def test_a_lock_lost_mid_run_stops_the_run(tmp_path):
                 time.sleep(0.2)
         assert str(ei.value) == (f"box: the run lock {sd}/run.lock was lost (its keeper on the host ended: "
                                  "lease of 30 s without a heartbeat, or its session closed); stopping this run")
+
+
+def test_stop_groups_sh_on_its_own_stops_the_runs_groups_and_spares_others(tmp_path):
+    """provision/remote/stop_groups.sh, as the keeper and the kill line source it: every process
+    group holding a process tagged LLAMA_RIG_RUN=<run> is TERMed (then KILLed), the caller's own
+    group and another run's groups are left alone."""
+    from provision import keeper, remote
+
+    assert f"{keeper.RUN_ENV}=$2" in remote.source("stop_groups.sh")
+    # a group of the run that ignores TERM (KILL after the wait), one that does not, another run's
+    stubborn = subprocess.Popen(["env", f"{keeper.RUN_ENV}=run-a", "sh", "-c", "trap '' TERM; sleep 60"],
+                                start_new_session=True)
+    plain = subprocess.Popen(["env", f"{keeper.RUN_ENV}=run-a", "sleep", "60"], start_new_session=True)
+    other = subprocess.Popen(["env", f"{keeper.RUN_ENV}=run-b", "sleep", "60"], start_new_session=True)
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        r = subprocess.run(["bash", "-c", keeper.stop_groups_sh(wait=0.5) + 'stop_groups "" run-a; echo done'],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr
+        assert stubborn.wait(5) == -signal.SIGKILL and plain.wait(5) == -signal.SIGTERM
+        assert time.monotonic() - t0 < 5 and other.poll() is None
+        # by group id (a command's own group, keeper.kill_line) -- never the caller's own group
+        r = subprocess.run(["bash", "-c", keeper.kill_line(other.pid)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and other.wait(5) == -signal.SIGTERM
+    finally:
+        for p in (stubborn, plain, other):
+            if p.poll() is None:
+                p.kill()

@@ -319,16 +319,14 @@ def health_endpoints(ctx: Context) -> list[str]:
 
 def probe_from_main(ctx: Context, endpoints: list[str], wait_s: float = 0) -> dict[str, dict]:
     """Ask each worker's health responder from the main box (the path llama-server uses)."""
-    src = remote.source("rpc_watch.py")
     if wait_s:
-        r = ctx.target.run(f"python3 -c {quote(src)} wait {int(wait_s)} " + " ".join(quote(e) for e in endpoints),
+        r = ctx.target.run(remote.command("rpc_watch.py", "wait", str(int(wait_s)), *endpoints),
                            check=False, timeout=wait_s + 60)
         if r.exited != 0:
             raise StepError(f"rpc: {(r.stderr or r.stdout).strip()[-300:] or 'workers not answering'} "
                             "-- llama-server was not (re)started")
         return {e: {"up": True, "error": ""} for e in endpoints}
-    r = ctx.target.run(f"python3 -c {quote(src)} probe " + " ".join(quote(e) for e in endpoints),
-                       check=False, timeout=60)
+    r = ctx.target.run(remote.command("rpc_watch.py", "probe", *endpoints), check=False, timeout=60)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
