@@ -44,6 +44,7 @@ from provision.facts import gpu as gpu_facts  # noqa: E402
 from provision.steps import gpu as gpu_step  # noqa: E402
 from provision.steps import api_key as auth  # noqa: E402
 from provision.steps import service  # noqa: E402
+from provision.steps import vram_preflight  # noqa: E402
 from provision.target import LocalTarget  # noqa: E402
 
 SIZES = {
@@ -257,7 +258,7 @@ def squeeze(a, data: dict, first: Path, env: dict, gpus: list[int], work: Path) 
         rec["argv"] = argv_
         fit = subprocess.run(service.fit_params_argv(cfg, str(first), service.fit_params_path(cfg)),
                              capture_output=True, text=True, env=env, timeout=600)
-        fitd = {d_: {"total": sum(v)} for d_, v in service.parse_fit_output(fit.stdout).items()}
+        fitd = {d_: {"total": sum(v)} for d_, v in vram_preflight.parse_fit_output(fit.stdout).items()}
         rec["serve"] = serve(argv_, env, gpus, a.port, cfg["server"]["alias"], fitd,
                              work / "server-squeezed.log")
     finally:
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     fp = subprocess.run(fit_argv, capture_output=True, text=True, env=env, timeout=600)
     rec["fit_params_s"] = round(time.monotonic() - t0, 2)
-    devices = service.parse_fit_output(fp.stdout)
+    devices = vram_preflight.parse_fit_output(fp.stdout)
     rec["fit_params"] = {d: {"model": v[0], "context": v[1], "compute": v[2], "total": sum(v)}
                          for d, v in devices.items()}
     print("llama-fit-params: " + json.dumps(rec["fit_params"]), flush=True)

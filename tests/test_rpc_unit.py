@@ -265,7 +265,8 @@ Host 10 0 200
 
 
 def test_remote_devices_checked_against_the_workers_free_memory():
-    devices = service.parse_fit_output(FIT)
+    from provision.steps import vram_preflight
+    devices = vram_preflight.parse_fit_output(FIT)
     assert [d for d, _ in rpc.remote_rows(devices)] == ["RPC0[10.9.0.2:50052]", "RPC1[10.9.0.2:50052]"]
     rem = [rpc.RemoteDevice("w1", "w1 GPU 0 (RTX 3090)", 24000), rpc.RemoteDevice("w1", "w1 GPU 1 (RTX 3090)", 10000)]
     rep = rpc.check_remote_fit(devices, rem, 1536)

@@ -14,6 +14,7 @@ from provision.engine import Call, Run, WriteFile
 from provision.errors import StepError
 from provision.steps import api_key as auth
 from provision.steps import service as s
+from provision.steps import vram_preflight as vp
 
 MODEL = "/var/lib/llama-rig/models/Qwen3.5-122B-A10B-UD-Q6_K_XL-00001-of-00004.gguf"
 BIN = "/opt/llama-rig/llama.cpp/current/bin/llama-server"
@@ -293,27 +294,27 @@ Host 9 0 290
 
 
 def test_parse_fit_output():
-    assert s.parse_fit_output("llama_fit: printing ...\n" + FIT_OUT) == {
+    assert vp.parse_fit_output("llama_fit: printing ...\n" + FIT_OUT) == {
         "CUDA0": (17900, 560, 1200), "CUDA1": (17900, 560, 700), "Host": (9, 0, 290)}
 
 
 def test_check_fit_ok_and_refused_with_proposal():
-    ok = s.check_fit(s.parse_fit_output(FIT_OUT), {0: 24000, 1: 24000}, margin=1024)
+    ok = vp.check_fit(vp.parse_fit_output(FIT_OUT), {0: 24000, 1: 24000}, margin=1024)
     assert ok.ok and ok.proposed_ts is None
     assert ok.rows[0] == ["CUDA0", 17900, 560, 1200, 19660, 24000, "ok"]
-    bad = s.check_fit(s.parse_fit_output(FIT_OUT), {0: 20000, 1: 24000},
+    bad = vp.check_fit(vp.parse_fit_output(FIT_OUT), {0: 20000, 1: 24000},
                       {0: "NVIDIA GeForce RTX 3090"}, margin=1024)
     assert not bad.ok
     assert bad.problems == ["GPU 0 (NVIDIA GeForce RTX 3090): needs 19660 MiB (model 17900 + context 560 "
                             "+ compute 1200) + 1024 MiB margin but only 20000 MiB are free"]
     # the first candidate a refusal starts from (preflight checks it with llama-fit-params):
     # room = free - compute - margin: 20000-1200-1024 = 17776, 24000-700-1024 = 22276
-    assert s.propose_ts(s.cuda_devices(s.parse_fit_output(FIT_OUT)), {0: 20000, 1: 24000},
+    assert vp.propose_ts(vp.cuda_devices(vp.parse_fit_output(FIT_OUT)), {0: 20000, 1: 24000},
                         margin=1024) == [0.8, 1.0]
 
 
 def test_propose_ts_none_when_nothing_fits():
-    assert s.propose_ts({0: (30000, 0, 500), 1: (30000, 0, 500)}, {0: 24000, 1: 24000}) is None
+    assert vp.propose_ts({0: (30000, 0, 500), 1: (30000, 0, 500)}, {0: 24000, 1: 24000}) is None
 
 
 def layer_split_estimate(n_layer: int, layer_mib: int, ctx_mib: int, compute: int, calls: list):
@@ -337,11 +338,11 @@ def test_fitted_ts_is_checked_with_fit_params_and_cut_until_it_fits():
     est = layer_split_estimate(48, 400, 10, 1200, calls)
     cuda = est([0.9, 1, 1, 1, 1, 1])  # the seed's plan: 8 layers on GPU 0
     calls.clear()
-    ts = s.fitted_ts(est, cuda, free)
+    ts = vp.fitted_ts(est, cuda, free)
     assert ts is not None and calls and calls[-1] == ts
     final = est(ts)
     for i, (m, c, k) in final.items():
-        assert m + c + k + s.PREFLIGHT_MARGIN_MIB <= free[i], (i, final, ts)
+        assert m + c + k + vp.PREFLIGHT_MARGIN_MIB <= free[i], (i, final, ts)
     assert sum(m for m, _, _ in final.values()) == 48 * 400  # every layer is placed
     assert ts[0] < 1 and max(ts) == 1
 
@@ -352,7 +353,7 @@ def test_fitted_ts_cuts_a_share_that_whole_layers_overflow():
     free = {0: 1024 + 300 + 2 * 1000 + 500, 1: 1024 + 300 + 3 * 1000 + 100}
     calls: list = []
     est = layer_split_estimate(5, 1000, 0, 300, calls)
-    ts = s.fitted_ts(est, est([1, 1]), free, margin=1024)
+    ts = vp.fitted_ts(est, est([1, 1]), free, margin=1024)
     assert len(calls) >= 3, calls  # the proportional guess was refused by the estimate
     assert ts is not None and est(ts)[0][0] <= 2000 and est(ts)[1][0] <= 3000
 
@@ -360,10 +361,10 @@ def test_fitted_ts_cuts_a_share_that_whole_layers_overflow():
 def test_fitted_ts_none_when_the_estimate_never_fits_or_fails():
     free = {0: 2000, 1: 24000}
     # GPU 0 cannot even hold its compute buffer + margin: no split helps
-    assert s.fitted_ts(lambda ts: {0: (0, 0, 1500), 1: (20000, 0, 500)}, {0: (10000, 0, 1500),
+    assert vp.fitted_ts(lambda ts: {0: (0, 0, 1500), 1: (20000, 0, 500)}, {0: (10000, 0, 1500),
                        1: (10000, 0, 500)}, free) is None
     # llama-fit-params failing on the candidate: no proposal rather than an unchecked one
-    assert s.fitted_ts(lambda ts: None, {0: (10000, 0, 500), 1: (10000, 0, 500)}, free) is None
+    assert vp.fitted_ts(lambda ts: None, {0: (10000, 0, 500), 1: (10000, 0, 500)}, free) is None
 
 
 def test_check_mode_on_a_fresh_box_plans_a_pending_install(tmp_path):

@@ -26,8 +26,7 @@ from ..engine import Call, Change, Context, Run, Step, WriteFile
 from ..errors import CommandError, StepError, UsageError
 from ..target import join, quote
 from . import api_key as auth
-from .vram_preflight import (PREFLIGHT_MARGIN_MIB, FitReport, check_fit, cuda_devices,  # noqa: F401
-                             fitted_ts, free_memory, parse_fit_output, preflight, propose_ts)
+from .vram_preflight import preflight  # the service step's own, before every (re)start
 
 SERVICE = "llama-server.service"
 UNIT_PATH = f"/etc/systemd/system/{SERVICE}"
