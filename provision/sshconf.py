@@ -301,9 +301,9 @@ def nodelay_transport(sock, **kw):
     """paramiko's Transport over `sock` with Nagle's algorithm off (TCP_NODELAY) and, on Linux,
     quick ACKs (`_QuickAckSocket`). With Nagle on, the small writes of every command (channel
     open, exec request, stdin EOF) wait for the server's delayed ACK: about 40 ms per command and
-    per handshake step on any link. Measured on a rig over a veth: a `true` took 47 ms with
-    Nagle, 4 ms without (benchmarks/noop/). A ProxyCommand or a jump host's channel is left as it
-    is (the jump host's own socket gets the same treatment)."""
+    per handshake step on any link. Measured on a rig over a veth (benchmarks/ssh_roundtrip.py):
+    a command took 52 ms, now 8 ms; a connect 72 ms, now 31 ms. A ProxyCommand or a jump host's
+    channel is left as it is (the jump host's own socket gets the same treatment)."""
     import paramiko
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
