@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -52,22 +51,19 @@ def main() -> int:
     from tests.rigs.nspawn import standalone_rig
 
     with standalone_rig("sudo-pw-bench-") as (nr, tmp):
-        try:
-            pw = os.urandom(12).hex()
-            os.environ[ENV] = pw
-            pw_rig = add_password_sudo_user(nr.rig, "rigpw", pw)
-            out = {
-                "commands": args.n,
-                "root": per_command(nr.rig.inventory_entry(), args.n),
-                "nopasswd_sudo": per_command(nr.rig.as_user("rigadmin").inventory_entry(), args.n),
-                "password_sudo": per_command(pw_rig.inventory_entry(connection={"sudo_password_env": ENV}), args.n),
-                "load_average": os.getloadavg()[0],
-            }
-            out["ratio_password_over_nopasswd"] = round(
-                out["password_sudo"]["median_s"] / out["nopasswd_sudo"]["median_s"], 2)
-            print(json.dumps(out, indent=2))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        pw = os.urandom(12).hex()
+        os.environ[ENV] = pw
+        pw_rig = add_password_sudo_user(nr.rig, "rigpw", pw)
+        out = {
+            "commands": args.n,
+            "root": per_command(nr.rig.inventory_entry(), args.n),
+            "nopasswd_sudo": per_command(nr.rig.as_user("rigadmin").inventory_entry(), args.n),
+            "password_sudo": per_command(pw_rig.inventory_entry(connection={"sudo_password_env": ENV}), args.n),
+            "load_average": os.getloadavg()[0],
+        }
+        out["ratio_password_over_nopasswd"] = round(
+            out["password_sudo"]["median_s"] / out["nopasswd_sudo"]["median_s"], 2)
+        print(json.dumps(out, indent=2))
     return 0
 
 

@@ -667,7 +667,8 @@ def boot_rig(base: Path, client_pubkey: str, known_hosts_dir: Path, client_key: 
 @contextlib.contextmanager
 def standalone_rig(prefix: str):
     """One Tier B rig outside pytest (the benchmarks): the apt proxy, the base image, a client
-    key, the rig; yields (booted rig, temp dir); stops the rig and releases the proxy after."""
+    key, the rig; yields (booted rig, temp dir); stops the rig, releases the proxy and removes
+    the temp dir after."""
     import tempfile
 
     from .aptproxy import AptProxy
@@ -689,3 +690,4 @@ def standalone_rig(prefix: str):
             except Exception as e:  # noqa: BLE001
                 print(f"teardown of {nr.name}: {e}", file=sys.stderr)
         proxy.release()
+        shutil.rmtree(tmp, ignore_errors=True)
