@@ -339,9 +339,11 @@ def run_host(host: Host, steps: Sequence[Step], console: Console, opts: RunOptio
         failed = not lock()
         if opts.before_host is not None and not failed:
             failed = not _run_hook(ctx, opts.before_host, report)
+        before = None  # the step of the last pass: every pass ends with that step's result
         for step in steps:
-            if opts.peers is not None and report.results:
-                opts.peers.step_done(host.name, report.results[-1].step.split(" (")[0])
+            if opts.peers is not None and before is not None:
+                opts.peers.step_done(host.name, before.name)
+            before = step
             if step not in active:
                 report.results.append(StepResult(step.name, "skipped", message="not selected"))
                 continue
